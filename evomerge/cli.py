@@ -1,0 +1,85 @@
+"""`evomerge` command line: search, dashboard (and, as they land, resume, status, merge, export)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from evomerge.errors import EvomergeError
+
+
+def _search(args: argparse.Namespace) -> int:
+    from evomerge.config import load_config
+    from evomerge.engine.search import SearchOptions, run_search
+    from evomerge.report import summary_table
+
+    overrides: dict[str, Any] = {}
+    if args.budget is not None:
+        overrides["budget.evaluations"] = args.budget
+    if args.workers is not None:
+        overrides["workers.count"] = args.workers
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    if args.sync:
+        overrides["sync"] = True
+    if args.storage is not None:
+        overrides["optuna.storage"] = args.storage
+    config = load_config(args.config, overrides)
+    out_dir = Path(args.out) if args.out else Path("runs") / config.name
+    summary = run_search(config, SearchOptions(out_dir=out_dir, address=args.address,
+                                               progress=not args.quiet, overwrite=args.overwrite))
+    print(summary_table(summary))
+    best = summary.get("best") or {}
+    if best.get("test_score") is not None:
+        print(f"\nbest test accuracy: {best['test_score']:.4f} (member {best['member_id']})")
+    print(f"results: {out_dir}/summary.json, best member: {out_dir}/best.safetensors")
+    print(f"dashboard: evomerge dashboard {shlex.quote(str(out_dir))}")
+    return 0
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    from evomerge.tracking.dashboard import serve
+
+    serve(Path(args.run), host=args.host, port=args.port)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evomerge", description="Evolutionary model-merge search.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    search = sub.add_parser("search", help="run a search from a YAML definition")
+    search.add_argument("config", help="populations/NAME.yaml")
+    search.add_argument("--budget", type=int, help="total evaluations (overrides budget.evaluations)")
+    search.add_argument("--workers", type=int, help="fitness workers (overrides workers.count)")
+    search.add_argument("--seed", type=int, help="random seed (overrides seed)")
+    search.add_argument("--sync", action="store_true", help="fixed evaluation order: reproducible search")
+    search.add_argument("--out", help="run folder (default runs/NAME)")
+    search.add_argument("--address", help="join a running Ray cluster ('auto' or host:port)")
+    search.add_argument("--storage", help="Optuna storage URL (default: journal file in the run folder)")
+    search.add_argument("--overwrite", action="store_true", help="replace an earlier search in the run folder")
+    search.add_argument("--quiet", action="store_true", help="no progress bar")
+    search.set_defaults(func=_search)
+
+    dash = sub.add_parser("dashboard", help="serve optuna-dashboard for a run")
+    dash.add_argument("run", help="run folder, e.g. runs/digits-scratch")
+    dash.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    dash.add_argument("--port", type=int, default=8080)
+    dash.set_defaults(func=_dashboard)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except EvomergeError as exc:
+        print(f"evomerge: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

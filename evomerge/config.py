@@ -1,0 +1,191 @@
+"""Search definitions: YAML in, a validated `SearchConfig` out, and errors that name the field.
+
+Plugin options (strategy, fitness task) are validated by the plugin's own pydantic model, so a
+typo in `strategy.options` is caught before Ray starts rather than deep inside an actor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from evomerge.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class FitnessSpec(_Strict):
+    task: str = Field(description="registered fitness task name, or 'package.module:Class'")
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class StrategySpec(_Strict):
+    name: str = "m2n2"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class BudgetSpec(_Strict):
+    evaluations: int = Field(gt=0, description="total evaluations, initial members included")
+
+
+class WorkersSpec(_Strict):
+    count: int = Field(2, ge=1)
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    batch: int = Field(2, ge=1, description="children sent per worker call; amortises Ray overhead")
+    max_restarts: int = Field(3, ge=0)
+    max_retries_per_child: int = Field(2, ge=0)
+
+
+class RaySpec(_Strict):
+    address: str | None = Field(None, description="None starts an embedded local Ray; 'auto' joins")
+    num_cpus: int | None = Field(None, ge=1, description="embedded Ray only")
+    object_store_memory_mb: int = Field(256, ge=80, description="embedded Ray only")
+
+
+class OptunaSpec(_Strict):
+    storage: str | None = Field(None, description="None: journal file runs/NAME/optuna.journal")
+    study_name: str | None = None
+
+
+class SnapshotSpec(_Strict):
+    every: int = Field(1000, ge=1, description="evaluations between snapshots")
+    keep: int = Field(3, ge=1)
+
+
+class SearchConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    seed: int = 0
+    seeds: Union[Literal["task"], list[str]] = Field(
+        default_factory=list,
+        description="[] = from scratch; 'task' = seeds the fitness task makes; or checkpoint paths",
+    )
+    fitness: FitnessSpec
+    strategy: StrategySpec = Field(default_factory=StrategySpec)
+    budget: BudgetSpec
+    workers: WorkersSpec = Field(default_factory=WorkersSpec)
+    ray: RaySpec = Field(default_factory=RaySpec)
+    optuna: OptunaSpec = Field(default_factory=OptunaSpec)
+    snapshots: SnapshotSpec = Field(default_factory=SnapshotSpec)
+    sync: bool = Field(False, description="fixed evaluation order: same seed, same search")
+
+    @field_validator("seeds")
+    @classmethod
+    def _seed_paths_exist(cls, value: Union[str, list[str]]) -> Union[str, list[str]]:
+        if isinstance(value, list):
+            for path in value:
+                if not Path(path).exists():
+                    raise ValueError(f"seed checkpoint {path!r} does not exist; fix the path")
+        return value
+
+    def hash(self) -> str:
+        """Hash of everything that changes the search (not the budget, workers or storage)."""
+        data = self.model_dump(mode="json")
+        for volatile in ("budget", "ray", "optuna", "snapshots"):
+            data.pop(volatile)
+        data["workers"] = {"batch": self.workers.batch, "count": self.workers.count} if self.sync else {}
+        blob = json.dumps(data, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SearchConfig:
+    """Read and validate a YAML search definition; `overrides` use dotted keys (CLI flags)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found; give the path to a YAML search definition")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of fields at the top level, got {type(data).__name__}")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value)
+    return config_from_dict(data, source=str(path))
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<config>") -> SearchConfig:
+    try:
+        config = SearchConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source, SearchConfig)) from None
+    config.strategy.options = validate_plugin_options(config.strategy.name, config.strategy.options, "strategy", source)
+    config.fitness.options = validate_plugin_options(config.fitness.task, config.fitness.options, "fitness", source)
+    return config
+
+
+def validate_plugin_options(name: str, options: dict[str, Any], section: str, source: str) -> dict[str, Any]:
+    """Check options against the plugin's `Options` model and return them with defaults filled in."""
+    if section == "strategy":
+        from evomerge.strategies import STRATEGIES as registry
+        field = "strategy.name"
+    else:
+        from evomerge.tasks import TASKS as registry
+        field = "fitness.task"
+    try:
+        plugin = registry.get(name)
+    except KeyError as exc:
+        raise ConfigError(f"{source}: field `{field}`: {exc.args[0]}") from None
+    options_model = getattr(plugin, "Options", None)
+    if options_model is None:
+        return dict(options)
+    try:
+        validated = options_model.model_validate(options)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source, options_model, prefix=f"{section}.options")) from None
+    return validated.model_dump(mode="json")
+
+
+def format_validation_error(exc: ValidationError, source: str, model: type[BaseModel], prefix: str = "") -> str:
+    lines = [f"{source}: invalid search definition:"]
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal[", "list["))]
+        field = ".".join(([prefix] if prefix else []) + loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_fields(model, err["loc"][:-1])
+            hint = f"; allowed here: {', '.join(allowed)}" if allowed else ""
+            lines.append(f"  field `{field}`: unknown field (check the spelling){hint}")
+        elif err["type"] == "missing":
+            lines.append(f"  field `{field}`: required but missing; add it")
+        else:
+            got = err.get("input")
+            got_text = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
+            lines.append(f"  field `{field}`: {err['msg']}{got_text}")
+    return "\n".join(lines)
+
+
+def _allowed_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    current: Any = model
+    for part in loc:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
+            return []
+        current = _unwrap_model(current.model_fields[part].annotation)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _unwrap_model(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) is not None:
+        for arg in get_args(annotation):
+            found = _unwrap_model(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    node[keys[-1]] = value

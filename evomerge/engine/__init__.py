@@ -1,0 +1,1 @@
+"""Population, fitness workers and the search loop."""

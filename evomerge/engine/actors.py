@@ -1,0 +1,68 @@
+"""Ray actor wrappers: the population actor owns the archive; worker actors own the fitness task."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import ray
+
+from evomerge.config import SearchConfig
+from evomerge.engine.dispatch import Dispatcher
+from evomerge.engine.population import EvalRecord, Population
+from evomerge.engine.worker import FitnessWorker
+from evomerge.strategies import build_strategy
+from evomerge.strategies.base import Problem
+from evomerge.tasks import build_task
+
+
+def build_problem(config: SearchConfig) -> Problem:
+    """Describe the search space; the task is loaded here only to learn sizes and make seeds."""
+    task = build_task(config.fitness.task, config.fitness.options, seed=config.seed)
+    initial: list[np.ndarray] = []
+    if config.seeds == "task":
+        initial = [np.asarray(s, dtype=np.float32) for s in task.make_seeds()]
+    elif config.seeds:
+        raise NotImplementedError("checkpoint seeds arrive with recipe genomes; use `seeds: task` or [] for now")
+    return Problem(dimension=task.dimension, num_datapoints=task.num_datapoints, initial=initial)
+
+
+def build_population(config: SearchConfig, problem: Problem | None = None) -> Population:
+    problem = problem or build_problem(config)
+    strategy = build_strategy(config.strategy.name, config.strategy.options, problem, config.seed)
+    return Population(strategy, config.budget.evaluations)
+
+
+def start_workers(config: SearchConfig) -> list[Any]:
+    spec = config.workers
+    actor = ray.remote(FitnessWorker).options(
+        num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, max_restarts=spec.max_restarts, max_task_retries=0,
+    )
+    return [actor.remote(config.fitness.task, config.fitness.options, config.seed, i) for i in range(spec.count)]
+
+
+class PopulationActor:
+    def __init__(self, config_json: dict[str, Any], workers: list[Any]) -> None:
+        config = SearchConfig.model_validate(config_json)
+        self.population = build_population(config)
+        self.dispatcher = Dispatcher(
+            self.population, workers, batch=config.workers.batch, sync=config.sync,
+            max_retries_per_child=config.workers.max_retries_per_child,
+            max_worker_deaths=config.workers.max_restarts + 1,
+        )
+
+    def advance(self, max_seconds: float = 0.5) -> list[EvalRecord]:
+        return self.dispatcher.advance(max_seconds)
+
+    def status(self) -> dict[str, Any]:
+        return self.population.status()
+
+    def best(self) -> dict[str, Any] | None:
+        best = self.population.best
+        if best is None:
+            return None
+        return {"member_id": best.member_id, "train_score": best.train_score, "test_score": best.test_score,
+                "generation": best.generation, "parents": best.parents, "genome": best.genome}
+
+
+RemotePopulation = ray.remote(num_cpus=0)(PopulationActor)

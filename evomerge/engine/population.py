@@ -1,0 +1,121 @@
+"""The population: a strategy plus the bookkeeping every search needs (ids, budget, best, records).
+
+Plain Python so the same object runs inside a Ray actor, in-process for benchmarks, or in tests.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from evomerge.strategies.base import Candidate, Evaluation, Strategy
+
+
+@dataclass
+class EvalRecord:
+    """One evaluation as the outside world sees it: one Optuna trial, one progress tick."""
+
+    number: int  # position in tell order; trial numbers follow it
+    member_id: int
+    train_score: float | None
+    test_score: float | None
+    params: dict[str, float | int]
+    parents: list[int]
+    generation: int
+    seconds: float
+    error: str | None = None
+    best_train: float | None = None
+    best_test: float | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class BestMember:
+    member_id: int
+    train_score: float
+    test_score: float | None
+    genome: np.ndarray = field(repr=False)
+    generation: int
+    parents: list[int]
+
+
+def check_scores(scores: np.ndarray | None, num_datapoints: int) -> str | None:
+    """Why a score vector cannot be used for selection, or None if it can."""
+    if scores is None:
+        return "no scores returned"
+    scores = np.asarray(scores)
+    if scores.shape != (num_datapoints,):
+        return f"fitness returned scores of shape {scores.shape}, expected ({num_datapoints},)"
+    bad = ~np.isfinite(scores)
+    if bad.any():
+        return f"fitness returned NaN/inf for {int(bad.sum())} of {num_datapoints} datapoints (first at {int(np.argmax(bad))})"
+    if scores.min() < 0 or scores.max() > 1:
+        return f"fitness scores must lie in [0, 1]; got range [{scores.min():.4g}, {scores.max():.4g}]"
+    return None
+
+
+class Population:
+    def __init__(self, strategy: Strategy, budget: int) -> None:
+        self.strategy = strategy
+        self.budget = budget
+        self.issued = 0
+        self.told = 0
+        self.failed = 0
+        self.inflight: dict[int, Candidate] = {}
+        self.best: BestMember | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.told >= self.budget
+
+    def ask(self) -> Candidate | None:
+        if self.issued >= self.budget:
+            return None
+        candidate = self.strategy.ask()
+        if candidate is None:
+            return None
+        candidate.member_id = self.issued
+        self.issued += 1
+        self.inflight[candidate.member_id] = candidate
+        return candidate
+
+    def tell(self, evaluation: Evaluation) -> EvalRecord:
+        candidate = self.inflight.pop(evaluation.member_id)
+        problem = evaluation.error if evaluation.error else check_scores(evaluation.scores, self.strategy.problem.num_datapoints)
+        if problem is not None:
+            evaluation = Evaluation(evaluation.member_id, None, None, problem, evaluation.seconds)
+            self.failed += 1
+        self.strategy.tell(candidate, evaluation)
+        train = evaluation.train_score
+        test = evaluation.test_score if evaluation.test_score is None or math.isfinite(evaluation.test_score) else None
+        if train is not None and (self.best is None or train > self.best.train_score):
+            self.best = BestMember(candidate.member_id, train, test, candidate.genome,
+                                   candidate.generation, list(candidate.parents))
+        record = EvalRecord(
+            number=self.told, member_id=candidate.member_id, train_score=train,
+            test_score=test if train is not None else None, params=dict(candidate.params),
+            parents=list(candidate.parents), generation=candidate.generation, seconds=evaluation.seconds,
+            error=evaluation.error,
+            best_train=self.best.train_score if self.best else None,
+            best_test=self.best.test_score if self.best else None,
+        )
+        self.told += 1
+        return record
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "evaluations": self.told, "issued": self.issued, "failed": self.failed, "budget": self.budget,
+            "best": None if self.best is None else {
+                "member_id": self.best.member_id, "train_score": self.best.train_score,
+                "test_score": self.best.test_score},
+            "archive": self.strategy.archive_summary(),
+        }

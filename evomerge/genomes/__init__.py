@@ -1,0 +1,1 @@
+"""How candidates are written down and turned into weights."""

@@ -1,0 +1,38 @@
+"""Dense genomes: one flat float32 vector per candidate (from-scratch search, small models)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+SIN_EPS = 1e-6  # below this |sin(angle)|, SLERP degenerates and linear interpolation is exact enough
+
+
+def angle_between(a: np.ndarray, b: np.ndarray) -> float:
+    """Angle between two whole flat vectors, computed once per crossover (float64 accumulation)."""
+    norm = float(np.linalg.norm(a.astype(np.float64)) * np.linalg.norm(b.astype(np.float64)))
+    if norm == 0.0:
+        return 0.0
+    cos = float(np.dot(a.astype(np.float64), b.astype(np.float64))) / norm
+    return math.acos(min(1.0, max(-1.0, cos)))
+
+
+def slerp_weights(t: float, omega: float) -> tuple[float, float]:
+    """Coefficients (on A, on B) of SLERP at t; linear when the angle is (nearly) degenerate."""
+    sin_omega = math.sin(omega)
+    if abs(sin_omega) < SIN_EPS:
+        return 1.0 - t, t
+    return math.sin((1.0 - t) * omega) / sin_omega, math.sin(t * omega) / sin_omega
+
+
+def split_slerp(a: np.ndarray, b: np.ndarray, split: int, ratio: float) -> np.ndarray:
+    """t = ratio before `split` and 1 - ratio from `split` on, with one global angle."""
+    omega = angle_between(a, b)
+    child = np.empty_like(a)
+    for lo, hi, t in ((0, split, ratio), (split, a.size, 1.0 - ratio)):
+        if hi > lo:
+            ca, cb = slerp_weights(t, omega)
+            np.multiply(a[lo:hi], ca, out=child[lo:hi])
+            child[lo:hi] += cb * b[lo:hi]
+    return child

@@ -1,0 +1,39 @@
+"""Plain-text tables for the terminal (no extra dependency for a few aligned columns)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
+    rule = "  ".join("-" * w for w in widths)
+    body = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
+    return "\n".join([line, rule, *body])
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    best = summary.get("best") or {}
+    rows = [
+        ("search", summary["name"]),
+        ("strategy", summary["strategy"]),
+        ("evaluations", f"{summary['evaluations']} / {summary['budget']}"),
+        ("failed", summary["failed"]),
+        ("best member", best.get("member_id")),
+        ("best train score", best.get("train_score")),
+        ("best test score", best.get("test_score")),
+        ("wall seconds", summary["wall_seconds"]),
+        ("evaluations / s", summary.get("evals_per_second")),
+        ("optuna storage", summary["storage"]),
+    ]
+    return format_table(("", "value"), rows)

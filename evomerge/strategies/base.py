@@ -1,0 +1,97 @@
+"""The ask/tell contract every search strategy follows (pycma style: plain ask, plain tell).
+
+The engine owns ids, workers and recording; a strategy only proposes genomes and learns from
+per-datapoint scores, so the same strategy runs in-process, on Ray, or from a snapshot.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+Params = dict[str, float | int]
+
+
+@dataclass
+class Problem:
+    """What a strategy needs to know about the search space."""
+
+    dimension: int
+    num_datapoints: int
+    initial: list[np.ndarray] = field(default_factory=list)  # pretrained seeds; empty = from scratch
+
+    @property
+    def from_scratch(self) -> bool:
+        return not self.initial
+
+
+@dataclass
+class Candidate:
+    genome: np.ndarray
+    params: Params = field(default_factory=dict)
+    parents: tuple[int, ...] = ()
+    generation: int = 0
+    member_id: int = -1  # assigned by the population when issued
+
+
+@dataclass
+class Evaluation:
+    member_id: int
+    scores: np.ndarray | None  # per training datapoint, in [0, 1]; None when failed
+    test_score: float | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> bool:
+        return self.scores is None
+
+    @property
+    def train_score(self) -> float | None:
+        return None if self.scores is None else float(np.mean(self.scores))
+
+
+class StrategyOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Strategy(ABC):
+    """Subclass, set `Options`, and register with `@STRATEGIES.register(name)`."""
+
+    Options: ClassVar[type[StrategyOptions]] = StrategyOptions
+
+    def __init__(self, options: dict[str, Any] | StrategyOptions, problem: Problem, seed: int) -> None:
+        self.options = options if isinstance(options, BaseModel) else self.Options.model_validate(options or {})
+        self.problem = problem
+        self.rng = np.random.default_rng(seed)
+
+    @abstractmethod
+    def ask(self) -> Candidate | None:
+        """Next genome to evaluate, or None when results must come back first."""
+
+    @abstractmethod
+    def tell(self, candidate: Candidate, evaluation: Evaluation) -> None:
+        """Learn from one evaluation; failed evaluations are told too (and usually ignored)."""
+
+    @abstractmethod
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """JSON-able metadata plus named arrays: everything needed to continue identically."""
+
+    @abstractmethod
+    def load_state_dict(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        ...
+
+    def archive_summary(self) -> dict[str, Any]:
+        """Small, display-oriented view of the strategy's population (for status tables)."""
+        return {}
+
+    # RNG state travels as JSON, never pickled.
+    def _rng_state(self) -> dict[str, Any]:
+        return self.rng.bit_generator.state
+
+    def _set_rng_state(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state

@@ -1,0 +1,144 @@
+"""M2N2 (Model Merging of Natural Niches): competition, attraction, split-point SLERP.
+
+`ga` is the same machinery with competition (alpha = 0) and attraction switched off, which is
+how the paper's GA baseline is defined; the ablation flags reproduce its ablation figure.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+
+from evomerge.errors import FitnessError
+from evomerge.genomes.dense import split_slerp
+from evomerge.strategies import STRATEGIES
+from evomerge.strategies.base import Candidate, Evaluation, Problem, Strategy, StrategyOptions
+from evomerge.strategies.niches import choose_parents, replacement_slot
+
+
+class M2N2Options(StrategyOptions):
+    archive_size: int = Field(20, ge=2)
+    alpha: float = Field(1.0, ge=0.0, description="competition strength; 0 = plain GA")
+    mutation_sigma: float | None = Field(None, ge=0.0, description="None: 0.01 from scratch, 0 with seeds")
+    init_sigma: float = Field(0.01, gt=0.0, description="std of the from-scratch initial members")
+    init_members: int = Field(2, ge=1, description="random initial members when starting from scratch")
+    crossover: bool = True
+    split_point: bool = True
+    attraction: bool = True
+
+
+class GAOptions(M2N2Options):
+    alpha: float = Field(0.0, ge=0.0)
+    attraction: bool = False
+
+
+@STRATEGIES.register("m2n2")
+class M2N2(Strategy):
+    Options = M2N2Options
+
+    def __init__(self, options: dict[str, Any] | M2N2Options, problem: Problem, seed: int) -> None:
+        super().__init__(options, problem, seed)
+        opts = self.options
+        if len(problem.initial) > opts.archive_size:
+            raise ValueError(
+                f"strategy.options.archive_size={opts.archive_size} is smaller than the "
+                f"{len(problem.initial)} seeds; raise it"
+            )
+        self.sigma = opts.mutation_sigma if opts.mutation_sigma is not None else (0.01 if problem.from_scratch else 0.0)
+        size, dim = opts.archive_size, problem.dimension
+        self.genomes = np.zeros((size, dim), dtype=np.float32)
+        # float64 so that a tie in continuous scores stays a tie after storage
+        self.scores = np.zeros((size, problem.num_datapoints), dtype=np.float64)
+        self.ids = np.full(size, -1, dtype=np.int64)
+        self.generations = np.zeros(size, dtype=np.int64)
+        self.init_issued = 0
+        self.init_told = 0
+
+    # -- ask ---------------------------------------------------------------------------------
+    @property
+    def _num_initial(self) -> int:
+        return len(self.problem.initial) or self.options.init_members
+
+    def _initial_genome(self, index: int) -> np.ndarray:
+        if self.problem.initial:
+            return np.asarray(self.problem.initial[index], dtype=np.float32).copy()
+        return (self.rng.standard_normal(self.problem.dimension) * self.options.init_sigma).astype(np.float32)
+
+    def ask(self) -> Candidate | None:
+        if self.init_issued < self._num_initial:
+            genome = self._initial_genome(self.init_issued)
+            self.init_issued += 1
+            return Candidate(genome=genome, params={}, parents=(), generation=0)
+        if self.init_told < self._num_initial:
+            return None  # children need an archive: wait for the initial members' scores
+        filled = self.ids >= 0
+        if not filled.any():
+            raise FitnessError("every initial member failed to evaluate, so there is nothing to evolve; "
+                               "see the FAIL trials for the fitness task's errors")
+        opts = self.options
+        a, b = choose_parents(self.scores, filled, opts.alpha, opts.attraction, self.rng)
+        params: dict[str, float | int] = {"parent_a": int(self.ids[a]), "parent_b": int(self.ids[b])}
+        parent = self.genomes[a]
+        if opts.crossover:
+            ratio = float(self.rng.uniform())
+            split = int(self.rng.integers(0, self.problem.dimension)) if opts.split_point else self.problem.dimension
+            child = split_slerp(parent, self.genomes[b], split, ratio)
+            params["mix_ratio"] = ratio
+            params["split_fraction"] = split / self.problem.dimension
+            parents: tuple[int, ...] = (int(self.ids[a]), int(self.ids[b]))
+        else:
+            child = parent.copy()
+            parents = (int(self.ids[a]),)
+        if self.sigma > 0:
+            child += (self.rng.standard_normal(child.size) * self.sigma).astype(np.float32)
+        generation = int(max(self.generations[a], self.generations[b] if opts.crossover else 0)) + 1
+        return Candidate(genome=child, params=params, parents=parents, generation=generation)
+
+    # -- tell --------------------------------------------------------------------------------
+    def tell(self, candidate: Candidate, evaluation: Evaluation) -> None:
+        if not candidate.parents:
+            self.init_told += 1
+        if evaluation.failed:
+            return
+        slot = replacement_slot(self.scores, evaluation.scores, self.options.alpha, filled=self.ids >= 0)
+        if slot is None:
+            return
+        self.genomes[slot] = candidate.genome
+        self.scores[slot] = evaluation.scores
+        self.ids[slot] = candidate.member_id
+        self.generations[slot] = candidate.generation
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        meta = {"rng": self._rng_state(), "init_issued": self.init_issued, "init_told": self.init_told,
+                "sigma": self.sigma}
+        arrays = {"genomes": self.genomes, "scores": self.scores, "ids": self.ids, "generations": self.generations}
+        return meta, arrays
+
+    def load_state_dict(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        for name in ("genomes", "scores", "ids", "generations"):
+            current = getattr(self, name)
+            if arrays[name].shape != current.shape:
+                raise ValueError(f"snapshot array {name!r} has shape {arrays[name].shape}, expected {current.shape}")
+            setattr(self, name, np.array(arrays[name], dtype=current.dtype))
+        self._set_rng_state(meta["rng"])
+        self.init_issued = int(meta["init_issued"])
+        self.init_told = int(meta["init_told"])
+        self.sigma = float(meta["sigma"])
+
+    def archive_summary(self) -> dict[str, Any]:
+        filled = self.ids >= 0
+        means = self.scores[filled].mean(axis=1) if filled.any() else np.zeros(0)
+        return {
+            "size": int(filled.sum()),
+            "best_train": float(means.max()) if means.size else None,
+            "mean_train": float(means.mean()) if means.size else None,
+            "coverage": float((self.scores[filled].max(axis=0) > 0).mean()) if filled.any() else 0.0,
+        }
+
+
+@STRATEGIES.register("ga")
+class GA(M2N2):
+    Options = GAOptions

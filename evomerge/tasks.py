@@ -1,0 +1,65 @@
+"""The fitness-task contract and its registry.
+
+A task scores one candidate per datapoint, because M2N2's competition and attraction work on
+the per-datapoint score matrix, not on a single number.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from evomerge.registry import Registry
+
+
+def _load_builtin_tasks() -> None:
+    import fitness  # noqa: F401  (importing the package registers its tasks)
+
+
+TASKS: Registry[type["FitnessTask"]] = Registry("fitness task", autoload=_load_builtin_tasks)
+
+
+class NoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FitnessTask(ABC):
+    """Subclass, set `Options` to a pydantic model, and register with `@TASKS.register(name)`."""
+
+    Options: ClassVar[type[BaseModel]] = NoOptions
+
+    def __init__(self, options: dict[str, Any] | BaseModel | None = None, seed: int = 0) -> None:
+        if isinstance(options, BaseModel):
+            self.options = options
+        else:
+            self.options = self.Options.model_validate(options or {})
+        self.seed = seed
+
+    @property
+    @abstractmethod
+    def dimension(self) -> int:
+        """Length of the flat parameter vector this task reads."""
+
+    @property
+    @abstractmethod
+    def num_datapoints(self) -> int:
+        """Length of the vector `evaluate` returns."""
+
+    @abstractmethod
+    def evaluate(self, params: np.ndarray) -> np.ndarray:
+        """Per-training-datapoint scores in [0, 1]; used for selection."""
+
+    def test_score(self, params: np.ndarray) -> float | None:
+        """Held-out score, reported only and never used for selection."""
+        return None
+
+    def make_seeds(self) -> list[np.ndarray]:
+        """Seeds for `seeds: task` configs; tasks without their own seeds refuse."""
+        raise NotImplementedError(f"fitness task {type(self).__name__} does not make its own seeds")
+
+
+def build_task(name: str, options: dict[str, Any], seed: int = 0) -> FitnessTask:
+    return TASKS.get(name)(options, seed=seed)

@@ -1,0 +1,1 @@
+"""Optuna recording, the dashboard launcher and plots."""
