@@ -543,13 +543,29 @@ def test_failed_evaluation_never_enters_archive():
     assert c.member_id not in s.ids
 
 
-def test_all_initial_members_failed_raises():
+def test_all_random_initial_members_failed_draws_another():
     s = M2N2({}, Problem(dimension=D, num_datapoints=N), seed=3)
     h = Harness(s)
     i0, i1 = h.ask(), h.ask()
     h.tell(i0, failed=True)
     h.tell(i1, failed=True)
-    with pytest.raises(FitnessError):
+    again = h.ask()
+    assert again is not None and again.parents == () and again.params == {}
+    assert not np.array_equal(again.genome, i0.genome) and not np.array_equal(again.genome, i1.genome)
+    assert s.ask() is None  # and waits for its score before making children
+    h.tell(again, np.ones(N))
+    child = h.ask()
+    assert child.parents == (again.member_id, again.member_id)
+
+
+def test_all_pretrained_seeds_failed_raises():
+    seeds = [np.ones(D, np.float32), -np.ones(D, np.float32)]
+    s = M2N2({}, Problem(dimension=D, num_datapoints=N, initial=seeds), seed=3)
+    h = Harness(s)
+    i0, i1 = h.ask(), h.ask()
+    h.tell(i0, failed=True)
+    h.tell(i1, failed=True)
+    with pytest.raises(FitnessError, match="seed"):
         s.ask()
 
 

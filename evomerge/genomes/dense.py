@@ -9,12 +9,23 @@ import numpy as np
 SIN_EPS = 1e-6  # below this |sin(angle)|, SLERP degenerates and linear interpolation is exact enough
 
 
+def exact_dot(a: np.ndarray, b: np.ndarray) -> float:
+    """Float64 dot product by numpy's pairwise summation, not BLAS.
+
+    BLAS dot kernels may sum in an order that depends on memory alignment, so the same search
+    could drift in the last bits between runs; reproducibility (and bitwise resume) needs this.
+    """
+    a64 = np.asarray(a, dtype=np.float64)
+    b64 = np.asarray(b, dtype=np.float64)
+    return float(np.add.reduce(a64 * b64))
+
+
 def angle_between(a: np.ndarray, b: np.ndarray) -> float:
-    """Angle between two whole flat vectors, computed once per crossover (float64 accumulation)."""
-    norm = float(np.linalg.norm(a.astype(np.float64)) * np.linalg.norm(b.astype(np.float64)))
+    """Angle between two whole flat vectors, computed once per crossover."""
+    norm = math.sqrt(exact_dot(a, a)) * math.sqrt(exact_dot(b, b))
     if norm == 0.0:
         return 0.0
-    cos = float(np.dot(a.astype(np.float64), b.astype(np.float64))) / norm
+    cos = exact_dot(a, b) / norm
     return math.acos(min(1.0, max(-1.0, cos)))
 
 

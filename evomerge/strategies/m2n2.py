@@ -55,27 +55,26 @@ class M2N2(Strategy):
         self.generations = np.zeros(size, dtype=np.int64)
         self.init_issued = 0
         self.init_told = 0
+        self.init_target = len(problem.initial) or self.options.init_members
 
     # -- ask ---------------------------------------------------------------------------------
-    @property
-    def _num_initial(self) -> int:
-        return len(self.problem.initial) or self.options.init_members
-
     def _initial_genome(self, index: int) -> np.ndarray:
         if self.problem.initial:
             return np.asarray(self.problem.initial[index], dtype=np.float32).copy()
         return (self.rng.standard_normal(self.problem.dimension) * self.options.init_sigma).astype(np.float32)
 
     def ask(self) -> Candidate | None:
-        if self.init_issued < self._num_initial:
+        filled = self.ids >= 0
+        if self.init_told >= self.init_target and not filled.any() and self.problem.from_scratch:
+            self.init_target += 1  # every random start failed: draw another instead of giving up
+        if self.init_issued < self.init_target:
             genome = self._initial_genome(self.init_issued)
             self.init_issued += 1
             return Candidate(genome=genome, params={}, parents=(), generation=0)
-        if self.init_told < self._num_initial:
+        if self.init_told < self.init_target:
             return None  # children need an archive: wait for the initial members' scores
-        filled = self.ids >= 0
         if not filled.any():
-            raise FitnessError("every initial member failed to evaluate, so there is nothing to evolve; "
+            raise FitnessError("every pretrained seed failed to evaluate, so there is nothing to merge; "
                                "see the FAIL trials for the fitness task's errors")
         opts = self.options
         a, b = choose_parents(self.scores, filled, opts.alpha, opts.attraction, self.rng)
@@ -113,7 +112,7 @@ class M2N2(Strategy):
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         meta = {"rng": self._rng_state(), "init_issued": self.init_issued, "init_told": self.init_told,
-                "sigma": self.sigma}
+                "init_target": self.init_target, "sigma": self.sigma}
         arrays = {"genomes": self.genomes, "scores": self.scores, "ids": self.ids, "generations": self.generations}
         return meta, arrays
 
@@ -126,6 +125,7 @@ class M2N2(Strategy):
         self._set_rng_state(meta["rng"])
         self.init_issued = int(meta["init_issued"])
         self.init_told = int(meta["init_told"])
+        self.init_target = int(meta["init_target"])
         self.sigma = float(meta["sigma"])
 
     def archive_summary(self) -> dict[str, Any]:

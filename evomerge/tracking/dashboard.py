@@ -30,6 +30,8 @@ def run_storage_url(run_dir: Path) -> str:
 def serve(run_dir: Path, host: str = "127.0.0.1", port: int = 8080) -> None:
     from optuna_dashboard import run_server
 
+    from evomerge.tracking.plots import ARTIFACT_DIR_NAME, artifact_store
+
     url = run_storage_url(run_dir)
     print(f"optuna-dashboard for {url} on http://{host}:{port}/ (Ctrl-C to stop)")
-    run_server(open_storage(url), host=host, port=port)
+    run_server(open_storage(url), host=host, port=port, artifact_store=artifact_store(run_dir / ARTIFACT_DIR_NAME))

@@ -1,0 +1,46 @@
+"""Shared fixtures: one small local Ray for the whole session (2 CPUs, no dashboard)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).parent
+REPO = TESTS_DIR.parent
+sys.path.insert(0, str(TESTS_DIR))  # so Ray workers can import test-only fitness tasks too
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024 * 1024,
+                 logging_level="WARNING", runtime_env={"env_vars": {"PYTHONPATH": str(TESTS_DIR)}})
+    yield ray
+    ray.shutdown()
+
+
+def digits_config(name: str = "t", **overrides):
+    """A small, fast digits search definition for tests."""
+    from evomerge.config import config_from_dict
+
+    data = {
+        "name": name,
+        "seed": 0,
+        "fitness": {"task": "digits", "options": {"train_size": 300}},
+        "strategy": {"name": "m2n2"},
+        "budget": {"evaluations": 120},
+        "workers": {"count": 2, "batch": 2},
+    }
+    for key, value in overrides.items():
+        node = data
+        parts = key.split("__")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return config_from_dict(data)

@@ -1,0 +1,104 @@
+"""The engine for real: Ray actors, a journal-file and a SQLite Optuna study, failing candidates."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import optuna
+import pytest
+from optuna.trial import TrialState
+from safetensors.numpy import load_file
+
+from conftest import digits_config
+from evomerge.engine.search import SearchOptions, run_search
+from evomerge.tracking.storage import open_storage
+
+
+def _trials(summary):
+    study = optuna.load_study(study_name=summary["study_name"], storage=open_storage(summary["storage"]))
+    return study.get_trials(deepcopy=False)
+
+
+def test_search_on_ray_records_every_evaluation(ray_session, tmp_path):
+    config = digits_config("e2e", budget={"evaluations": 150})
+    summary = run_search(config, SearchOptions(out_dir=tmp_path / "run", progress=False))
+    trials = _trials(summary)
+    assert summary["evaluations"] == len(trials) == 150
+    assert summary["failed"] == 0
+    assert [t.number for t in trials] == list(range(150))
+    assert sorted(t.user_attrs["member_id"] for t in trials) == list(range(150))
+    values = np.array([t.value for t in trials])
+    best = summary["best"]
+    assert best["train_score"] == pytest.approx(values.max())
+    best_trial = next(t for t in trials if t.user_attrs["member_id"] == best["member_id"])
+    assert best_trial.value == pytest.approx(best["train_score"])
+    assert best_trial.user_attrs["test_score"] == pytest.approx(best["test_score"])
+    # children carry what the strategy chose; initial members carry nothing
+    children = [t for t in trials if t.params]
+    assert children and all({"parent_a", "parent_b", "mix_ratio", "split_fraction"} <= set(t.params) for t in children)
+    # the exported best member scores what the search recorded
+    from fitness.digits import DigitsTask
+    genome = load_file(str(tmp_path / "run" / "best.safetensors"))["params"]
+    task = DigitsTask({"train_size": 300})
+    assert float(task.evaluate(genome).mean()) == pytest.approx(best["train_score"])
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert saved["best"]["member_id"] == best["member_id"]
+    assert set(saved) >= {"name", "strategy", "evaluations", "failed", "best", "wall_seconds", "storage"}
+
+
+def test_best_training_score_never_decreases(ray_session, tmp_path):
+    config = digits_config("mono", budget={"evaluations": 200})
+    summary = run_search(config, SearchOptions(out_dir=tmp_path / "run", progress=False))
+    values = [t.value for t in _trials(summary)]
+    running = np.maximum.accumulate(values)
+    assert running[-1] == pytest.approx(summary["best"]["train_score"])
+    assert running[-1] > running[1]  # evolution improved on the two random initial members
+
+
+def test_sync_mode_is_reproducible(ray_session, tmp_path):
+    runs = []
+    for i in range(2):
+        config = digits_config("sync", budget={"evaluations": 90}, sync=True, seed=7)
+        summary = run_search(config, SearchOptions(out_dir=tmp_path / f"run{i}", progress=False))
+        trials = _trials(summary)
+        best = load_file(str(tmp_path / f"run{i}" / "best.safetensors"))["params"]
+        runs.append(([(t.params, t.value, t.user_attrs["member_id"]) for t in trials], best.tobytes()))
+    assert runs[0] == runs[1]
+    other = run_search(digits_config("sync", budget={"evaluations": 90}, sync=True, seed=8),
+                       SearchOptions(out_dir=tmp_path / "other", progress=False))
+    assert [t.value for t in _trials(other)] != [v for _, v, _ in runs[0][0]]
+
+
+def test_failing_fitness_becomes_fail_trials(ray_session, tmp_path):
+    config = digits_config("flaky", fitness={"task": "flaky_tasks:FlakyDigits", "options": {"train_size": 300}},
+                           budget={"evaluations": 140})
+    summary = run_search(config, SearchOptions(out_dir=tmp_path / "run", progress=False))
+    trials = _trials(summary)
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(trials) == summary["evaluations"] == 140
+    assert len(failed) == summary["failed"] > 0
+    assert all(t.state == TrialState.COMPLETE for t in trials if t not in failed)
+    errors = {t.user_attrs["error"] for t in failed}
+    assert any("simulated fitness crash" in e for e in errors)
+    assert any("NaN" in e for e in errors)
+    assert all(t.value is None for t in failed)
+
+
+def test_sqlite_storage(ray_session, tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    config = digits_config("sqlite", budget={"evaluations": 60}, optuna={"storage": url})
+    summary = run_search(config, SearchOptions(out_dir=tmp_path / "run", progress=False))
+    assert summary["storage"] == url
+    assert len(_trials(summary)) == 60
+
+
+def test_run_folder_is_not_silently_overwritten(ray_session, tmp_path):
+    from evomerge.errors import EvomergeError
+
+    config = digits_config("twice", budget={"evaluations": 20})
+    run_search(config, SearchOptions(out_dir=tmp_path / "run", progress=False))
+    with pytest.raises(EvomergeError, match="resume"):
+        run_search(config, SearchOptions(out_dir=tmp_path / "run", progress=False))
+    summary = run_search(config, SearchOptions(out_dir=tmp_path / "run", progress=False, overwrite=True))
+    assert len(_trials(summary)) == 20
