@@ -1,4 +1,4 @@
-"""`evomerge` command line: search, dashboard (and, as they land, resume, status, merge, export)."""
+"""`evomerge` command line: search, resume, status, dashboard."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from evomerge.errors import EvomergeError
 def _search(args: argparse.Namespace) -> int:
     from evomerge.config import load_config
     from evomerge.engine.search import SearchOptions, run_search
-    from evomerge.report import summary_table
 
     overrides: dict[str, Any] = {}
     if args.budget is not None:
@@ -29,15 +28,39 @@ def _search(args: argparse.Namespace) -> int:
         overrides["optuna.storage"] = args.storage
     config = load_config(args.config, overrides)
     out_dir = Path(args.out) if args.out else Path("runs") / config.name
-    summary = run_search(config, SearchOptions(out_dir=out_dir, address=args.address,
-                                               progress=not args.quiet, overwrite=args.overwrite))
+    summary = run_search(config, SearchOptions(out_dir=out_dir, address=args.address, progress=not args.quiet,
+                                               overwrite=args.overwrite, handle_signals=True))
+    _print_outcome(summary, out_dir)
+    return 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from evomerge.engine.search import SearchOptions, resume_search
+
+    out_dir = Path(args.run)
+    summary = resume_search(out_dir, SearchOptions(out_dir=out_dir, address=args.address, progress=not args.quiet,
+                                                   handle_signals=True),
+                            budget=args.budget, force=args.force)
+    _print_outcome(summary, out_dir)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from evomerge.status import run_status, status_table
+
+    print(status_table(run_status(Path(args.run))))
+    return 0
+
+
+def _print_outcome(summary: dict[str, Any], out_dir: Path) -> None:
+    from evomerge.report import summary_table
+
     print(summary_table(summary))
     best = summary.get("best") or {}
     if best.get("test_score") is not None:
         print(f"\nbest test accuracy: {best['test_score']:.4f} (member {best['member_id']})")
     print(f"results: {out_dir}/summary.json, best member: {out_dir}/best.safetensors")
     print(f"dashboard: evomerge dashboard {shlex.quote(str(out_dir))}")
-    return 0
 
 
 def _dashboard(args: argparse.Namespace) -> int:
@@ -64,6 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--quiet", action="store_true", help="no progress bar")
     search.set_defaults(func=_search)
 
+    resume = sub.add_parser("resume", help="continue a search from its newest valid snapshot")
+    resume.add_argument("run", help="run folder, e.g. runs/digits-scratch")
+    resume.add_argument("--budget", type=int, help="new total evaluation budget")
+    resume.add_argument("--force", action="store_true", help="resume even if config.json changed")
+    resume.add_argument("--address", help="join a running Ray cluster ('auto' or host:port)")
+    resume.add_argument("--quiet", action="store_true", help="no progress bar")
+    resume.set_defaults(func=_resume)
+
+    status = sub.add_parser("status", help="table of a run's progress (running, interrupted or finished)")
+    status.add_argument("run", help="run folder")
+    status.set_defaults(func=_status)
+
     dash = sub.add_parser("dashboard", help="serve optuna-dashboard for a run")
     dash.add_argument("run", help="run folder, e.g. runs/digits-scratch")
     dash.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
@@ -74,11 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from evomerge.engine.interrupts import EXIT_INTERRUPTED, Interrupted
+
     try:
         return args.func(args)
     except EvomergeError as exc:
         print(f"evomerge: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted:
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -35,8 +35,11 @@ def build_population(config: SearchConfig, problem: Problem | None = None) -> Po
 
 def start_workers(config: SearchConfig) -> list[Any]:
     spec = config.workers
+    # Ray restarts a dead worker without limit; the dispatcher decides when one is hopeless
+    # (workers.max_restarts deaths in a row) and re-sends its children itself, so that a child
+    # is never evaluated twice behind our back.
     actor = ray.remote(FitnessWorker).options(
-        num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, max_restarts=spec.max_restarts, max_task_retries=0,
+        num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, max_restarts=-1, max_task_retries=0,
     )
     return [actor.remote(config.fitness.task, config.fitness.options, config.seed, i) for i in range(spec.count)]
 
@@ -53,6 +56,18 @@ class PopulationActor:
 
     def advance(self, max_seconds: float = 0.5) -> list[EvalRecord]:
         return self.dispatcher.advance(max_seconds)
+
+    def set_budget(self, budget: int) -> None:
+        self.population.budget = budget
+
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        return self.population.state_dict()
+
+    def load_state_dict(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        self.dispatcher.requeue(self.population.load_state_dict(meta, arrays))
+
+    def worker_pids(self) -> list[int]:
+        return ray.get([w.pid.remote() for w in self.dispatcher.workers])
 
     def status(self) -> dict[str, Any]:
         return self.population.status()

@@ -1,32 +1,34 @@
-"""The driver: starts Ray and the actors, shows progress, records trials, writes the results.
+"""The driver: starts Ray and the actors, shows progress, records trials, snapshots, finishes.
 
-The driver owns the run folder (study, best member, summary); actors only compute, so a run on
-a cluster still leaves its files where the user launched it.
+The driver owns the run folder (study, snapshots, best member, summary, plots); actors only
+compute, so a search on a cluster still leaves its files where the user launched it.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
-from safetensors.numpy import save_file
 from tqdm import tqdm
 
-from evomerge.config import SearchConfig
+from evomerge import snapshots
+from evomerge.config import SearchConfig, config_from_dict
 from evomerge.engine import raysession
 from evomerge.engine.actors import RemotePopulation, start_workers
+from evomerge.engine.interrupts import Interrupted, InterruptGuard
+from evomerge.engine.results import finish_run
 from evomerge.errors import EvomergeError
 from evomerge.tracking.recorder import TrialRecorder
 from evomerge.tracking.storage import JOURNAL_NAME, open_storage, storage_url
 
 RUN_FILES = ("summary.json", "best.json", "best.safetensors", "config.json", JOURNAL_NAME)
-RUN_DIRS = ("snapshots", "plots")
+RUN_DIRS = ("snapshots", "plots", "artifacts", "best")
 
 
 @dataclass
@@ -36,6 +38,14 @@ class SearchOptions:
     progress: bool = True
     overwrite: bool = False
     advance_seconds: float = 0.5
+    handle_signals: bool = False  # the CLI turns this on; library callers keep their own handlers
+
+
+@dataclass
+class _Restore:
+    meta: dict[str, Any]
+    arrays: dict[str, Any]
+    snapshot: Path
 
 
 def prepare_run_dir(out_dir: Path, overwrite: bool) -> None:
@@ -55,18 +65,71 @@ def run_search(config: SearchConfig, options: SearchOptions) -> dict[str, Any]:
     out_dir = Path(options.out_dir)
     prepare_run_dir(out_dir, options.overwrite)
     (out_dir / "config.json").write_text(json.dumps(config.model_dump(mode="json"), indent=2))
+    return _execute(config, options, restore=None)
+
+
+def resume_search(run_dir: Path, options: SearchOptions, budget: int | None = None,
+                  force: bool = False) -> dict[str, Any]:
+    """Continue from the newest snapshot that verifies, with the run folder's config.json."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise EvomergeError(f"{run_dir} is not a run folder (no config.json); give the folder a search wrote")
+    config = config_from_dict(json.loads(config_path.read_text()), source=str(config_path))
+    path, meta, arrays = snapshots.load_latest_snapshot(
+        run_dir, warn=lambda msg: print(f"warning: {msg}", file=sys.stderr))
+    changed = config_differences(meta["config"], config.model_dump(mode="json"))
+    if changed and not force:
+        raise EvomergeError(
+            f"{config_path} changed since snapshot {path.name}: {', '.join(changed)}; "
+            "undo the change, or pass --force to resume with the new values")
+    if budget is not None:
+        config.budget.evaluations = budget
+    told = int(meta["population"]["told"])
+    if config.budget.evaluations < told:
+        raise EvomergeError(f"--budget {config.budget.evaluations} is below the {told} evaluations already done")
+    (run_dir / "summary.json").unlink(missing_ok=True)
+    options = SearchOptions(**{**options.__dict__, "out_dir": run_dir})
+    return _execute(config, options, restore=_Restore(meta, arrays, path))
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of fields that differ (the budget may change freely on resume)."""
+    fields = []
+    for key in sorted(set(old) | set(new)):
+        name = f"{prefix}{key}"
+        if name in ("budget", "budget.evaluations"):
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            fields.extend(config_differences(a, b, prefix=f"{name}."))
+        elif a != b:
+            fields.append(f"{name} ({a!r} -> {b!r})")
+    return fields
+
+
+def _execute(config: SearchConfig, options: SearchOptions, restore: _Restore | None) -> dict[str, Any]:
+    out_dir = Path(options.out_dir)
     started_ray = raysession.connect(config, options.address)
     url = storage_url(config.optuna.storage, out_dir)
     study_name = config.optuna.study_name or config.name
-    recorder = TrialRecorder(open_storage(url), study_name,
-                             study_attrs={"config_hash": config.hash(), "strategy": config.strategy.name,
-                                          "fitness": config.fitness.task})
+    storage = open_storage(url)
+    if restore is None:
+        recorder = TrialRecorder(storage, study_name, study_attrs={
+            "config_hash": config.hash(), "strategy": config.strategy.name, "fitness": config.fitness.task})
+    else:
+        recorder = TrialRecorder(storage, study_name, create=False)
     workers = start_workers(config)
     population = RemotePopulation.remote(config.model_dump(mode="json"), workers)
-    start = time.perf_counter()
+    previous_seconds = 0.0
+    if restore is not None:
+        ray.get(population.load_state_dict.remote(restore.meta["population"], restore.arrays))
+        previous_seconds = float(restore.meta.get("elapsed_seconds", 0.0))
+    run = _Driver(config, options, population, recorder, previous_seconds)
     try:
-        evaluations, failed = _drive(population, recorder, config, options)
-        recorder.flush()
+        with InterruptGuard(enabled=options.handle_signals) as guard:
+            run.loop(guard)
+        state = run.snapshot()
         best = ray.get(population.best.remote())
     finally:
         recorder.close()
@@ -74,51 +137,63 @@ def run_search(config: SearchConfig, options: SearchOptions) -> dict[str, Any]:
             ray.kill(actor)
         if started_ray:
             ray.shutdown()
-    wall = time.perf_counter() - start
-    summary = {
-        "name": config.name, "strategy": config.strategy.name, "fitness": config.fitness.task,
-        "evaluations": evaluations, "failed": failed, "budget": config.budget.evaluations,
-        "best": None if best is None else {k: best[k] for k in ("member_id", "train_score", "test_score",
-                                                               "generation", "parents")},
-        "wall_seconds": round(wall, 3), "evals_per_second": round(evaluations / wall, 2) if wall else None,
-        "storage": url, "study_name": study_name, "seed": config.seed, "sync": config.sync,
-    }
-    if best is not None:
-        write_best(out_dir, best, config)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    return finish_run(config, out_dir, recorder.study, state, best, url, study_name,
+                      evaluations=run.told, failed=run.failed, wall_seconds=run.elapsed())
 
 
-def _drive(population: Any, recorder: TrialRecorder, config: SearchConfig,
-           options: SearchOptions) -> tuple[int, int]:
-    evaluations = failed = 0
-    bar = tqdm(total=config.budget.evaluations, unit="eval", disable=not options.progress,
-               dynamic_ncols=True, desc=config.name)
-    try:
-        while evaluations < config.budget.evaluations:
-            records = ray.get(population.advance.remote(options.advance_seconds))
-            if not records:
-                continue
-            recorder.put(records)
-            evaluations += len(records)
-            failed += sum(r.failed for r in records)
-            last = records[-1]
-            bar.update(len(records))
-            bar.set_postfix(best_train=_fmt(last.best_train), best_test=_fmt(last.best_test),
-                            failed=failed, refresh=False)
-    finally:
-        bar.close()
-    return evaluations, failed
+class _Driver:
+    def __init__(self, config: SearchConfig, options: SearchOptions, population: Any,
+                 recorder: TrialRecorder, previous_seconds: float) -> None:
+        self.config, self.options, self.population, self.recorder = config, options, population, recorder
+        status = ray.get(population.status.remote())
+        self.told, self.failed = status["evaluations"], status["failed"]
+        # Trials already in the study (recorded after the last snapshot, before a crash) are not
+        # written twice: the resumed search re-evaluates those evaluation numbers silently.
+        self.recorded = len(recorder.study.get_trials(deepcopy=False))
+        self.previous_seconds = previous_seconds
+        self.started = time.perf_counter()
+        self.last_snapshot_step = self.told
 
+    def elapsed(self) -> float:
+        return self.previous_seconds + time.perf_counter() - self.started
 
-def write_best(out_dir: Path, best: dict[str, Any], config: SearchConfig) -> None:
-    genome = np.ascontiguousarray(best["genome"], dtype=np.float32)
-    save_file({"params": genome}, str(out_dir / "best.safetensors"),
-              metadata={"format": "evomerge-dense", "fitness": config.fitness.task})
-    meta = {k: best[k] for k in ("member_id", "train_score", "test_score", "generation", "parents")}
-    meta.update({"genome": "dense", "dimension": int(genome.size), "fitness": config.fitness.task,
-                 "fitness_options": config.fitness.options})
-    (out_dir / "best.json").write_text(json.dumps(meta, indent=2))
+    def loop(self, guard: InterruptGuard) -> None:
+        budget, every = self.config.budget.evaluations, self.config.snapshots.every
+        bar = tqdm(total=budget, initial=self.told, unit="eval", disable=not self.options.progress,
+                   dynamic_ncols=True, desc=self.config.name)
+        try:
+            while self.told < budget:
+                if guard.requested:
+                    bar.close()
+                    print(f"interrupted: snapshot at {self.told} evaluations written; "
+                          f"continue with `evomerge resume {self.options.out_dir}`", file=sys.stderr)
+                    self.snapshot()
+                    raise Interrupted()
+                records = ray.get(self.population.advance.remote(self.options.advance_seconds))
+                if not records:
+                    continue
+                self.recorder.put(r for r in records if r.number >= self.recorded)
+                self.told += len(records)
+                self.failed += sum(r.failed for r in records)
+                last = records[-1]
+                bar.update(len(records))
+                bar.set_postfix(best_train=_fmt(last.best_train), best_test=_fmt(last.best_test),
+                                failed=self.failed, refresh=False)
+                if self.told // every > self.last_snapshot_step // every and self.told < budget:
+                    self.snapshot()
+        finally:
+            bar.close()
+
+    def snapshot(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Flush the study first, so that study and snapshot agree about what is recorded."""
+        self.recorder.flush()
+        pop_meta, arrays = ray.get(self.population.state_dict.remote())
+        meta = {"population": pop_meta, "config": self.config.model_dump(mode="json"),
+                "config_hash": self.config.hash(), "elapsed_seconds": self.elapsed()}
+        snapshots.write_snapshot(Path(self.options.out_dir), self.told, meta, arrays,
+                                 keep=self.config.snapshots.keep)
+        self.last_snapshot_step = self.told
+        return pop_meta, arrays
 
 
 def _fmt(value: float | None) -> str:

@@ -1,0 +1,59 @@
+"""What a finished search leaves behind: best member, summary.json, plots attached to the study."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from safetensors.numpy import save_file
+
+from evomerge.config import SearchConfig
+from evomerge.tracking.plots import ARTIFACT_DIR_NAME, attach_plots, plot_coverage, plot_progress
+
+BEST_KEYS = ("member_id", "train_score", "test_score", "generation", "parents")
+
+
+def finish_run(config: SearchConfig, out_dir: Path, study: optuna.Study, state: tuple[dict, dict],
+               best: dict[str, Any] | None, storage: str, study_name: str, *, evaluations: int,
+               failed: int, wall_seconds: float) -> dict[str, Any]:
+    summary = {
+        "name": config.name, "strategy": config.strategy.name, "fitness": config.fitness.task,
+        "evaluations": evaluations, "failed": failed, "budget": config.budget.evaluations,
+        "best": None if best is None else {k: best[k] for k in BEST_KEYS},
+        "wall_seconds": round(wall_seconds, 3),
+        "evals_per_second": round(evaluations / wall_seconds, 2) if wall_seconds > 0 else None,
+        "storage": storage, "study_name": study_name, "seed": config.seed, "sync": config.sync,
+    }
+    if best is not None:
+        write_best(out_dir, best, config)
+    try:
+        summary["plots"] = [str(p) for p in write_plots(out_dir, study, state, config.name)]
+    except Exception as exc:  # a plot must never cost the user the search's results
+        print(f"warning: could not draw plots: {exc}", file=sys.stderr)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def write_best(out_dir: Path, best: dict[str, Any], config: SearchConfig) -> None:
+    genome = np.ascontiguousarray(best["genome"], dtype=np.float32)
+    save_file({"params": genome}, str(out_dir / "best.safetensors"),
+              metadata={"format": "evomerge-dense", "fitness": config.fitness.task})
+    meta = {k: best[k] for k in BEST_KEYS}
+    meta.update({"genome": "dense", "dimension": int(genome.size), "fitness": config.fitness.task,
+                 "fitness_options": config.fitness.options})
+    (out_dir / "best.json").write_text(json.dumps(meta, indent=2))
+
+
+def write_plots(out_dir: Path, study: optuna.Study, state: tuple[dict, dict], title: str) -> list[Path]:
+    plots = out_dir / "plots"
+    paths = [plot_progress(study.get_trials(deepcopy=False), plots / "progress.png", title=title)]
+    _, arrays = state
+    if "strategy/scores" in arrays and "strategy/ids" in arrays:
+        paths.append(plot_coverage(arrays["strategy/scores"], arrays["strategy/ids"].tolist(),
+                                   plots / "coverage.png", title=title))
+    attach_plots(study, paths, out_dir / ARTIFACT_DIR_NAME)
+    return paths

@@ -1,0 +1,93 @@
+"""`evomerge status`: where a run stands, from its study and newest snapshot, while it runs or after."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import TrialState
+
+from evomerge import snapshots
+from evomerge.errors import EvomergeError, SnapshotError
+from evomerge.report import format_table
+from evomerge.tracking.dashboard import run_storage_url
+from evomerge.tracking.storage import open_storage
+
+
+def run_status(run_dir: Path) -> dict[str, Any]:
+    if not run_dir.is_dir():
+        raise EvomergeError(f"run folder {run_dir} does not exist")
+    config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else None
+    status: dict[str, Any] = {"run": str(run_dir), "state": "finished" if summary else "running or interrupted"}
+    try:
+        path, meta, arrays = snapshots.load_latest_snapshot(run_dir, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
+    except SnapshotError:
+        path, meta, arrays = None, None, {}
+    status["last_snapshot"] = None
+    if path is not None:
+        age = time.time() - (path / snapshots.STATE).stat().st_mtime
+        status["last_snapshot"] = f"{path.name} ({_age(age)} ago)"
+    ids = arrays.get("strategy/ids")
+    status["archive_size"] = int((np.asarray(ids) >= 0).sum()) if ids is not None else None
+    trials = _trials(run_dir, config)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    status["evaluations"] = len(trials)
+    status["budget"] = config.get("budget", {}).get("evaluations")
+    status["failed"] = sum(t.state == TrialState.FAIL for t in trials)
+    best = max(complete, key=lambda t: t.value, default=None)
+    status["best_train"] = None if best is None else best.value
+    status["best_test"] = None if best is None else best.user_attrs.get("test_score")
+    status["best_member"] = None if best is None else best.user_attrs.get("member_id")
+    parents = {p for t in trials for p in t.user_attrs.get("parents", [])}
+    status["distinct_parents"] = len(parents)
+    if summary:
+        status["evals_per_second"] = summary.get("evals_per_second")
+    elif meta:
+        elapsed = float(meta.get("elapsed_seconds", 0.0))
+        told = int(meta["population"]["told"])
+        status["evals_per_second"] = round(told / elapsed, 2) if elapsed > 0 else None
+    else:
+        status["evals_per_second"] = None
+    return status
+
+
+def _trials(run_dir: Path, config: dict[str, Any]) -> list[optuna.trial.FrozenTrial]:
+    url = run_storage_url(run_dir)
+    name = (config.get("optuna") or {}).get("study_name") or config.get("name")
+    try:
+        study = optuna.load_study(study_name=name, storage=open_storage(url))
+    except KeyError:
+        return []
+    return study.get_trials(deepcopy=False)
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}min"
+    return f"{seconds / 3600:.1f}h"
+
+
+def status_table(status: dict[str, Any]) -> str:
+    budget = status.get("budget")
+    rows = [
+        ("run", status["run"]),
+        ("state", status["state"]),
+        ("evaluations", f"{status['evaluations']}" + (f" / {budget}" if budget else "")),
+        ("failed", status["failed"]),
+        ("best train score", status["best_train"]),
+        ("best test score", status["best_test"]),
+        ("best member", status["best_member"]),
+        ("archive size", status["archive_size"]),
+        ("distinct parents used", status["distinct_parents"]),
+        ("last snapshot", status["last_snapshot"]),
+        ("evaluations / s", status["evals_per_second"]),
+    ]
+    return format_table(("", "value"), rows)
