@@ -270,8 +270,11 @@ def engine_throughput(population: str, overrides: dict[str, Any], workers: int, 
 
     Call `start_ray` first: a Ray that run_search starts itself is shut down after each run.
     """
+    import optuna
+
     from evomerge.engine.search import SearchOptions, run_search
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one "study created" line per run is noise here
     config = load_population(population, {**overrides, "workers.count": workers})
     summary = run_search(config, SearchOptions(out_dir=Path(run_dir), progress=False, overwrite=True))
     best = summary.get("best") or {}

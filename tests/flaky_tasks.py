@@ -25,3 +25,24 @@ class FlakyDigits(DigitsTask):
             scores = scores.copy()
             scores[3] = np.nan
         return scores
+
+
+class SlowDigits(DigitsTask):
+    """Takes a few milliseconds per candidate, so a test can act while the search is mid-way."""
+
+    def evaluate(self, params: np.ndarray) -> np.ndarray:
+        import time
+
+        time.sleep(0.005)
+        return super().evaluate(params)
+
+
+class KillerDigits(DigitsTask):
+    """Kills its own worker process on about 1 in 25 candidates: a child that always crashes its worker."""
+
+    def evaluate(self, params: np.ndarray) -> np.ndarray:
+        import os
+
+        if zlib.crc32(np.ascontiguousarray(params, dtype=np.float32).tobytes()) % 25 == 0:
+            os._exit(1)
+        return super().evaluate(params)
