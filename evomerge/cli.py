@@ -1,4 +1,4 @@
-"""`evomerge` command line: search, resume, status, dashboard."""
+"""`evomerge` command line: search, resume, status, export, dashboard."""
 
 from __future__ import annotations
 
@@ -63,6 +63,14 @@ def _print_outcome(summary: dict[str, Any], out_dir: Path) -> None:
     print(f"dashboard: evomerge dashboard {shlex.quote(str(out_dir))}")
 
 
+def _export(args: argparse.Namespace) -> int:
+    from evomerge.export import export_best
+
+    for path in export_best(Path(args.run), Path(args.out)):
+        print(f"wrote {path}")
+    return 0
+
+
 def _dashboard(args: argparse.Namespace) -> int:
     from evomerge.tracking.dashboard import serve
 
@@ -98,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="table of a run's progress (running, interrupted or finished)")
     status.add_argument("run", help="run folder")
     status.set_defaults(func=_status)
+
+    export = sub.add_parser("export", help="write a run's best member in its loadable form")
+    export.add_argument("run", help="run folder")
+    export.add_argument("out", help="output folder")
+    export.set_defaults(func=_export)
 
     dash = sub.add_parser("dashboard", help="serve optuna-dashboard for a run")
     dash.add_argument("run", help="run folder, e.g. runs/digits-scratch")

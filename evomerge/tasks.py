@@ -7,6 +7,7 @@ the per-datapoint score matrix, not on a single number.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -55,6 +56,15 @@ class FitnessTask(ABC):
     def test_score(self, params: np.ndarray) -> float | None:
         """Held-out score, reported only and never used for selection."""
         return None
+
+    def export(self, params: np.ndarray, out_dir: Path) -> list[Path]:
+        """Write a member in the task's native, loadable form; the default is the flat vector."""
+        from safetensors.numpy import save_file
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / "params.safetensors"
+        save_file({"params": np.ascontiguousarray(params, dtype=np.float32)}, str(path))
+        return [path]
 
     def make_seeds(self) -> list[np.ndarray]:
         """Seeds for `seeds: task` configs; tasks without their own seeds refuse."""

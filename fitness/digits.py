@@ -9,6 +9,7 @@ split point of M2N2's crossover falls somewhere in this vector.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -128,6 +129,19 @@ class DigitsTask(FitnessTask):
 
     def test_score(self, params: np.ndarray) -> float:
         return float(_correct(_as_params(params), self._x_test, self._y_test).mean())
+
+    def export(self, params: np.ndarray, out_dir: Path) -> list[Path]:
+        """Save as the state dict of `nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))`."""
+        from safetensors.numpy import save_file
+
+        W1, b1, W2, b2 = unflatten(_as_params(params))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / "model.safetensors"
+        tensors = {"0.weight": W1.T, "0.bias": b1, "2.weight": W2.T, "2.bias": b2}
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path),
+                  metadata={"architecture": "Sequential(Linear(64,256), ReLU, Linear(256,10))",
+                            "input": "8x8 pixels 0..16, unnormalised, flattened row-major"})
+        return [path]
 
     def make_seeds(self) -> list[np.ndarray]:
         """Two specialists (digits 0-4 and 5-9) whose merge must combine disjoint skills."""

@@ -157,3 +157,15 @@ def test_registered_and_options_validated(data) -> None:
         DigitsTask({"train_sise": 100})
     with pytest.raises(pydantic.ValidationError):
         DigitsTask({"train_size": 1438})  # would overlap the 360 test rows
+
+
+def test_export_loads_into_torch_and_predicts_the_same(task: DigitsTask, seeds, data, tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    (path,) = task.export(seeds[0], tmp_path)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+    model.load_state_dict(load_file(str(path)))
+    x, y = data
+    with torch.no_grad():
+        predicted = model(torch.from_numpy(x[-360:].astype(np.float32))).argmax(dim=1).numpy()
+    assert (predicted == y[-360:]).mean() == pytest.approx(task.test_score(seeds[0]))
