@@ -1,4 +1,4 @@
-"""`evomerge` command line: search, resume, status, export, dashboard."""
+"""`evomerge` command line: search, resume, status, export, merge, dashboard."""
 
 from __future__ import annotations
 
@@ -71,6 +71,14 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from evomerge.merging import run_merge
+
+    out = run_merge(Path(args.config), Path(args.out), allow_pickle=args.allow_pickle)
+    print(f"wrote {out} (load it with transformers' from_pretrained)")
+    return 0
+
+
 def _dashboard(args: argparse.Namespace) -> int:
     from evomerge.tracking.dashboard import serve
 
@@ -111,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run", help="run folder")
     export.add_argument("out", help="output folder")
     export.set_defaults(func=_export)
+
+    merge = sub.add_parser("merge", help="one-shot static merge from a mergekit-style YAML")
+    merge.add_argument("config", help="merge config: merge_method, base_model, models, parameters, dtype")
+    merge.add_argument("out", help="output Hugging Face folder")
+    merge.add_argument("--allow-pickle", action="store_true",
+                       help="accept .bin checkpoints (loaded with weights_only=True)")
+    merge.set_defaults(func=_merge)
 
     dash = sub.add_parser("dashboard", help="serve optuna-dashboard for a run")
     dash.add_argument("run", help="run folder, e.g. runs/digits-scratch")

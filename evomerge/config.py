@@ -40,6 +40,7 @@ class WorkersSpec(_Strict):
     num_cpus: float = Field(1.0, gt=0)
     num_gpus: float = Field(0.0, ge=0)
     batch: int = Field(2, ge=1, description="children sent per worker call; amortises Ray overhead")
+    pipeline: int = Field(2, ge=1, description="batches queued per worker, so it never waits for the next")
     max_restarts: int = Field(3, ge=0, description="deaths in a row before a worker is given up on")
     max_retries_per_child: int = Field(2, ge=0, description="re-sends of a child whose worker died")
 
@@ -60,6 +61,12 @@ class SnapshotSpec(_Strict):
     keep: int = Field(3, ge=1)
 
 
+class GenomeSpec(_Strict):
+    kind: Literal["auto", "dense", "recipe"] = Field(
+        "auto", description="auto: recipes when merging checkpoints, dense vectors otherwise")
+    max_boundaries: int = Field(1 << 16, ge=2, description="split-point grid for large models")
+
+
 class SearchConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     seed: int = 0
@@ -67,6 +74,8 @@ class SearchConfig(_Strict):
         default_factory=list,
         description="[] = from scratch; 'task' = seeds the fitness task makes; or checkpoint paths",
     )
+    allow_pickle: bool = Field(False, description="allow .bin seeds (loaded with weights_only=True)")
+    genome: GenomeSpec = Field(default_factory=GenomeSpec)
     fitness: FitnessSpec
     strategy: StrategySpec = Field(default_factory=StrategySpec)
     budget: BudgetSpec

@@ -8,7 +8,10 @@ from pathlib import Path
 from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
+from evomerge.config import SearchConfig
+from evomerge.engine.basis_spec import build_basis
 from evomerge.errors import EvomergeError
+from evomerge.genomes.recipe import unpack_recipes
 from evomerge.tasks import build_task
 
 
@@ -19,11 +22,19 @@ def export_best(run_dir: Path, out_dir: Path) -> list[Path]:
             raise EvomergeError(f"{path} not found: export needs a finished run folder "
                                 f"(finish or resume the search first)")
     try:
-        params = load_file(str(best_path))["params"]
-    except (SafetensorError, KeyError, OSError) as exc:
+        arrays = load_file(str(best_path))
+    except (SafetensorError, OSError) as exc:
         raise EvomergeError(f"{best_path} is unreadable ({exc}); re-run `evomerge resume {run_dir}` to rewrite it")
-    config = json.loads(config_path.read_text())
-    task = build_task(config["fitness"]["task"], config["fitness"].get("options", {}), seed=config.get("seed", 0))
+    config = SearchConfig.model_validate(json.loads(config_path.read_text()))
+    task = build_task(config.fitness.task, config.fitness.options, seed=config.seed)
+    if "params" in arrays:
+        params = arrays["params"]
+    else:
+        recipe = unpack_recipes(arrays, "recipe")[0]
+        basis = build_basis(config, task)
+        if basis is None or recipe is None:
+            raise EvomergeError(f"{best_path} holds a recipe but the run has no seeds to materialise it from")
+        params = basis.materialise(recipe).numpy()
     written = task.export(params, out_dir)
     meta = {"source_run": str(run_dir), **json.loads((run_dir / "best.json").read_text())}
     (out_dir / "evomerge.json").write_text(json.dumps(meta, indent=2))

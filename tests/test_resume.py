@@ -41,7 +41,7 @@ def _final_state(run_dir: Path) -> dict[str, np.ndarray]:
 
 def _assert_same_search(a: Path, b: Path) -> None:
     sa, sb = _final_state(a), _final_state(b)
-    for key in ("strategy/genomes", "strategy/scores", "strategy/ids", "best/genome"):
+    for key in ("strategy/genomes/values", "strategy/scores", "strategy/ids", "best/values"):
         assert sa[key].tobytes() == sb[key].tobytes(), key
 
 

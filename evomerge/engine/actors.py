@@ -13,17 +13,25 @@ from evomerge.engine.population import EvalRecord, Population
 from evomerge.engine.worker import FitnessWorker
 from evomerge.strategies import build_strategy
 from evomerge.strategies.base import Problem
+from evomerge.engine.basis_spec import build_basis, genome_kind
+from evomerge.errors import ConfigError
+from evomerge.genomes.spaces import RecipeSpace
 from evomerge.tasks import build_task
 
 
 def build_problem(config: SearchConfig) -> Problem:
     """Describe the search space; the task is loaded here only to learn sizes and make seeds."""
     task = build_task(config.fitness.task, config.fitness.options, seed=config.seed)
-    initial: list[np.ndarray] = []
-    if config.seeds == "task":
-        initial = [np.asarray(s, dtype=np.float32) for s in task.make_seeds()]
-    elif config.seeds:
-        raise NotImplementedError("checkpoint seeds arrive with recipe genomes; use `seeds: task` or [] for now")
+    basis = build_basis(config, task)
+    if basis is not None and basis.size != task.dimension:
+        raise ConfigError(f"the seeds have {basis.size} parameters but fitness task {config.fitness.task!r} "
+                          f"reads {task.dimension}; point the task at the same architecture as the seeds")
+    if genome_kind(config) == "recipe":
+        assert basis is not None
+        space = RecipeSpace(basis.prefix_gram(config.genome.max_boundaries))
+        return Problem(dimension=task.dimension, num_datapoints=task.num_datapoints, space=space)
+    initial = [] if basis is None else [basis.values(0, basis.size)[k].astype(np.float32)
+                                        for k in range(basis.num_seeds)]
     return Problem(dimension=task.dimension, num_datapoints=task.num_datapoints, initial=initial)
 
 
@@ -41,7 +49,8 @@ def start_workers(config: SearchConfig) -> list[Any]:
     actor = ray.remote(FitnessWorker).options(
         num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, max_restarts=-1, max_task_retries=0,
     )
-    return [actor.remote(config.fitness.task, config.fitness.options, config.seed, i) for i in range(spec.count)]
+    config_json = config.model_dump(mode="json")
+    return [actor.remote(config_json, i) for i in range(spec.count)]
 
 
 class PopulationActor:
@@ -51,7 +60,7 @@ class PopulationActor:
         self.dispatcher = Dispatcher(
             self.population, workers, batch=config.workers.batch, sync=config.sync,
             max_retries_per_child=config.workers.max_retries_per_child,
-            max_worker_deaths=config.workers.max_restarts + 1,
+            max_worker_deaths=config.workers.max_restarts + 1, depth=config.workers.pipeline,
         )
 
     def advance(self, max_seconds: float = 0.5) -> list[EvalRecord]:
@@ -77,7 +86,8 @@ class PopulationActor:
         if best is None:
             return None
         return {"member_id": best.member_id, "train_score": best.train_score, "test_score": best.test_score,
-                "generation": best.generation, "parents": best.parents, "genome": best.genome}
+                "generation": best.generation, "parents": best.parents,
+                "genome": best.genome}
 
 
 RemotePopulation = ray.remote(num_cpus=0)(PopulationActor)

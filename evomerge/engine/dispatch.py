@@ -1,9 +1,10 @@
 """Sends children to the worker pool and collects scores.
 
-Asynchronous by default (steady state: a worker that finishes gets the next batch at once).
-In sync mode children go out in rounds and are told in id order, so a fixed seed reproduces the
-search exactly. A worker that dies mid-batch is restarted by Ray; its children go out again, and
-a child that has killed its worker too often is recorded as failed instead of looping.
+Asynchronous by default (steady state): each worker keeps `depth` batches queued, so it starts
+the next batch the moment it finishes one instead of waiting for a round trip through the
+population. In sync mode children go out in rounds and are told in id order, so a fixed seed
+reproduces the search exactly. A worker that dies mid-batch is restarted by Ray; its children go
+out again, and a child that has killed its worker too often is recorded as failed.
 """
 
 from __future__ import annotations
@@ -27,19 +28,24 @@ except ImportError:  # pragma: no cover
 
 class Dispatcher:
     def __init__(self, population: Population, workers: list[Any], batch: int, sync: bool,
-                 max_retries_per_child: int, max_worker_deaths: int) -> None:
+                 max_retries_per_child: int, max_worker_deaths: int, depth: int = 2) -> None:
         self.population = population
         self.workers = list(workers)
         self.batch = batch
         self.sync = sync
+        self.depth = depth
         self.max_retries = max_retries_per_child
-        self.max_worker_deaths = max_worker_deaths
-        self.idle: deque[int] = deque(range(len(workers)))
+        # A death fails every call queued on the worker, so allow that many failures per death.
+        self.max_failed_calls = max_worker_deaths * depth
+        self.load = [0] * len(workers)
         self.inflight: dict[Any, tuple[int, list[Candidate]]] = {}
         self.retry: deque[Candidate] = deque()
         self.attempts: dict[int, int] = {}
-        self.worker_deaths = [0] * len(workers)
+        self.failed_calls = [0] * len(workers)
         self.dead: set[int] = set()
+        # A worker that died gets no children until Ray has restarted it and it answers a ping;
+        # otherwise its re-sent children would burn their retries against a restarting actor.
+        self.recovering: dict[Any, int] = {}
 
     # -- public ----------------------------------------------------------------------------
     def requeue(self, candidates: list[Candidate]) -> None:
@@ -56,13 +62,36 @@ class Dispatcher:
                 records.extend(self._async_step(deadline))
         return records
 
-    def drain(self) -> list[EvalRecord]:
-        """Wait for every child in flight (before an async snapshot or on shutdown)."""
-        records: list[EvalRecord] = []
-        while self.inflight:
-            ready, _ = ray.wait(list(self.inflight), num_returns=1)
-            records.extend(self._collect(ready[0]))
-        return records
+    @property
+    def live_workers(self) -> list[int]:
+        return [i for i in range(len(self.workers)) if i not in self.dead]
+
+    @property
+    def ready_workers(self) -> list[int]:
+        pinging = set(self.recovering.values())
+        return [i for i in self.live_workers if i not in pinging]
+
+    def _ping(self, worker_index: int) -> None:
+        if worker_index not in self.recovering.values() and worker_index not in self.dead:
+            self.recovering[self.workers[worker_index].pid.remote()] = worker_index
+
+    def _check_pings(self, refs: list[Any]) -> None:
+        for ref in refs:
+            worker_index = self.recovering.pop(ref)
+            try:
+                ray.get(ref)
+            except WORKER_ERRORS:
+                self.failed_calls[worker_index] += 1
+                if self.failed_calls[worker_index] > self.max_failed_calls:
+                    self.dead.add(worker_index)
+                else:
+                    time.sleep(0.05)
+                    self._ping(worker_index)
+
+    def _wait_for_recovery(self) -> None:
+        while self.recovering:
+            ready, _ = ray.wait(list(self.recovering), num_returns=1)
+            self._check_pings(ready)
 
     # -- async -----------------------------------------------------------------------------
     def _next_batch(self, size: int) -> list[Candidate]:
@@ -79,48 +108,51 @@ class Dispatcher:
     def _submit(self, worker_index: int, batch: list[Candidate]) -> Any:
         ref = self.workers[worker_index].evaluate.remote([(c.member_id, c.genome) for c in batch])
         self.inflight[ref] = (worker_index, batch)
+        self.load[worker_index] += 1
         return ref
 
+    def _fill(self) -> None:
+        for level in range(self.depth):
+            for worker_index in self.ready_workers:
+                if self.load[worker_index] <= level:
+                    batch = self._next_batch(self.batch)
+                    if not batch:
+                        return
+                    self._submit(worker_index, batch)
+
     def _async_step(self, deadline: float) -> list[EvalRecord]:
-        while self.idle:
-            batch = self._next_batch(self.batch)
-            if not batch:
-                break
-            self._submit(self.idle.popleft(), batch)
-        if not self.inflight:
+        self._fill()
+        if not self.inflight and not self.recovering:
             self._raise_stalled()
+            return []
         timeout = max(0.0, deadline - time.monotonic())
-        ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=timeout)
+        ready, _ = ray.wait([*self.inflight, *self.recovering], num_returns=1, timeout=timeout)
+        self._check_pings([ref for ref in ready if ref in self.recovering])
         records: list[EvalRecord] = []
-        for ref in ready:
-            records.extend(self._collect(ref))
+        for ref in (r for r in ready if r in self.inflight):
+            worker_index, batch = self.inflight.pop(ref)
+            self.load[worker_index] -= 1
+            try:
+                evaluations: list[Evaluation] = ray.get(ref)
+            except WORKER_ERRORS as exc:
+                failed, again = self._handle_death(worker_index, batch, exc)
+                self.retry.extend(again)
+                evaluations = failed
+            else:
+                self.failed_calls[worker_index] = 0
+            records.extend(self.population.tell(e) for e in evaluations)
         return records
-
-    def _collect(self, ref: Any) -> list[EvalRecord]:
-        worker_index, batch = self.inflight.pop(ref)
-        try:
-            evaluations: list[Evaluation] = ray.get(ref)
-        except WORKER_ERRORS as exc:
-            return self._worker_died(worker_index, batch, exc)
-        self.worker_deaths[worker_index] = 0
-        self.idle.append(worker_index)
-        return [self.population.tell(e) for e in evaluations]
-
-    def _worker_died(self, worker_index: int, batch: list[Candidate], exc: BaseException) -> list[EvalRecord]:
-        failed, again = self._handle_death(worker_index, batch, exc)
-        self.retry.extend(again)
-        return [self.population.tell(e) for e in failed]
 
     def _handle_death(self, worker_index: int, batch: list[Candidate],
                       exc: BaseException) -> tuple[list[Evaluation], list[Candidate]]:
         """Count the death; return the children that have used up their retries (as failures)
         and those that should go out again."""
-        self.worker_deaths[worker_index] += 1
-        if self.worker_deaths[worker_index] > self.max_worker_deaths:
+        self.failed_calls[worker_index] += 1
+        if self.failed_calls[worker_index] > self.max_failed_calls:
             self.dead.add(worker_index)
         else:
-            self.idle.append(worker_index)
-        if len(self.dead) == len(self.workers):
+            self._ping(worker_index)
+        if not self.live_workers:
             raise RuntimeError(f"every fitness worker has died (last error: {exc}); "
                                "check the worker logs and memory, or lower workers.count") from exc
         failed: list[Evaluation] = []
@@ -142,27 +174,29 @@ class Dispatcher:
 
     # -- sync ------------------------------------------------------------------------------
     def _sync_round(self) -> list[EvalRecord]:
-        live = [i for i in range(len(self.workers)) if i not in self.dead]
-        candidates = self._next_batch(self.batch * len(live))
+        candidates = self._next_batch(self.batch * len(self.live_workers))
         if not candidates:
             self._raise_stalled()
             return []
         pending = {c.member_id: c for c in candidates}
         results: dict[int, Evaluation] = {}
         while pending:
-            live = [i for i in range(len(self.workers)) if i not in self.dead]
+            self._wait_for_recovery()
+            live = self.live_workers
+            if not live:
+                raise RuntimeError("every fitness worker has died; check the worker logs and memory")
             todo = sorted(pending.values(), key=lambda c: c.member_id)
             chunks = [todo[k::len(live)] for k in range(len(live))]
             refs = [self._submit(w, chunk) for w, chunk in zip(live, chunks) if chunk]
             for ref in refs:
                 worker_index, batch = self.inflight.pop(ref)
+                self.load[worker_index] -= 1
                 try:
                     evaluations = ray.get(ref)
-                    self.worker_deaths[worker_index] = 0
+                    self.failed_calls[worker_index] = 0
                 except WORKER_ERRORS as exc:
                     evaluations, _ = self._handle_death(worker_index, batch, exc)
                 for evaluation in evaluations:
                     results[evaluation.member_id] = evaluation
                     pending.pop(evaluation.member_id)
-        self.idle = deque(i for i in range(len(self.workers)) if i not in self.dead)
         return [self.population.tell(results[k]) for k in sorted(results)]

@@ -15,7 +15,7 @@ from evomerge.engine.worker import FitnessWorker
 
 def run_local(config: SearchConfig, on_record: Callable[[EvalRecord], None] | None = None) -> Population:
     population = build_population(config)
-    worker = FitnessWorker(config.fitness.task, config.fitness.options, config.seed, 0)
+    worker = FitnessWorker(config.model_dump(mode="json"), 0)
     while not population.done:
         candidate = population.ask()
         if candidate is None:

@@ -43,7 +43,7 @@ class BestMember:
     member_id: int
     train_score: float
     test_score: float | None
-    genome: np.ndarray = field(repr=False)
+    genome: Any = field(repr=False)
     generation: int
     parents: list[int]
 
@@ -124,18 +124,18 @@ class Population:
     def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """Everything needed to continue identically; children in flight are kept to re-send."""
         strategy_meta, strategy_arrays = self.strategy.state_dict()
+        space = self.strategy.problem.space
         arrays = {f"strategy/{k}": np.asarray(v) for k, v in strategy_arrays.items()}
-        inflight = []
-        for member_id, candidate in sorted(self.inflight.items()):
-            inflight.append({"member_id": member_id, "params": dict(candidate.params),
-                             "parents": list(candidate.parents), "generation": candidate.generation})
-            arrays[f"inflight/{member_id}"] = np.asarray(candidate.genome)
+        pending = [candidate for _, candidate in sorted(self.inflight.items())]
+        inflight = [{"member_id": c.member_id, "params": dict(c.params), "parents": list(c.parents),
+                     "generation": c.generation} for c in pending]
+        arrays.update(space.pack([c.genome for c in pending], "inflight"))
         best = None
         if self.best is not None:
             best = {"member_id": self.best.member_id, "train_score": self.best.train_score,
                     "test_score": self.best.test_score, "generation": self.best.generation,
                     "parents": list(self.best.parents)}
-            arrays["best/genome"] = np.asarray(self.best.genome)
+            arrays.update(space.pack([self.best.genome], "best"))
         meta = {"issued": self.issued, "told": self.told, "failed": self.failed, "budget": self.budget,
                 "inflight": inflight, "best": best, "strategy": strategy_meta}
         return meta, arrays
@@ -146,14 +146,16 @@ class Population:
         self.strategy.load_state_dict(meta["strategy"],
                                       {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
         self.issued, self.told, self.failed = int(meta["issued"]), int(meta["told"]), int(meta["failed"])
+        space = self.strategy.problem.space
         self.best = None
         if meta.get("best"):
             b = meta["best"]
             self.best = BestMember(int(b["member_id"]), float(b["train_score"]), b["test_score"],
-                                   arrays["best/genome"], int(b["generation"]), list(b["parents"]))
+                                   space.unpack(arrays, "best")[0], int(b["generation"]), list(b["parents"]))
         self.inflight = {}
-        for item in meta["inflight"]:
-            candidate = Candidate(genome=arrays[f"inflight/{item['member_id']}"], params=dict(item["params"]),
+        genomes = space.unpack(arrays, "inflight") if meta["inflight"] else []
+        for item, genome in zip(meta["inflight"], genomes):
+            candidate = Candidate(genome=genome, params=dict(item["params"]),
                                   parents=tuple(item["parents"]), generation=int(item["generation"]),
                                   member_id=int(item["member_id"]))
             self.inflight[candidate.member_id] = candidate

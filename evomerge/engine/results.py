@@ -12,6 +12,7 @@ import optuna
 from safetensors.numpy import save_file
 
 from evomerge.config import SearchConfig
+from evomerge.genomes.recipe import Recipe, pack_recipes
 from evomerge.tracking.plots import ARTIFACT_DIR_NAME, attach_plots, plot_coverage, plot_progress
 
 BEST_KEYS = ("member_id", "train_score", "test_score", "generation", "parents")
@@ -30,6 +31,11 @@ def finish_run(config: SearchConfig, out_dir: Path, study: optuna.Study, state: 
     }
     if best is not None:
         write_best(out_dir, best, config)
+        if isinstance(best["genome"], Recipe):  # merged checkpoints: leave a loadable model behind
+            from evomerge.export import export_best
+
+            export_best(out_dir, out_dir / "best")
+            summary["exported"] = str(out_dir / "best")
     try:
         summary["plots"] = [str(p) for p in write_plots(out_dir, study, state, config.name)]
     except Exception as exc:  # a plot must never cost the user the search's results
@@ -39,12 +45,21 @@ def finish_run(config: SearchConfig, out_dir: Path, study: optuna.Study, state: 
 
 
 def write_best(out_dir: Path, best: dict[str, Any], config: SearchConfig) -> None:
-    genome = np.ascontiguousarray(best["genome"], dtype=np.float32)
-    save_file({"params": genome}, str(out_dir / "best.safetensors"),
-              metadata={"format": "evomerge-dense", "fitness": config.fitness.task})
+    """Dense members are saved as their parameters; recipes as the recipe (a few KB), which
+    `evomerge export` materialises against the seeds."""
     meta = {k: best[k] for k in BEST_KEYS}
-    meta.update({"genome": "dense", "dimension": int(genome.size), "fitness": config.fitness.task,
-                 "fitness_options": config.fitness.options})
+    genome = best["genome"]
+    if isinstance(genome, Recipe):
+        save_file(pack_recipes([genome], "recipe"), str(out_dir / "best.safetensors"),
+                  metadata={"format": "evomerge-recipe", "fitness": config.fitness.task})
+        meta.update({"genome": "recipe", "dimension": int(genome.breaks[-1]), "segments": genome.num_segments,
+                     "seeds": config.seeds})
+    else:
+        params = np.ascontiguousarray(genome, dtype=np.float32)
+        save_file({"params": params}, str(out_dir / "best.safetensors"),
+                  metadata={"format": "evomerge-dense", "fitness": config.fitness.task})
+        meta.update({"genome": "dense", "dimension": int(params.size)})
+    meta.update({"fitness": config.fitness.task, "fitness_options": config.fitness.options})
     (out_dir / "best.json").write_text(json.dumps(meta, indent=2))
 
 

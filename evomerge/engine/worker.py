@@ -1,4 +1,4 @@
-"""Fitness workers: load the task once, then score genomes datapoint by datapoint.
+"""Fitness workers: load the task (and the seeds) once, then score genomes datapoint by datapoint.
 
 Task exceptions are caught here and returned as failed evaluations, so a bad candidate costs one
 FAIL trial and never a worker; only a dying process reaches the dispatcher as an actor error.
@@ -12,27 +12,44 @@ import traceback
 from typing import Any
 
 import numpy as np
+import torch
 
+from evomerge.config import SearchConfig
+from evomerge.engine.basis_spec import build_basis, genome_kind
+from evomerge.genomes.recipe import Recipe
 from evomerge.strategies.base import Evaluation
 from evomerge.tasks import FitnessTask, build_task
 
 
 class FitnessWorker:
-    def __init__(self, task_name: str, task_options: dict[str, Any], seed: int, index: int = 0) -> None:
-        # Per-worker seeding: reproducible, yet no two workers share a random stream.
+    def __init__(self, config_json: dict[str, Any], index: int = 0) -> None:
+        config = SearchConfig.model_validate(config_json)
         self.index = index
-        self.task: FitnessTask = build_task(task_name, task_options, seed=seed * 1000 + index)
+        # Per-worker seeding: reproducible, yet no two workers share a random stream.
+        self.task: FitnessTask = build_task(config.fitness.task, config.fitness.options,
+                                            seed=config.seed * 1000 + index)
+        self.basis = build_basis(config, self.task) if genome_kind(config) == "recipe" else None
+        self._buffer: torch.Tensor | None = None
 
     def pid(self) -> int:
         return os.getpid()
 
-    def evaluate(self, batch: list[tuple[int, np.ndarray]]) -> list[Evaluation]:
+    def evaluate(self, batch: list[tuple[int, Any]]) -> list[Evaluation]:
         return [self.evaluate_one(member_id, genome) for member_id, genome in batch]
 
-    def evaluate_one(self, member_id: int, genome: np.ndarray) -> Evaluation:
+    def materialise(self, genome: Any) -> np.ndarray:
+        if isinstance(genome, Recipe):
+            if self.basis is None:
+                raise ValueError("received a recipe genome but this search has no seeds")
+            if self._buffer is None:
+                self._buffer = torch.empty(self.basis.size, dtype=torch.float32)
+            return self.basis.materialise(genome, out=self._buffer).numpy()
+        return np.asarray(genome)
+
+    def evaluate_one(self, member_id: int, genome: Any) -> Evaluation:
         start = time.perf_counter()
         try:
-            params = np.asarray(genome)
+            params = self.materialise(genome)
             scores = np.asarray(self.task.evaluate(params), dtype=np.float32)
             test = self.task.test_score(params)
             return Evaluation(member_id, scores, None if test is None else float(test), None,

@@ -22,16 +22,23 @@ class Problem:
 
     dimension: int
     num_datapoints: int
-    initial: list[np.ndarray] = field(default_factory=list)  # pretrained seeds; empty = from scratch
+    initial: list[np.ndarray] = field(default_factory=list)  # dense pretrained seeds; empty = from scratch
+    space: Any = None  # a genome space (evomerge.genomes.spaces); dense over `initial` by default
+
+    def __post_init__(self) -> None:
+        if self.space is None:
+            from evomerge.genomes.spaces import DenseSpace
+
+            self.space = DenseSpace(self.dimension, self.initial)
 
     @property
     def from_scratch(self) -> bool:
-        return not self.initial
+        return self.space.num_seeds == 0
 
 
 @dataclass
 class Candidate:
-    genome: np.ndarray
+    genome: Any  # a dense vector or a recipe, as the problem's genome space defines
     params: Params = field(default_factory=dict)
     parents: tuple[int, ...] = ()
     generation: int = 0

@@ -12,7 +12,6 @@ import numpy as np
 from pydantic import Field
 
 from evomerge.errors import FitnessError
-from evomerge.genomes.dense import split_slerp
 from evomerge.strategies import STRATEGIES
 from evomerge.strategies.base import Candidate, Evaluation, Problem, Strategy, StrategyOptions
 from evomerge.strategies.niches import choose_parents, replacement_slot
@@ -41,27 +40,31 @@ class M2N2(Strategy):
     def __init__(self, options: dict[str, Any] | M2N2Options, problem: Problem, seed: int) -> None:
         super().__init__(options, problem, seed)
         opts = self.options
-        if len(problem.initial) > opts.archive_size:
+        self.space = problem.space
+        if self.space.num_seeds > opts.archive_size:
             raise ValueError(
                 f"strategy.options.archive_size={opts.archive_size} is smaller than the "
-                f"{len(problem.initial)} seeds; raise it"
+                f"{self.space.num_seeds} seeds; raise it"
             )
         self.sigma = opts.mutation_sigma if opts.mutation_sigma is not None else (0.01 if problem.from_scratch else 0.0)
-        size, dim = opts.archive_size, problem.dimension
-        self.genomes = np.zeros((size, dim), dtype=np.float32)
+        if self.sigma > 0 and self.space.kind == "recipe":
+            raise ValueError("strategy.options.mutation_sigma must be 0 when merging checkpoints "
+                             "(recipe genomes); set it to 0")
+        size = opts.archive_size
+        self.genomes: list[Any] = [None] * size
         # float64 so that a tie in continuous scores stays a tie after storage
         self.scores = np.zeros((size, problem.num_datapoints), dtype=np.float64)
         self.ids = np.full(size, -1, dtype=np.int64)
         self.generations = np.zeros(size, dtype=np.int64)
         self.init_issued = 0
         self.init_told = 0
-        self.init_target = len(problem.initial) or self.options.init_members
+        self.init_target = self.space.num_seeds or self.options.init_members
 
     # -- ask ---------------------------------------------------------------------------------
-    def _initial_genome(self, index: int) -> np.ndarray:
-        if self.problem.initial:
-            return np.asarray(self.problem.initial[index], dtype=np.float32).copy()
-        return (self.rng.standard_normal(self.problem.dimension) * self.options.init_sigma).astype(np.float32)
+    def _initial_genome(self, index: int) -> Any:
+        if self.space.num_seeds:
+            return self.space.seed_genome(index)
+        return self.space.random_genome(self.rng, self.options.init_sigma)
 
     def ask(self) -> Candidate | None:
         filled = self.ids >= 0
@@ -80,18 +83,19 @@ class M2N2(Strategy):
         a, b = choose_parents(self.scores, filled, opts.alpha, opts.attraction, self.rng)
         params: dict[str, float | int] = {"parent_a": int(self.ids[a]), "parent_b": int(self.ids[b])}
         parent = self.genomes[a]
+        size = self.space.size
         if opts.crossover:
             ratio = float(self.rng.uniform())
-            split = int(self.rng.integers(0, self.problem.dimension)) if opts.split_point else self.problem.dimension
-            child = split_slerp(parent, self.genomes[b], split, ratio)
+            split = self.space.draw_split(self.rng) if opts.split_point else size
+            child = self.space.crossover(parent, self.genomes[b], split, ratio)
             params["mix_ratio"] = ratio
-            params["split_fraction"] = split / self.problem.dimension
+            params["split_fraction"] = split / size
             parents: tuple[int, ...] = (int(self.ids[a]), int(self.ids[b]))
         else:
-            child = parent.copy()
+            child = self.space.copy(parent)
             parents = (int(self.ids[a]),)
         if self.sigma > 0:
-            child += (self.rng.standard_normal(child.size) * self.sigma).astype(np.float32)
+            child = self.space.mutate(child, self.sigma, self.rng)
         generation = int(max(self.generations[a], self.generations[b] if opts.crossover else 0)) + 1
         return Candidate(genome=child, params=params, parents=parents, generation=generation)
 
@@ -104,7 +108,7 @@ class M2N2(Strategy):
         slot = replacement_slot(self.scores, evaluation.scores, self.options.alpha, filled=self.ids >= 0)
         if slot is None:
             return
-        self.genomes[slot] = candidate.genome
+        self.genomes[slot] = self.space.copy(candidate.genome)
         self.scores[slot] = evaluation.scores
         self.ids[slot] = candidate.member_id
         self.generations[slot] = candidate.generation
@@ -113,11 +117,16 @@ class M2N2(Strategy):
     def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         meta = {"rng": self._rng_state(), "init_issued": self.init_issued, "init_told": self.init_told,
                 "init_target": self.init_target, "sigma": self.sigma}
-        arrays = {"genomes": self.genomes, "scores": self.scores, "ids": self.ids, "generations": self.generations}
+        arrays = {"scores": self.scores, "ids": self.ids, "generations": self.generations,
+                  **self.space.pack(self.genomes, "genomes")}
         return meta, arrays
 
     def load_state_dict(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-        for name in ("genomes", "scores", "ids", "generations"):
+        genomes = self.space.unpack(arrays, "genomes")
+        if len(genomes) != len(self.genomes):
+            raise ValueError(f"snapshot archive has {len(genomes)} slots, expected {len(self.genomes)}")
+        self.genomes = genomes
+        for name in ("scores", "ids", "generations"):
             current = getattr(self, name)
             if arrays[name].shape != current.shape:
                 raise ValueError(f"snapshot array {name!r} has shape {arrays[name].shape}, expected {current.shape}")

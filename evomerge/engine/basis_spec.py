@@ -1,0 +1,40 @@
+"""Which seeds a search merges, and how every process (population, workers, driver) opens them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from evomerge.config import SearchConfig
+from evomerge.genomes.basis import Basis, Piece
+from evomerge.tasks import FitnessTask
+
+
+def genome_kind(config: SearchConfig) -> str:
+    if config.genome.kind != "auto":
+        return config.genome.kind
+    return "recipe" if isinstance(config.seeds, list) and config.seeds else "dense"
+
+
+def build_basis(config: SearchConfig, task: FitnessTask) -> Basis | None:
+    """None for a from-scratch search; task-made seeds in memory; checkpoints memory-mapped."""
+    if config.seeds == "task":
+        return Basis.from_arrays(task.make_seeds())
+    if not config.seeds:
+        return None
+    return checkpoint_basis(config.seeds, allow_pickle=config.allow_pickle)
+
+
+def checkpoint_basis(paths: list[str], allow_pickle: bool = False) -> Basis:
+    from evomerge.models import open_seeds
+
+    checkpoints, layout = open_seeds(paths, allow_pickle=allow_pickle)
+    pieces = [Piece(spec.offset, spec.offset + spec.numel, [c.view(spec.name).reshape(-1) for c in checkpoints])
+              for spec in layout.tensors]
+    basis = Basis(pieces, layout.size, len(checkpoints))
+    basis.layout = layout  # type: ignore[attr-defined]
+    basis.checkpoints = checkpoints  # type: ignore[attr-defined]
+    return basis
+
+
+def describe(config: SearchConfig) -> dict[str, Any]:
+    return {"seeds": config.seeds, "genome": genome_kind(config)}

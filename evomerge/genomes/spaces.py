@@ -1,0 +1,94 @@
+"""Genome spaces: the operations a strategy needs, for dense vectors or for recipes over seeds.
+
+M2N2 is written once against this interface; a dense space reproduces the reference code on
+small models, a recipe space scales the same algorithm to checkpoints of any size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from evomerge.genomes.dense import split_slerp
+from evomerge.genomes.recipe import PrefixGram, Recipe, pack_recipes, recipe_split_slerp, unpack_recipes
+
+
+class DenseSpace:
+    kind = "dense"
+
+    def __init__(self, size: int, seeds: list[np.ndarray] | None = None) -> None:
+        self.size = size
+        self.seeds = [np.asarray(s, dtype=np.float32) for s in (seeds or [])]
+
+    @property
+    def num_seeds(self) -> int:
+        return len(self.seeds)
+
+    def seed_genome(self, index: int) -> np.ndarray:
+        return self.seeds[index].copy()
+
+    def random_genome(self, rng: np.random.Generator, sigma: float) -> np.ndarray:
+        return (rng.standard_normal(self.size) * sigma).astype(np.float32)
+
+    def draw_split(self, rng: np.random.Generator) -> int:
+        return int(rng.integers(0, self.size))
+
+    def crossover(self, a: np.ndarray, b: np.ndarray, split: int, ratio: float) -> np.ndarray:
+        return split_slerp(a, b, split, ratio)
+
+    def mutate(self, genome: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+        return genome + (rng.standard_normal(genome.size) * sigma).astype(np.float32)
+
+    def copy(self, genome: np.ndarray) -> np.ndarray:
+        return genome.copy()
+
+    def pack(self, genomes: list[Any], prefix: str) -> dict[str, np.ndarray]:
+        present = np.array([g is not None for g in genomes], dtype=bool)
+        values = np.zeros((len(genomes), self.size), dtype=np.float32)
+        for i, g in enumerate(genomes):
+            if g is not None:
+                values[i] = g
+        return {f"{prefix}/values": values, f"{prefix}/present": present}
+
+    def unpack(self, arrays: dict[str, np.ndarray], prefix: str) -> list[Any]:
+        values, present = arrays[f"{prefix}/values"], arrays[f"{prefix}/present"]
+        return [values[i].copy() if present[i] else None for i in range(len(present))]
+
+
+class RecipeSpace:
+    kind = "recipe"
+
+    def __init__(self, gram: PrefixGram) -> None:
+        self.gram = gram
+        self.size = gram.size
+
+    @property
+    def num_seeds(self) -> int:
+        return self.gram.num_seeds
+
+    def seed_genome(self, index: int) -> Recipe:
+        return Recipe.seed(index, self.num_seeds, self.size)
+
+    def random_genome(self, rng: np.random.Generator, sigma: float) -> Recipe:
+        raise ValueError("recipe genomes start from seeds; a from-scratch search needs dense genomes")
+
+    def draw_split(self, rng: np.random.Generator) -> int:
+        # With a grid of every index this draws exactly what DenseSpace does.
+        return int(self.gram.grid[rng.integers(0, self.gram.grid.size - 1)])
+
+    def crossover(self, a: Recipe, b: Recipe, split: int, ratio: float) -> Recipe:
+        return recipe_split_slerp(a, b, split, ratio, self.gram)
+
+    def mutate(self, genome: Recipe, sigma: float, rng: np.random.Generator) -> Recipe:
+        raise ValueError("strategy.options.mutation_sigma must be 0 with recipe genomes "
+                         "(noise on every parameter cannot be written as a recipe); set it to 0")
+
+    def copy(self, genome: Recipe) -> Recipe:
+        return genome  # recipes are never modified in place
+
+    def pack(self, genomes: list[Any], prefix: str) -> dict[str, np.ndarray]:
+        return pack_recipes(list(genomes), prefix)
+
+    def unpack(self, arrays: dict[str, np.ndarray], prefix: str) -> list[Any]:
+        return unpack_recipes(arrays, prefix)

@@ -1,0 +1,400 @@
+"""Causal-LM fitness tasks over prompt/answer JSONL: exact match by greedy generation, and answer likelihood.
+
+A candidate arrives as one flat float32 vector in the checkpoint layout of `evomerge.models`
+(every floating tensor of the checkpoint, in file order). The task builds the model once and, per
+evaluation, points every parameter at its slice of that vector: no weights are copied, and a
+worker can score thousands of merges with one model object.
+
+Per-datapoint scores are 1/0, which is what M2N2's niches are built from. Listing several data
+files (one per skill) makes the fitness cover all skills, datapoints in file order.
+
+Non-finite candidates (NaN/inf anywhere in the vector) score 0 on every datapoint instead of
+raising: a wild merge is a bad candidate, not a failed evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from evomerge.tasks import TASKS, FitnessTask
+from fitness.lm_data import Example, read_all, read_examples, resolve
+
+__all__ = [
+    "LMExactMatchTask", "LMAnswerLikelihoodTask", "LMTaskOptions", "exact_match_scores",
+    "answer_likelihood_scores", "flat_params_of", "load_causal_lm", "read_examples", "normalize_answer",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# model loading and scoring (also used directly by the tiny-LM fixture and the tests)
+
+
+def load_causal_lm(path: str, trust_remote_code: bool = False):
+    """float32, eval mode, no grads, tokenizer padding on the left (generation appends on the right)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = str(resolve(path, kind="dir"))
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"{folder}: the tokenizer has neither a pad nor an eos token; batching needs one")
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    model.eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def normalize_answer(text: str, mode: str) -> str:
+    if mode == "none":
+        return text
+    text = text.strip()
+    return text.lower() if mode == "lower" else text
+
+
+def _encode_prompts(tokenizer, prompts: list[str]):
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def generate_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy continuations, cut at EOS and at the first newline; batched with left padding."""
+    import torch
+    from transformers import GenerationConfig
+
+    eos = tokenizer.eos_token_id
+    gen_config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
+                                  bos_token_id=tokenizer.bos_token_id)
+    stops = {eos, tokenizer.pad_token_id} - {None}
+    answers: list[str] = []
+    with torch.inference_mode():
+        for start in range(0, len(prompts), batch_size):
+            ids, mask = _encode_prompts(tokenizer, prompts[start:start + batch_size])
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config)
+            for row in out[:, ids.shape[1]:].tolist():
+                cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+                text = tokenizer.decode(row[:cut], skip_special_tokens=True)
+                answers.append(text.split("\n", 1)[0])
+    return answers
+
+
+def exact_match_scores(model, tokenizer, examples: list[Example], *, max_new_tokens: int = 8,
+                       batch_size: int = 64, normalize: str = "strip") -> tuple[np.ndarray, list[str]]:
+    """1/0 per example, and the generated answers (for inspection)."""
+    answers = generate_answers(model, tokenizer, [p for p, _ in examples],
+                               max_new_tokens=max_new_tokens, batch_size=batch_size)
+    hits = [normalize_answer(got, normalize) == normalize_answer(want, normalize)
+            for got, (_, want) in zip(answers, examples)]
+    return np.asarray(hits, dtype=np.float32), answers
+
+
+def _teacher_forced_rows(tokenizer, examples: list[Example], include_eos: bool) -> list[tuple[list[int], int]]:
+    """(prompt + answer ids, number of answer ids). The answer is encoded on its own, without specials."""
+    rows = []
+    eos = [tokenizer.eos_token_id] if include_eos and tokenizer.eos_token_id is not None else []
+    for prompt, answer in examples:
+        p = tokenizer(prompt)["input_ids"]
+        a = tokenizer(answer, add_special_tokens=False)["input_ids"] + eos
+        if not a:
+            raise ValueError(f"empty answer for prompt {prompt!r}")
+        rows.append((p + a, len(a)))
+    return rows
+
+
+def answer_likelihood_scores(model, tokenizer, examples: list[Example], *, batch_size: int = 64,
+                             include_eos: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Teacher forcing: 1 where every answer token (and EOS) is the argmax, and the mean log-prob of those tokens.
+
+    With `include_eos`, a hit means greedy decoding would produce exactly the answer and stop.
+    """
+    import torch
+
+    rows = _teacher_forced_rows(tokenizer, examples, include_eos)
+    pad = tokenizer.pad_token_id
+    hits = np.zeros(len(rows), dtype=np.float32)
+    logprobs = np.full(len(rows), -np.inf, dtype=np.float32)
+    with torch.inference_mode():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            width = max(len(ids) for ids, _ in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, (row, _) in enumerate(chunk):
+                ids[i, width - len(row):] = torch.tensor(row)
+                mask[i, width - len(row):] = 1
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits.float()
+            for i, (row, n_answer) in enumerate(chunk):
+                # Logits at position j predict token j + 1; the answer fills the last n_answer slots.
+                pred = logits[i, width - n_answer - 1:width - 1]
+                target = ids[i, width - n_answer:]
+                finite = bool(torch.isfinite(pred).all())
+                lp = torch.log_softmax(pred, dim=-1).gather(1, target[:, None]).squeeze(1)
+                hits[start + i] = float(finite and bool((pred.argmax(-1) == target).all()))
+                logprobs[start + i] = float(lp.mean()) if finite else -np.inf
+    return hits, logprobs
+
+
+# ---------------------------------------------------------------------------------------------
+# flat layout
+
+
+@dataclass(frozen=True)
+class _Spec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    offset: int
+    numel: int
+
+
+@dataclass(frozen=True)
+class _Layout:
+    tensors: list[_Spec]
+    size: int
+
+
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = json.loads(index.read_text())["weight_map"].values()
+        return [folder / n for n in dict.fromkeys(names)]
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise FileNotFoundError(f"{folder}: no model.safetensors (or sharded index); save with safe_serialization")
+
+
+def _fallback_layout(folder: Path) -> _Layout:
+    """Only used while `evomerge.models` is missing: floating tensors in file order, files in index order."""
+    specs: list[_Spec] = []
+    offset = 0
+    for file in _weight_files(folder):
+        with file.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        header.pop("__metadata__", None)
+        for name, meta in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            if meta["dtype"] not in _FLOAT_DTYPES:
+                continue
+            numel = int(np.prod(meta["shape"], dtype=np.int64))
+            specs.append(_Spec(name, tuple(meta["shape"]), meta["dtype"], offset, numel))
+            offset += numel
+    return _Layout(specs, offset)
+
+
+def _layout_of(folder: Path) -> Any:
+    try:
+        from evomerge.models import build_layout, open_checkpoint
+    except ImportError:
+        return _fallback_layout(folder)
+    return build_layout(open_checkpoint(folder))
+
+
+def flat_params_of(path: str | Path) -> np.ndarray:
+    """The checkpoint at `path` as one flat float32 vector in the task's layout (for tests and tools)."""
+    from safetensors import safe_open
+
+    folder = resolve(path, kind="dir")
+    layout = _layout_of(folder)
+    flat = np.empty(layout.size, dtype=np.float32)
+    wanted = {spec.name: spec for spec in layout.tensors}
+    for file in _weight_files(folder):
+        with safe_open(str(file), framework="pt") as fh:
+            for name in fh.keys():
+                if name in wanted:
+                    spec = wanted.pop(name)
+                    flat[spec.offset:spec.offset + spec.numel] = fh.get_tensor(name).float().reshape(-1).numpy()
+    if wanted:
+        raise ValueError(f"{folder}: tensors missing from the weight files: {sorted(wanted)[:5]}")
+    return flat
+
+
+# ---------------------------------------------------------------------------------------------
+# tasks
+
+
+class LMTaskOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="HF folder giving the architecture and tokenizer (e.g. models/tiny-lm/base)")
+    data: list[str] = Field(min_length=1, description="training JSONL files; scores are per line, files in order")
+    test_data: list[str] = Field(default_factory=list, description="held-out JSONL files for test_score")
+    max_new_tokens: int = Field(8, ge=1)
+    batch_size: int = Field(64, ge=1)
+    normalize: Literal["none", "strip", "lower"] = Field(
+        "strip", description="answer normalisation before comparing: none, strip whitespace, or strip + lowercase")
+    trust_remote_code: bool = False
+    limit: int | None = Field(None, ge=1, description="use only the first N lines of each file")
+    include_eos: bool = Field(True, description="likelihood task: the answer must also be followed by EOS")
+
+
+class _LMTask(FitnessTask):
+    Options = LMTaskOptions
+
+    def __init__(self, options: dict[str, Any] | BaseModel | None = None, seed: int = 0) -> None:
+        super().__init__(options, seed=seed)
+        opts: LMTaskOptions = self.options  # type: ignore[assignment]
+        self.model_dir = resolve(opts.model, kind="dir")
+        self.model, self.tokenizer = load_causal_lm(str(self.model_dir), opts.trust_remote_code)
+        self.layout = _layout_of(self.model_dir)
+        self._bind_plan = self._plan_binding()
+        self.train_examples = read_all(opts.data, opts.limit)
+        self.test_examples = read_all(opts.test_data, opts.limit) if opts.test_data else []
+        self._flat = None  # keeps the vector the parameters currently view alive
+
+    def _plan_binding(self) -> list[tuple[Any, int, int, tuple[int, ...]]]:
+        """(parameter, offset, numel, shape) per layout tensor; every model parameter must be covered."""
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        plan, covered = [], set()
+        for spec in self.layout.tensors:
+            if spec.name not in params:
+                raise ValueError(f"checkpoint tensor {spec.name!r} is not a parameter of the "
+                                 f"{type(self.model).__name__} built from {self.model_dir}")
+            param = params[spec.name]
+            if tuple(param.shape) != tuple(spec.shape):
+                raise ValueError(f"{spec.name}: layout shape {tuple(spec.shape)} != model shape {tuple(param.shape)}")
+            plan.append((param, spec.offset, spec.numel, tuple(spec.shape)))
+            covered.add(id(param))
+        # Tied weights (lm_head = embedding) share one Parameter object, so covering one covers both.
+        missing = [n for n, p in params.items() if id(p) not in covered]
+        if missing:
+            raise ValueError(f"model parameters absent from the checkpoint layout: {missing[:5]}")
+        return plan
+
+    @property
+    def dimension(self) -> int:
+        return int(self.layout.size)
+
+    @property
+    def num_datapoints(self) -> int:
+        return len(self.train_examples)
+
+    def _bind(self, params: np.ndarray) -> bool:
+        """Point every parameter at its slice of `params`; False (nothing bound) if it is not finite."""
+        import torch
+
+        arr = np.asarray(params)
+        if arr.ndim != 1 or arr.shape[0] != self.dimension:
+            raise ValueError(f"expected a flat vector of {self.dimension} parameters (the layout of "
+                             f"{self.model_dir}), got shape {arr.shape}")
+        if not np.isfinite(arr).all():
+            return False
+        # float32 contiguous input (the normal case) is used as is; anything else costs one copy.
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only arrays (Ray, mmap): we never write
+            flat = torch.from_numpy(arr)
+        for param, offset, numel, shape in self._bind_plan:
+            param.data = flat[offset:offset + numel].view(shape)
+        self._flat = arr
+        return True
+
+    def _scores(self, examples: list[Example]) -> np.ndarray:
+        raise NotImplementedError
+
+    def evaluate(self, params: np.ndarray) -> np.ndarray:
+        if not self._bind(params):
+            return self._nonfinite(len(self.train_examples))
+        return self._scores(self.train_examples)
+
+    def test_score(self, params: np.ndarray) -> float | None:
+        if not self.test_examples:
+            return None
+        if not self._bind(params):
+            self._nonfinite(len(self.test_examples))
+            return 0.0
+        return float(self._scores(self.test_examples).mean())
+
+    def _nonfinite(self, n: int) -> np.ndarray:
+        return np.zeros(n, dtype=np.float32)
+
+    def export(self, params: np.ndarray, out_dir: Path) -> list[Path]:
+        """A HF folder (config and tokenizer of `model`, these weights) that `from_pretrained` opens."""
+        import torch
+
+        arr = np.ascontiguousarray(params, dtype=np.float32)
+        if arr.shape != (self.dimension,):
+            raise ValueError(f"expected {self.dimension} parameters, got shape {arr.shape}")
+        tensors = {spec.name: torch.from_numpy(arr[spec.offset:spec.offset + spec.numel].reshape(spec.shape).copy())
+                   for spec in self.layout.tensors}
+        out_dir = Path(out_dir)
+        try:
+            from evomerge.models import save_model_folder
+        except ImportError:
+            return _save_folder_fallback(tensors, out_dir, self.model_dir)
+        result = save_model_folder(tensors, out_dir, source=self.model_dir)
+        return list(result) if isinstance(result, (list, tuple)) else [out_dir]
+
+
+def _save_folder_fallback(tensors: dict[str, Any], out_dir: Path, source: Path) -> list[Path]:
+    import shutil
+
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for item in sorted(source.iterdir()):
+        if item.is_file() and not item.name.startswith("model") and item.suffix not in {".safetensors", ".bin"}:
+            shutil.copy2(item, out_dir / item.name)
+            written.append(out_dir / item.name)
+    path = out_dir / "model.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return [path, *written]
+
+
+@TASKS.register("lm_exact_match")
+class LMExactMatchTask(_LMTask):
+    """1 where the greedy continuation, cut at EOS or newline and normalised, equals the answer."""
+
+    def __init__(self, options: dict[str, Any] | BaseModel | None = None, seed: int = 0) -> None:
+        super().__init__(options, seed=seed)
+        self.last_answers: list[str] = []
+
+    def _scores(self, examples: list[Example]) -> np.ndarray:
+        o: LMTaskOptions = self.options  # type: ignore[assignment]
+        scores, self.last_answers = exact_match_scores(self.model, self.tokenizer, examples,
+                                                       max_new_tokens=o.max_new_tokens, batch_size=o.batch_size,
+                                                       normalize=o.normalize)
+        return scores
+
+    def _nonfinite(self, n: int) -> np.ndarray:
+        self.last_answers = [""] * n
+        return super()._nonfinite(n)
+
+
+@TASKS.register("lm_answer_likelihood")
+class LMAnswerLikelihoodTask(_LMTask):
+    """Teacher-forced: 1 where every answer token is the argmax; `last_logprobs` holds the mean log-probs."""
+
+    def __init__(self, options: dict[str, Any] | BaseModel | None = None, seed: int = 0) -> None:
+        super().__init__(options, seed=seed)
+        self.last_logprobs = np.zeros(0, dtype=np.float32)
+
+    def _scores(self, examples: list[Example]) -> np.ndarray:
+        o: LMTaskOptions = self.options  # type: ignore[assignment]
+        hits, self.last_logprobs = answer_likelihood_scores(self.model, self.tokenizer, examples,
+                                                            batch_size=o.batch_size, include_eos=o.include_eos)
+        return hits
+
+    def _nonfinite(self, n: int) -> np.ndarray:
+        self.last_logprobs = np.full(n, -np.inf, dtype=np.float32)
+        return super()._nonfinite(n)
+
+    def evaluate_detailed(self, params: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(1/0 per datapoint, mean answer log-prob per datapoint)."""
+        hits = self.evaluate(params)
+        return hits, self.last_logprobs.copy()
