@@ -44,7 +44,12 @@ def study_names(postgres_url):
         return names[-1]
 
     yield new
-    storage = open_storage(postgres_url)
+    if not names:
+        return
+    try:
+        storage = open_storage(postgres_url)
+    except Exception:  # the test has already failed on this
+        return
     for name in names:
         try:
             optuna.delete_study(study_name=name, storage=storage)

@@ -6,7 +6,7 @@ from typing import Any
 
 from evomerge.config import SearchConfig
 from evomerge.genomes.basis import Basis, Piece
-from evomerge.tasks import FitnessTask
+from evomerge.tasks import FitnessTask, build_task
 
 
 def genome_kind(config: SearchConfig) -> str:
@@ -16,8 +16,14 @@ def genome_kind(config: SearchConfig) -> str:
 
 
 def build_basis(config: SearchConfig, task: FitnessTask) -> Basis | None:
-    """None for a from-scratch search; task-made seeds in memory; checkpoints memory-mapped."""
+    """None for a from-scratch search; task-made seeds in memory; checkpoints memory-mapped.
+
+    Task seeds are always made with the search's seed: a worker's own task instance is seeded
+    per worker, and seeds made from it would be different models.
+    """
     if config.seeds == "task":
+        if task.seed != config.seed:
+            task = build_task(config.fitness.task, config.fitness.options, seed=config.seed)
         return Basis.from_arrays(task.make_seeds())
     if not config.seeds:
         return None
