@@ -70,6 +70,9 @@ class Strategy(ABC):
     """Subclass, set `Options`, and register with `@STRATEGIES.register(name)`."""
 
     Options: ClassVar[type[StrategyOptions]] = StrategyOptions
+    # Which searches a strategy can run: from scratch (dense genomes), and/or from seeds.
+    supports_scratch: ClassVar[bool] = True
+    supports_seeds: ClassVar[bool] = True
 
     def __init__(self, options: dict[str, Any] | StrategyOptions, problem: Problem, seed: int) -> None:
         self.options = options if isinstance(options, BaseModel) else self.Options.model_validate(options or {})
