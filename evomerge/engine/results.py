@@ -20,13 +20,14 @@ BEST_KEYS = ("member_id", "train_score", "test_score", "generation", "parents")
 
 def finish_run(config: SearchConfig, out_dir: Path, study: optuna.Study, state: tuple[dict, dict],
                best: dict[str, Any] | None, storage: str, study_name: str, *, evaluations: int,
-               failed: int, wall_seconds: float) -> dict[str, Any]:
+               failed: int, wall_seconds: float, steady_rate: float | None = None) -> dict[str, Any]:
     summary = {
         "name": config.name, "strategy": config.strategy.name, "fitness": config.fitness.task,
         "evaluations": evaluations, "failed": failed, "budget": config.budget.evaluations,
         "best": None if best is None else {k: best[k] for k in BEST_KEYS},
         "wall_seconds": round(wall_seconds, 3),
         "evals_per_second": round(evaluations / wall_seconds, 2) if wall_seconds > 0 else None,
+        "steady_evals_per_second": None if steady_rate is None else round(steady_rate, 2),
         "storage": storage, "study_name": study_name, "seed": config.seed, "sync": config.sync,
     }
     if best is not None:

@@ -137,8 +137,10 @@ def _execute(config: SearchConfig, options: SearchOptions, restore: _Restore | N
             ray.kill(actor)
         if started_ray:
             ray.shutdown()
-    return finish_run(config, out_dir, recorder.study, state, best, url, study_name,
-                      evaluations=run.told, failed=run.failed, wall_seconds=run.elapsed())
+    summary = finish_run(config, out_dir, recorder.study, state, best, url, study_name,
+                         evaluations=run.told, failed=run.failed, wall_seconds=run.elapsed(),
+                         steady_rate=run.steady_rate())
+    return summary
 
 
 class _Driver:
@@ -153,6 +155,15 @@ class _Driver:
         self.previous_seconds = previous_seconds
         self.started = time.perf_counter()
         self.last_snapshot_step = self.told
+        # Steady-state rate: from the first result to the last, without actor start-up.
+        self.first_result: tuple[float, int] | None = None
+        self.last_result: tuple[float, int] | None = None
+
+    def steady_rate(self) -> float | None:
+        if self.first_result is None or self.last_result is None:
+            return None
+        (t0, n0), (t1, n1) = self.first_result, self.last_result
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else None
 
     def elapsed(self) -> float:
         return self.previous_seconds + time.perf_counter() - self.started
@@ -174,6 +185,10 @@ class _Driver:
                     continue
                 self.recorder.put(r for r in records if r.number >= self.recorded)
                 self.told += len(records)
+                now = time.perf_counter()
+                if self.first_result is None:
+                    self.first_result = (now, self.told)
+                self.last_result = (now, self.told)
                 self.failed += sum(r.failed for r in records)
                 last = records[-1]
                 bar.update(len(records))
