@@ -1,4 +1,4 @@
-"""`evomerge` command line: search, resume, status, export, merge, dashboard."""
+"""`evomerge` command line: search, resume, status, export, merge, compare, dashboard."""
 
 from __future__ import annotations
 
@@ -79,6 +79,17 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from evomerge.compare import run_compare
+
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    out = Path(args.out) if args.out else Path("runs") / f"compare-{Path(args.config).stem}"
+    run_compare(Path(args.config), strategies, args.budget, args.seeds, out, address=args.address,
+                progress=not args.quiet)
+    print(f"wrote {out}/compare.md, compare.csv, compare.png")
+    return 0
+
+
 def _dashboard(args: argparse.Namespace) -> int:
     from evomerge.tracking.dashboard import serve
 
@@ -127,6 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="accept .bin checkpoints (loaded with weights_only=True)")
     merge.set_defaults(func=_merge)
 
+    compare = sub.add_parser("compare", help="run several strategies on one task and budget, side by side")
+    compare.add_argument("config", help="a search definition (task, seeds)")
+    compare.add_argument("--strategies", default="m2n2,ga", help="comma-separated, e.g. m2n2,ga,cmaes,dam,static")
+    compare.add_argument("--budget", type=int, required=True, help="evaluations per run")
+    compare.add_argument("--seeds", type=int, default=3, help="runs per strategy (seeds 0..S-1)")
+    compare.add_argument("--out", help="output folder (default runs/compare-CONFIG)")
+    compare.add_argument("--address", help="join a running Ray cluster")
+    compare.add_argument("--quiet", action="store_true")
+    compare.set_defaults(func=_compare)
+
     dash = sub.add_parser("dashboard", help="serve optuna-dashboard for a run")
     dash.add_argument("run", help="run folder, e.g. runs/digits-scratch")
     dash.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
@@ -137,8 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import optuna
+
     from evomerge.engine.interrupts import EXIT_INTERRUPTED, Interrupted
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own progress bar and tables say it
     try:
         return args.func(args)
     except EvomergeError as exc:

@@ -1,0 +1,165 @@
+"""`evomerge compare`: several strategies on one task and budget, side by side.
+
+Each (strategy, seed) is a normal search (its own run folder, its own study in one shared
+Optuna storage), so every comparison run can be inspected, resumed or exported like any other.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import optuna
+
+from evomerge.config import SearchConfig, load_config
+from evomerge.engine import raysession
+from evomerge.engine.search import SearchOptions, run_search
+from evomerge.errors import EvomergeError
+from evomerge.report import format_table
+from evomerge.strategies import STRATEGIES
+from evomerge.tracking.plots import progress_series
+from evomerge.tracking.storage import open_storage
+
+
+def run_compare(config_path: Path, strategies: Sequence[str], budget: int, seeds: int, out_dir: Path,
+                address: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    base = load_config(config_path)
+    for name in strategies:
+        if name not in STRATEGIES:
+            raise EvomergeError(f"--strategies: unknown strategy {name!r}; registered: {', '.join(STRATEGIES.names())}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    storage = str(out_dir / "optuna.journal")
+    started = raysession.connect(base, address)
+    rows: list[dict[str, Any]] = []
+    try:
+        for name in strategies:
+            for seed in range(seeds):
+                rows.append(_one_run(config_path, base, name, seed, budget, out_dir, storage, address, progress))
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    write_outputs(rows, out_dir, budget)
+    return rows
+
+
+def _one_run(config_path: Path, base: SearchConfig, name: str, seed: int, budget: int, out_dir: Path,
+             storage: str, address: str | None, progress: bool) -> dict[str, Any]:
+    strategy = STRATEGIES.get(name)
+    from_scratch = not base.seeds
+    if (from_scratch and not strategy.supports_scratch) or (not from_scratch and not strategy.supports_seeds):
+        need = "seeds" if from_scratch else "a from-scratch problem"
+        return {"strategy": name, "seed": seed, "skipped": f"needs {need}"}
+    runs = budget if name != "static" else min(budget, _static_size(base))
+    study = f"{base.name}-{name}-seed{seed}"
+    overrides = {"strategy.name": name, "seed": seed, "budget.evaluations": runs,
+                 "optuna.storage": storage, "optuna.study_name": study}
+    if name != base.strategy.name:
+        overrides["strategy.options"] = {}
+    config = load_config(config_path, overrides)
+    if progress:
+        print(f"== {name}, seed {seed}: {runs} evaluations", file=sys.stderr)
+    start = time.perf_counter()
+    summary = run_search(config, SearchOptions(out_dir=out_dir / "runs" / f"{name}-seed{seed}", address=address,
+                                               progress=progress, overwrite=True))
+    wall = time.perf_counter() - start  # the whole run, set-up included: what the user waits for
+    best = summary.get("best") or {}
+    trials = optuna.load_study(study_name=study, storage=open_storage(storage)).get_trials(deepcopy=False)
+    series = progress_series(trials)
+    return {"strategy": name, "seed": seed, "evaluations": summary["evaluations"], "failed": summary["failed"],
+            "test_score": best.get("test_score"), "train_score": best.get("train_score"),
+            "wall_seconds": round(wall, 3), "curve": series["best_test"].tolist(), "study": study}
+
+
+def _static_size(config: SearchConfig) -> int:
+    k = 2 if config.seeds == "task" else len(config.seeds)
+    return k + (1 if k == 2 else 0) + (1 if k >= 2 else 0)
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    table = []
+    for name in dict.fromkeys(r["strategy"] for r in rows):
+        mine = [r for r in rows if r["strategy"] == name]
+        done = [r for r in mine if "skipped" not in r]
+        if not done:
+            table.append({"strategy": name, "runs": 0, "note": mine[0]["skipped"]})
+            continue
+        tests = [r["test_score"] for r in done if r["test_score"] is not None]
+        table.append({
+            "strategy": name, "runs": len(done),
+            "test_mean": statistics.fmean(tests) if tests else None,
+            "test_std": statistics.pstdev(tests) if len(tests) > 1 else 0.0 if tests else None,
+            "train_mean": statistics.fmean(r["train_score"] for r in done if r["train_score"] is not None)
+            if any(r["train_score"] is not None for r in done) else None,
+            "evaluations": statistics.fmean(r["evaluations"] for r in done),
+            "wall_seconds": statistics.fmean(r["wall_seconds"] for r in done), "note": "",
+        })
+    return table
+
+
+def write_outputs(rows: list[dict[str, Any]], out_dir: Path, budget: int) -> None:
+    table = aggregate(rows)
+    headers = ("strategy", "runs", "test score (mean ± std)", "train score", "evaluations", "wall s", "note")
+    body = [(t["strategy"], t["runs"],
+             "-" if t.get("test_mean") is None else f"{t['test_mean']:.4f} ± {t['test_std']:.4f}",
+             t.get("train_mean"), None if "evaluations" not in t else round(t["evaluations"]),
+             None if "wall_seconds" not in t else round(t["wall_seconds"], 1), t.get("note", "")) for t in table]
+    text = format_table(headers, body)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join("-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v)) for v in row) + " |"
+              for row in body]
+    (out_dir / "compare.md").write_text("# evomerge compare\n\n" + "\n".join(lines) + "\n")
+    with open(out_dir / "compare.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["strategy", "seed", "evaluations", "failed", "test_score", "train_score", "wall_seconds",
+                         "study", "skipped"])
+        for r in rows:
+            writer.writerow([r["strategy"], r["seed"], r.get("evaluations"), r.get("failed"), r.get("test_score"),
+                             r.get("train_score"), r.get("wall_seconds"), r.get("study"), r.get("skipped", "")])
+    (out_dir / "compare.json").write_text(json.dumps({"table": table, "runs": rows}, indent=1))
+    plot_compare(rows, out_dir / "compare.png", budget)
+    print(text)
+
+
+def plot_compare(rows: list[dict[str, Any]], path: Path, budget: int) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for name in dict.fromkeys(r["strategy"] for r in rows):
+        curves = [np.asarray(r["curve"], dtype=float) for r in rows if r["strategy"] == name and "curve" in r]
+        if not curves:
+            continue
+        length = max(budget, max(c.size for c in curves))  # one-shot baselines extend as a level line
+        one_shot = max(c.size for c in curves) < budget
+        grid = np.full((len(curves), length), np.nan)
+        for i, c in enumerate(curves):  # a run that stopped early keeps its last value
+            grid[i, :c.size] = c
+            grid[i, c.size:] = c[-1] if c.size else np.nan
+        x = np.arange(1, length + 1)
+        with np.errstate(all="ignore"):
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean, std = np.nanmean(grid, axis=0), np.nanstd(grid, axis=0)
+        label = f"{name} ({len(curves)} seeds)" + (" - one-shot, level after its last evaluation" if one_shot else "")
+        line = ax.plot(x, mean, label=label, drawstyle="steps-post", linestyle="--" if one_shot else "-")[0]
+        ax.fill_between(x, mean - std, mean + std, alpha=0.2, color=line.get_color(), step="post")
+    ax.set_xlabel("evaluations")
+    ax.set_ylabel("test score of the best-so-far member")
+    ax.set_title(f"evomerge compare ({budget} evaluations, mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
