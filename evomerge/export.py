@@ -11,6 +11,7 @@ from safetensors.numpy import load_file
 from evomerge.config import SearchConfig
 from evomerge.engine.basis_spec import build_basis
 from evomerge.errors import EvomergeError
+from evomerge.genomes.columns import unpack_columns
 from evomerge.genomes.recipe import unpack_recipes
 from evomerge.tasks import build_task
 
@@ -29,6 +30,11 @@ def export_best(run_dir: Path, out_dir: Path) -> list[Path]:
     task = build_task(config.fitness.task, config.fitness.options, seed=config.seed)
     if "params" in arrays:
         params = arrays["params"]
+    elif "columns/coeffs" in arrays:
+        genome, basis = unpack_columns(arrays, "columns")[0], build_basis(config, task)
+        if basis is None or genome is None:
+            raise EvomergeError(f"{best_path} holds a column genome but the run has no seeds to materialise it from")
+        params = genome.materialise(basis).numpy()
     else:
         recipe = unpack_recipes(arrays, "recipe")[0]
         basis = build_basis(config, task)

@@ -14,9 +14,7 @@ raising: a wild merge is a bad candidate, not a failed evaluation.
 
 from __future__ import annotations
 
-import json
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -146,81 +144,22 @@ def answer_likelihood_scores(model, tokenizer, examples: list[Example], *, batch
 
 
 # ---------------------------------------------------------------------------------------------
-# flat layout
+# flat layout (shared with the engine: `evomerge.models`)
 
 
-@dataclass(frozen=True)
-class _Spec:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    offset: int
-    numel: int
+def _layout_of(folder: Path):
+    from evomerge.models import build_layout, open_checkpoint
 
-
-@dataclass(frozen=True)
-class _Layout:
-    tensors: list[_Spec]
-    size: int
-
-
-_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
-
-
-def _weight_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        names = json.loads(index.read_text())["weight_map"].values()
-        return [folder / n for n in dict.fromkeys(names)]
-    single = folder / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise FileNotFoundError(f"{folder}: no model.safetensors (or sharded index); save with safe_serialization")
-
-
-def _fallback_layout(folder: Path) -> _Layout:
-    """Only used while `evomerge.models` is missing: floating tensors in file order, files in index order."""
-    specs: list[_Spec] = []
-    offset = 0
-    for file in _weight_files(folder):
-        with file.open("rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n))
-        header.pop("__metadata__", None)
-        for name, meta in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            if meta["dtype"] not in _FLOAT_DTYPES:
-                continue
-            numel = int(np.prod(meta["shape"], dtype=np.int64))
-            specs.append(_Spec(name, tuple(meta["shape"]), meta["dtype"], offset, numel))
-            offset += numel
-    return _Layout(specs, offset)
-
-
-def _layout_of(folder: Path) -> Any:
-    try:
-        from evomerge.models import build_layout, open_checkpoint
-    except ImportError:
-        return _fallback_layout(folder)
-    return build_layout(open_checkpoint(folder))
+    with open_checkpoint(folder) as ckpt:
+        return build_layout(ckpt)
 
 
 def flat_params_of(path: str | Path) -> np.ndarray:
-    """The checkpoint at `path` as one flat float32 vector in the task's layout (for tests and tools)."""
-    from safetensors import safe_open
+    """The checkpoint at `path` as one flat float32 vector in the engine's layout (for tests and tools)."""
+    from evomerge.models import build_layout, open_checkpoint, read_flat
 
-    folder = resolve(path, kind="dir")
-    layout = _layout_of(folder)
-    flat = np.empty(layout.size, dtype=np.float32)
-    wanted = {spec.name: spec for spec in layout.tensors}
-    for file in _weight_files(folder):
-        with safe_open(str(file), framework="pt") as fh:
-            for name in fh.keys():
-                if name in wanted:
-                    spec = wanted.pop(name)
-                    flat[spec.offset:spec.offset + spec.numel] = fh.get_tensor(name).float().reshape(-1).numpy()
-    if wanted:
-        raise ValueError(f"{folder}: tensors missing from the weight files: {sorted(wanted)[:5]}")
-    return flat
+    with open_checkpoint(resolve(path, kind="dir")) as ckpt:
+        return read_flat(ckpt, build_layout(ckpt)).numpy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,29 +270,10 @@ class _LMTask(FitnessTask):
             raise ValueError(f"expected {self.dimension} parameters, got shape {arr.shape}")
         tensors = {spec.name: torch.from_numpy(arr[spec.offset:spec.offset + spec.numel].reshape(spec.shape).copy())
                    for spec in self.layout.tensors}
-        out_dir = Path(out_dir)
-        try:
-            from evomerge.models import save_model_folder
-        except ImportError:
-            return _save_folder_fallback(tensors, out_dir, self.model_dir)
-        result = save_model_folder(tensors, out_dir, source=self.model_dir)
-        return list(result) if isinstance(result, (list, tuple)) else [out_dir]
+        from evomerge.models import save_model_folder
 
-
-def _save_folder_fallback(tensors: dict[str, Any], out_dir: Path, source: Path) -> list[Path]:
-    import shutil
-
-    from safetensors.torch import save_file
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for item in sorted(source.iterdir()):
-        if item.is_file() and not item.name.startswith("model") and item.suffix not in {".safetensors", ".bin"}:
-            shutil.copy2(item, out_dir / item.name)
-            written.append(out_dir / item.name)
-    path = out_dir / "model.safetensors"
-    save_file(tensors, str(path), metadata={"format": "pt"})
-    return [path, *written]
+        out = save_model_folder(tensors, Path(out_dir), source=self.model_dir)
+        return sorted(p for p in Path(out).iterdir() if p.is_file())
 
 
 @TASKS.register("lm_exact_match")

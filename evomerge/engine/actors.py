@@ -29,10 +29,13 @@ def build_problem(config: SearchConfig) -> Problem:
     if genome_kind(config) == "recipe":
         assert basis is not None
         space = RecipeSpace(basis.prefix_gram(config.genome.max_boundaries))
-        return Problem(dimension=task.dimension, num_datapoints=task.num_datapoints, space=space)
-    initial = [] if basis is None else [basis.values(0, basis.size)[k].astype(np.float32)
-                                        for k in range(basis.num_seeds)]
-    return Problem(dimension=task.dimension, num_datapoints=task.num_datapoints, initial=initial)
+        problem = Problem(dimension=task.dimension, num_datapoints=task.num_datapoints, space=space)
+    else:
+        initial = [] if basis is None else [basis.values(0, basis.size)[k].astype(np.float32)
+                                            for k in range(basis.num_seeds)]
+        problem = Problem(dimension=task.dimension, num_datapoints=task.num_datapoints, initial=initial)
+    problem.task, problem.basis = task, basis  # DAM trains against the task's forward and the seeds
+    return problem
 
 
 def build_population(config: SearchConfig, problem: Problem | None = None) -> Population:

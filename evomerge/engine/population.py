@@ -29,6 +29,7 @@ class EvalRecord:
     error: str | None = None
     best_train: float | None = None
     best_test: float | None = None
+    intermediate: dict[int, float] | None = None  # e.g. DAM's training curve, on one trial
 
     @property
     def failed(self) -> bool:
@@ -100,13 +101,15 @@ class Population:
         if train is not None and (self.best is None or train > self.best.train_score):
             self.best = BestMember(candidate.member_id, train, test, candidate.genome,
                                    candidate.generation, list(candidate.parents))
+        curve_of = getattr(self.strategy, "intermediate_values", None)
+        intermediate = curve_of(candidate) if curve_of is not None and train is not None else None
         record = EvalRecord(
             number=self.told, member_id=candidate.member_id, train_score=train,
             test_score=test if train is not None else None, params=dict(candidate.params),
             parents=list(candidate.parents), generation=candidate.generation, seconds=evaluation.seconds,
             error=evaluation.error,
             best_train=self.best.train_score if self.best else None,
-            best_test=self.best.test_score if self.best else None,
+            best_test=self.best.test_score if self.best else None, intermediate=intermediate,
         )
         self.told += 1
         return record

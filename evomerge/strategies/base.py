@@ -24,6 +24,8 @@ class Problem:
     num_datapoints: int
     initial: list[np.ndarray] = field(default_factory=list)  # dense pretrained seeds; empty = from scratch
     space: Any = None  # a genome space (evomerge.genomes.spaces); dense over `initial` by default
+    task: Any = field(default=None, repr=False, compare=False)   # fitness task: DAM trains on its forward and data
+    basis: Any = field(default=None, repr=False, compare=False)  # the seeds as a Basis when merging checkpoints
 
     def __post_init__(self) -> None:
         if self.space is None:

@@ -52,6 +52,7 @@ from typing import Any, Literal
 import cma
 import numpy as np
 from cma.sigma_adaptation import CMAAdaptSigmaCSA
+from cma.utilities.utils import ElapsedWCTime
 from pydantic import Field, model_validator
 
 from evomerge.genomes.layerwise import BASE_METHODS, SPARSE_METHODS, LayerGroups, LayerwiseGenome, layer_groups
@@ -267,8 +268,12 @@ class CMAES(Strategy):
             warnings.simplefilter("ignore")
             phenos = self.es.ask(number)
         for x in phenos:
+            entry = self.es.sent_solutions[x]
+            # pycma's genotype is a row of a (possibly Fortran-ordered) batch; a contiguous copy in
+            # its archive is what a resumed run re-inserts, so both runs hold the same layout.
+            entry["geno"] = np.array(entry["geno"], dtype=np.float64, order="C")
             self.samples.append(np.array(x, dtype=np.float64))
-            self.genos.append(np.array(self.es.sent_solutions[x]["geno"], dtype=np.float64))
+            self.genos.append(entry["geno"])
 
     # -- tell ------------------------------------------------------------------------------------
     def tell(self, candidate: Candidate, evaluation: Evaluation) -> None:
@@ -336,6 +341,7 @@ class CMAES(Strategy):
         for x, geno in zip(self.samples, self.genos):  # what pycma archived when it sampled them
             self.es.sent_solutions.insert(x, geno=geno, iteration=iteration)
         decode_es_into(self.es, fields, {k[3:]: v for k, v in arrays.items() if k.startswith("es/")})
+        self.es.timer = ElapsedWCTime()  # wall-clock only; pycma makes it in its first ask
         if int(self.es.countiter) != self.updates:
             raise ValueError("inconsistent cmaes snapshot: pycma's iteration count disagrees with the strategy's")
 
@@ -411,12 +417,22 @@ def _encode(value: Any, key: str, arrays: dict[str, np.ndarray], seen: dict[int,
             return {"array": seen[id(value)]}
         seen[id(value)] = key
         arrays[key] = np.array(value, copy=True)
-        return {"array": key}
+        if value.ndim == 0 or value.flags.c_contiguous:
+            return {"array": key}
+        # Keep the memory layout too (eigh returns Fortran-ordered B; some fields are strided
+        # views): BLAS sums in a layout-dependent order, so a C-ordered copy drifts in the last bits.
+        return {"array": key, "strides": list(value.strides)}
     if type(value) in (list, tuple):
         items = [_encode(v, f"{key}.{i}", arrays, seen) for i, v in enumerate(value)]
         if any(item is _SKIP for item in items):
             return _SKIP
         return {"list" if type(value) is list else "tuple": items}
+    if type(value) is dict:  # small caches of numbers (sampler parameters); never archives of arrays
+        inner: dict[str, np.ndarray] = {}
+        items = [[_encode(k, key, inner, {}), _encode(v, key, inner, {})] for k, v in value.items()]
+        if inner or any(part is _SKIP for item in items for part in item):
+            return _SKIP
+        return {"dict": items}
     return _SKIP
 
 
@@ -426,12 +442,14 @@ def _decode(encoded: Any, arrays: dict[str, np.ndarray], restored: dict[str, np.
     if "array" in encoded:
         key = encoded["array"]
         if key not in restored:
-            restored[key] = np.array(arrays[key], copy=True)
+            restored[key] = _with_strides(arrays[key], encoded.get("strides"))
         return restored[key]
     if "list" in encoded:
         return [_decode(v, arrays, restored) for v in encoded["list"]]
     if "tuple" in encoded:
         return tuple(_decode(v, arrays, restored) for v in encoded["tuple"])
+    if "dict" in encoded:
+        return {_decode(k, arrays, restored): _decode(v, arrays, restored) for k, v in encoded["dict"]}
     if "np" in encoded:
         dtype = np.dtype(encoded["np"])
         raw = float.fromhex(encoded["float"]) if "float" in encoded else encoded.get("int", encoded.get("bool"))
@@ -439,3 +457,16 @@ def _decode(encoded: Any, arrays: dict[str, np.ndarray], restored: dict[str, np.
     if "float" in encoded:
         return float.fromhex(encoded["float"])
     raise ValueError(f"unrecognised entry in a cmaes snapshot: {encoded!r}")
+
+
+def _with_strides(values: np.ndarray, strides: list[int] | None) -> np.ndarray:
+    """A writable copy of `values` laid out in memory with `strides` (C order when None)."""
+    if strides is None or values.size == 0:
+        return np.array(values, copy=True, order="C")
+    item = values.itemsize
+    if any(st <= 0 or st % item for st in strides):  # broadcast or reversed views: values are what count
+        return np.array(values, copy=True, order="C")
+    span = 1 + sum((n - 1) * st // item for n, st in zip(values.shape, strides))
+    out = np.lib.stride_tricks.as_strided(np.zeros(span, dtype=values.dtype), values.shape, tuple(strides))
+    out[...] = values
+    return out

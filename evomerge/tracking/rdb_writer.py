@@ -84,8 +84,7 @@ _EXPECTED_TABLE_NAMES = {
     models.TrialSystemAttributeModel: "trial_system_attributes",
     models.TrialIntermediateValueModel: "trial_intermediate_values",
 }
-# Upper bound on bind parameters in one statement (SQLite allows 32766, PostgreSQL 65535).
-_MAX_BINDS = 30000
+_INSERTMANY_RETURNING_PK = True
 
 
 def _unwrap(storage: Any) -> Any:
@@ -175,7 +174,8 @@ class RDBBulkWriter:
         self.study_name = study.study_name
         self._study_id = storage.get_study_id_from_name(study.study_name)
         self._n_objectives = len(storage.get_study_directions(self._study_id))
-        self._returning = bool(self._engine.dialect.insert_returning)
+        # executemany with RETURNING (SQLAlchemy's "insertmanyvalues": PostgreSQL; SQLite >= 3.35)
+        self._returning_many = bool(self._engine.dialect.insert_executemany_returning)
         # Distributions of the study's params, as Optuna checks compatibility against them.
         self._known_distributions: dict[str, optuna_distributions.BaseDistribution] = {}
 
@@ -273,27 +273,26 @@ class RDBBulkWriter:
     def _insert_many(self, conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
         if not rows:
             return
-        chunk = max(1, _MAX_BINDS // len(rows[0]))
-        for start in range(0, len(rows), chunk):
-            conn.execute(sa.insert(table).values(rows[start:start + chunk]))
+        statement = sa.insert(table)
+        if self._returning_many and _INSERTMANY_RETURNING_PK:
+            # With RETURNING, SQLAlchemy's "insertmanyvalues" sends the executemany as multi-row
+            # INSERTs (up to 1000 rows each) from a cached compiled statement.
+            statement = statement.returning(*table.primary_key.columns)
+        conn.execute(statement, rows)
 
     def _insert_trials(self, conn: sa.Connection, rows: list[dict[str, Any]], first_number: int) -> list[int]:
         """Insert the trial rows; their trial_ids, in row order."""
-        ids: dict[int, int] = {}
-        chunk = max(1, _MAX_BINDS // len(rows[0]))
-        for start in range(0, len(rows), chunk):
-            statement = sa.insert(self._trials).values(rows[start:start + chunk])
-            if self._returning:
-                # map by number: correct whatever order the database returns rows in
-                statement = statement.returning(self._trials.c.number, self._trials.c.trial_id)
-                ids.update((number, trial_id) for number, trial_id in conn.execute(statement))
-            else:
-                conn.execute(statement)
-        if not self._returning:
-            ids.update(conn.execute(
+        statement = sa.insert(self._trials)
+        if self._returning_many:
+            # mapped by number: correct whatever order the database returns the rows in
+            statement = statement.returning(self._trials.c.number, self._trials.c.trial_id)
+            ids = {number: trial_id for number, trial_id in conn.execute(statement, rows)}
+        else:
+            conn.execute(statement, rows)
+            ids = {number: trial_id for number, trial_id in conn.execute(
                 sa.select(self._trials.c.number, self._trials.c.trial_id)
                 .where(self._trials.c.study_id == self._study_id, self._trials.c.number >= first_number)
-            ).tuples())
+            )}
         return [ids[first_number + i] for i in range(len(rows))]
 
     def write(self, trials: Sequence[FrozenTrial]) -> None:

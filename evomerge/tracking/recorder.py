@@ -37,7 +37,8 @@ def record_to_trial(record: EvalRecord) -> optuna.trial.FrozenTrial:
     if record.failed:
         attrs["error"] = record.error
         return create_trial(state=TrialState.FAIL, params=params, distributions=distributions, user_attrs=attrs)
-    return create_trial(value=record.train_score, params=params, distributions=distributions, user_attrs=attrs)
+    return create_trial(value=record.train_score, params=params, distributions=distributions, user_attrs=attrs,
+                        intermediate_values=record.intermediate)
 
 
 class TrialRecorder:
