@@ -313,3 +313,20 @@ def test_layerwise_strategy_on_dense_and_recipe_spaces():
     candidate = [ties.ask() for _ in range(3)][2]
     assert isinstance(candidate.genome, LayerwiseGenome) and candidate.genome.densities is not None
     assert ties.n == 8 and sorted(candidate.params)[:2] == ["d_g0_s1", "d_g1_s1"]  # 4 weights + 4 densities
+    space = recipe_problem.space  # swapped so the population can snapshot layerwise members
+    packed = space.pack([first_recipe := space.seed_genome(1), None, candidate.genome], "inflight")
+    back = space.unpack(packed, "inflight")
+    assert back[0].equals(first_recipe) and back[1] is None and back[2].equals(candidate.genome)
+
+
+def test_layer_groups_come_from_the_task_or_the_checkpoints():
+    seeds = DIGITS.make_seeds()
+    problem = Problem(DIGITS.dimension, DIGITS.num_datapoints, initial=seeds)
+    problem.task = DIGITS  # as the engine's build_problem sets it
+    assert build_strategy("cmaes", {}, problem, seed=0).coder.groups.boundaries.tolist() == DIGITS_BOUNDS
+    basis = _two_tensor_basis(2)
+    space = RecipeSpace(basis.prefix_gram())
+    problem = Problem(10, 3, space=space)
+    problem.basis = basis
+    strategy = build_strategy("cmaes", {"method": "task_arithmetic"}, problem, seed=0)
+    assert strategy.coder.groups.labels == ("layers.0", "model.norm.weight") and strategy.n == 2

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from evomerge.genomes.recipe import Recipe, simplify
+from evomerge.genomes.recipe import Recipe, pack_recipes, simplify, unpack_recipes
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")
 BASE_METHODS = frozenset({"task_arithmetic", "ties", "dare_ties"})
@@ -278,3 +278,40 @@ def unpack_layerwise(arrays: dict[str, np.ndarray], prefix: str) -> list[Layerwi
                                    bounds[b:b + n + 1].copy(), seg_group[s:s + n].copy()))
         w, b, s = w + g, b + n + 1, s + n
     return out
+
+
+class LayerwiseSpace:
+    """A recipe space whose members may also be TIES/DARE layerwise genomes (CMA-ES over checkpoints).
+
+    The population snapshots in-flight and best members through its space, so the strategy swaps
+    this in (as DAM does with its column space). Recipes are packed as before; layerwise genomes
+    go under `<prefix>/layerwise`. Everything else is the wrapped recipe space's.
+    """
+
+    kind = "layerwise"
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.size = inner.size
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    @property
+    def num_seeds(self) -> int:
+        return self.inner.num_seeds
+
+    def copy(self, genome: Any) -> Any:
+        return genome  # neither recipes nor layerwise genomes are modified in place
+
+    def pack(self, genomes: list[Any], prefix: str) -> dict[str, np.ndarray]:
+        layerwise = [g if isinstance(g, LayerwiseGenome) else None for g in genomes]
+        recipes = [g if isinstance(g, Recipe) else None for g in genomes]
+        return {**pack_recipes(recipes, prefix), **pack_layerwise(layerwise, f"{prefix}/layerwise")}
+
+    def unpack(self, arrays: dict[str, np.ndarray], prefix: str) -> list[Any]:
+        recipes = unpack_recipes(arrays, prefix)
+        if f"{prefix}/layerwise/method" not in arrays:
+            return recipes
+        layerwise = unpack_layerwise(arrays, f"{prefix}/layerwise")
+        return [lw if lw is not None else r for r, lw in zip(recipes, layerwise)]

@@ -55,7 +55,8 @@ from cma.sigma_adaptation import CMAAdaptSigmaCSA
 from cma.utilities.utils import ElapsedWCTime
 from pydantic import Field, model_validator
 
-from evomerge.genomes.layerwise import BASE_METHODS, SPARSE_METHODS, LayerGroups, LayerwiseGenome, layer_groups
+from evomerge.genomes.layerwise import (BASE_METHODS, SPARSE_METHODS, LayerGroups, LayerwiseGenome, LayerwiseSpace,
+                                        layer_groups)
 from evomerge.strategies import STRATEGIES
 from evomerge.strategies.base import Candidate, Evaluation, Problem, Strategy, StrategyOptions
 
@@ -72,7 +73,8 @@ class CMAESOptions(StrategyOptions):
         "auto", description="auto: dense from scratch, layerwise with seeds")
     sigma0: float | None = Field(None, gt=0, description=f"None: {DENSE_SIGMA0} dense, {LAYERWISE_SIGMA0} layerwise")
     popsize: int | None = Field(None, ge=2, description="λ; None: pycma's 4 + 3 ln(n)")
-    diagonal: Literal["auto"] | bool = Field("auto", description="separable CMA (CMA_diagonal); auto: above auto_threshold")
+    diagonal: Literal["auto"] | bool = Field(
+        "auto", description="separable CMA (CMA_diagonal); auto: above auto_threshold")
     auto_threshold: int = Field(2000, ge=1, description="dimension above which diagonal=auto goes separable")
     method: Literal["linear", "task_arithmetic", "ties", "dare_ties"] = "linear"
     base: int = Field(0, ge=0, description="base seed of task_arithmetic / ties / dare_ties")
@@ -122,10 +124,15 @@ class _LayerwiseCoder:
     bounded = True
 
     def __init__(self, problem: Problem, opts: CMAESOptions) -> None:
-        space = problem.space
         if problem.from_scratch:
             raise ValueError("strategy.options.genome=layerwise needs seeds to merge; use genome: dense from scratch")
-        self.space = space
+        if isinstance(problem.space, LayerwiseSpace):
+            problem.space = problem.space.inner
+        if problem.space.kind == "recipe" and opts.method in SPARSE_METHODS:
+            # Checkpoint seeds + TIES/DARE: members are LayerwiseGenomes, so the population must be
+            # able to snapshot those (recipes stay recipes).
+            problem.space = LayerwiseSpace(problem.space)
+        space = self.space = problem.space
         self.groups = _resolve_groups(problem, opts)
         if self.groups.size != space.size:
             raise ValueError(f"layer groups cover {self.groups.size} parameters but the problem has {space.size}")
@@ -142,10 +149,10 @@ class _LayerwiseCoder:
         self.num_weights = g * c
         self.dimension = self.num_weights * (2 if self.density else 1)
         lo, hi = opts.weight_bounds
-        w0 = min(max(1.0 / k, lo), hi)
-        self.x0 = np.concatenate([np.full(self.num_weights, w0), np.full(self.dimension - self.num_weights, DENSITY_X0)])
-        lower = np.concatenate([np.full(self.num_weights, lo), np.full(self.dimension - self.num_weights, DENSITY_BOUNDS[0])])
-        upper = np.concatenate([np.full(self.num_weights, hi), np.full(self.dimension - self.num_weights, DENSITY_BOUNDS[1])])
+        w, d = self.num_weights, self.dimension - self.num_weights
+        self.x0 = np.concatenate([np.full(w, min(max(1.0 / k, lo), hi)), np.full(d, DENSITY_X0)])
+        lower = np.concatenate([np.full(w, lo), np.full(d, DENSITY_BOUNDS[0])])
+        upper = np.concatenate([np.full(w, hi), np.full(d, DENSITY_BOUNDS[1])])
         self.bounds = [lower.tolist(), upper.tolist()]
         self.record = self.dimension <= opts.max_param_coefficients
         self.basis = None
@@ -184,12 +191,19 @@ class _LayerwiseCoder:
 
 
 def _resolve_groups(problem: Problem, opts: CMAESOptions) -> LayerGroups:
-    """Explicit boundaries, else the layout the engine attached to the problem, else one group."""
+    """Explicit boundaries; else the checkpoints' (or the task's) tensor layout; else one group."""
     if opts.boundaries is not None:
         return layer_groups(opts.boundaries)
-    layout = getattr(problem, "layout", None) or getattr(problem.space, "layout", None)
-    if layout is not None:
-        return layer_groups(layout, opts.group_size)
+    task = getattr(problem, "task", None)
+    for owner in (getattr(problem, "basis", None), task, problem):
+        layout = getattr(owner, "layout", None)
+        if layout is not None and getattr(layout, "tensors", None) is not None:
+            return layer_groups(layout, opts.group_size)
+    if task is not None and type(task).__module__ == "fitness.digits":  # [W1, b1, W2, b2]: a group per tensor
+        from fitness.digits import CLASSES, HIDDEN, IN_DIM
+
+        sizes = [IN_DIM * HIDDEN, HIDDEN, HIDDEN * CLASSES, CLASSES]
+        return layer_groups(np.concatenate([[0], np.cumsum(sizes)]).tolist())
     return layer_groups(int(problem.space.size))
 
 
@@ -203,13 +217,13 @@ class CMAES(Strategy):
     def __init__(self, options: dict[str, Any] | CMAESOptions, problem: Problem, seed: int) -> None:
         super().__init__(options, problem, seed)
         opts = self.options
-        self.space = problem.space
         kind = opts.genome
         if kind == "auto":
             kind = "dense" if problem.from_scratch else "layerwise"
         self.kind = kind
         self.coder: _DenseCoder | _LayerwiseCoder = (_DenseCoder(problem) if kind == "dense"
                                                      else _LayerwiseCoder(problem, opts))
+        self.space = problem.space  # after the coder: layerwise TIES/DARE over checkpoints wraps it
         self.n = self.coder.dimension
         self.diagonal = self.n > opts.auto_threshold if opts.diagonal == "auto" else bool(opts.diagonal)
         self.sigma0 = opts.sigma0 or (DENSE_SIGMA0 if kind == "dense" else LAYERWISE_SIGMA0)
@@ -222,6 +236,7 @@ class CMAES(Strategy):
         self.results: list[tuple[int, float]] = []  # (index, fitness) in completion order
         self.best_train: float | None = None
         self.updates = 0  # generations told to pycma (== es.countiter)
+        self.stale = 0  # evaluations that came back after their generation was updated
 
     def _new_es(self) -> cma.CMAEvolutionStrategy:
         strategy = self
@@ -284,7 +299,8 @@ class CMAES(Strategy):
             return  # a seed: evaluated for the record, not a sample of the distribution
         generation, index = int(candidate.params["generation"]), int(candidate.params["index"])
         if generation != self.generation or not 0 <= index < self.issued or any(i == index for i, _ in self.results):
-            return  # stale: its generation was updated without it
+            self.stale += 1  # its generation was updated without it
+            return
         fitness = FAILED_FITNESS if train is None or not math.isfinite(train) else -train
         self.results.append((index, fitness))
         if len(self.results) == self.lam:
@@ -310,7 +326,7 @@ class CMAES(Strategy):
         es_meta, es_arrays = encode_es(self.es)
         meta = {
             "format": STATE_FORMAT, **self._shape_meta(), "rng": self._rng_state(),
-            "seeds_issued": self.seeds_issued, "issued": self.issued, "updates": self.updates,
+            "seeds_issued": self.seeds_issued, "issued": self.issued, "updates": self.updates, "stale": self.stale,
             "results": [[i, f.hex()] for i, f in self.results],
             "best_train": self.best_train, "es": es_meta,
         }
@@ -330,7 +346,7 @@ class CMAES(Strategy):
                              "the strategy options or the problem changed since the snapshot")
         self._set_rng_state(meta["rng"])
         self.seeds_issued, self.issued = int(meta["seeds_issued"]), int(meta["issued"])
-        self.updates = int(meta["updates"])
+        self.updates, self.stale = int(meta["updates"]), int(meta["stale"])
         self.results = [(int(i), float.fromhex(f)) for i, f in meta["results"]]
         self.best_train = None if meta["best_train"] is None else float(meta["best_train"])
         self.samples = [np.array(x) for x in arrays["samples"]]
@@ -347,7 +363,7 @@ class CMAES(Strategy):
 
     def archive_summary(self) -> dict[str, Any]:
         return {"generation": self.updates, "popsize": self.lam, "sigma": float(self.es.sigma),
-                "dimension": self.n, "diagonal": self.diagonal, "best_train": self.best_train}
+                "dimension": self.n, "diagonal": self.diagonal, "stale": self.stale, "best_train": self.best_train}
 
 
 # -- pycma state codec: plain data attributes, no pickle ----------------------------------------

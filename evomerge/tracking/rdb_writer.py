@@ -3,9 +3,12 @@
 `study.add_trials` on an `RDBStorage` costs ~25 SQL statements per trial (one transaction each),
 about 17-40 trials/s on SQLite and PostgreSQL alike, while a search evaluates several hundred
 candidates per second. `RDBBulkWriter.write` inserts a whole batch of finished trials in ONE
-transaction with one multi-row INSERT per table, straight into Optuna's own tables (through
-Optuna's ORM models, `optuna.storages._rdb.models`, so table and column names, enum and value
-encodings come from the installed Optuna).
+transaction of about 8 statements: lock, count, one INSERT per table (SQLAlchemy Core executemany
+with RETURNING, which SQLAlchemy's "insertmanyvalues" sends as multi-row INSERTs of up to 1000
+rows; SQLite < 3.35 has no RETURNING and gets sqlite3's executemany plus one SELECT for the new
+trial_ids), straight into Optuna's own tables through Optuna's ORM models
+(`optuna.storages._rdb.models`), so table and column names, enum and value encodings come from
+the installed Optuna.
 
 What is written is what `study.add_trials(trials)` would have written: the same rows, numbers,
 states, values (inf/-inf encoded as Optuna does), params in Optuna's internal representation with
@@ -33,9 +36,12 @@ the database for all trials with a trial_id above the largest finished one it ha
 written trials get new, larger trial_ids, so a `Study` object in the same process (including the
 one given to the writer) sees them on its next `get_trials()`; nothing needs reloading.
 
-`supports_bulk(storage)` is deliberately conservative: an RDBStorage on SQLite or PostgreSQL,
-whose schema is at the alembic revision this module was tested against, and whose ORM models
-have exactly the columns written here. Anything else should use `study.add_trials`.
+`supports_bulk(storage)` is deliberately conservative: an RDBStorage on SQLite or PostgreSQL at
+their default isolation level (SERIALIZABLE / READ COMMITTED; not AUTOCOMMIT, not REPEATABLE
+READ, under which a writer that waited for the lock would count a stale snapshot), whose
+installed Optuna's alembic head is one this module was tested against and whose database is at
+that head, and whose ORM models have exactly the tables and columns written here. Anything else
+should use `study.add_trials`.
 """
 
 from __future__ import annotations
@@ -56,7 +62,10 @@ __all__ = ["RDBBulkWriter", "supports_bulk", "bulk_writer_for", "TESTED_ALEMBIC_
 # Alembic revisions of Optuna's RDB schema this writer was tested against (Optuna 5.0's head;
 # unchanged since Optuna 3.2).
 TESTED_ALEMBIC_REVISIONS = frozenset({"v3.2.0.a"})
-SUPPORTED_DIALECTS = frozenset({"sqlite", "postgresql"})
+# Dialect -> the isolation level the locking scheme relies on: on PostgreSQL, READ COMMITTED (a
+# writer that waited for the study row lock must see the trials committed meanwhile); SQLite's
+# transactions are serialisable. Not AUTOCOMMIT anywhere (a batch must be one transaction).
+SUPPORTED_DIALECTS = {"sqlite": "SERIALIZABLE", "postgresql": "READ COMMITTED"}
 
 # Exactly the columns of each table this module reads or writes. A table with any other column
 # set (say, a new NOT NULL column) means a schema this writer does not know.
@@ -84,7 +93,6 @@ _EXPECTED_TABLE_NAMES = {
     models.TrialSystemAttributeModel: "trial_system_attributes",
     models.TrialIntermediateValueModel: "trial_intermediate_values",
 }
-_INSERTMANY_RETURNING_PK = True
 
 
 def _unwrap(storage: Any) -> Any:
@@ -102,6 +110,11 @@ def _schema_problem(storage: Any) -> str | None:
     dialect = storage.engine.dialect
     if dialect.name not in SUPPORTED_DIALECTS:
         return f"untested database dialect {dialect.name!r}"
+    isolation = SUPPORTED_DIALECTS[dialect.name]
+    configured = {storage.engine.get_execution_options().get("isolation_level"),
+                  getattr(dialect, "_on_connect_isolation_level", None)} - {None}
+    if configured - {isolation}:
+        return f"the engine is configured with isolation level {sorted(configured)}, not {isolation}"
     for model, columns in _EXPECTED_COLUMNS.items():
         table = getattr(model, "__table__", None)
         if table is None or table.name != _EXPECTED_TABLE_NAMES[model]:
@@ -122,6 +135,10 @@ def _schema_problem(storage: Any) -> str | None:
     current = storage.get_current_version()
     if current != head:
         return f"the database schema is at {current!r}, not the installed Optuna's head {head!r}"
+    with storage.engine.connect() as conn:
+        level = conn.get_isolation_level()
+    if level != isolation:
+        return f"transactions run at isolation level {level}, not {isolation}"
     return None
 
 
@@ -274,7 +291,7 @@ class RDBBulkWriter:
         if not rows:
             return
         statement = sa.insert(table)
-        if self._returning_many and _INSERTMANY_RETURNING_PK:
+        if self._returning_many:
             # With RETURNING, SQLAlchemy's "insertmanyvalues" sends the executemany as multi-row
             # INSERTs (up to 1000 rows each) from a cached compiled statement.
             statement = statement.returning(*table.primary_key.columns)
