@@ -12,6 +12,7 @@ from evomerge.config import SearchConfig
 from evomerge.engine.basis_spec import build_basis
 from evomerge.errors import EvomergeError
 from evomerge.genomes.columns import unpack_columns
+from evomerge.genomes.layerwise import unpack_layerwise
 from evomerge.genomes.recipe import unpack_recipes
 from evomerge.tasks import build_task
 
@@ -30,6 +31,11 @@ def export_best(run_dir: Path, out_dir: Path) -> list[Path]:
     task = build_task(config.fitness.task, config.fitness.options, seed=config.seed)
     if "params" in arrays:
         params = arrays["params"]
+    elif "layerwise/method" in arrays:
+        genome, basis = unpack_layerwise(arrays, "layerwise")[0], build_basis(config, task)
+        if basis is None or genome is None:
+            raise EvomergeError(f"{best_path} holds a layerwise genome but the run has no seeds to materialise it from")
+        params = genome.materialise(basis).numpy()
     elif "columns/coeffs" in arrays:
         genome, basis = unpack_columns(arrays, "columns")[0], build_basis(config, task)
         if basis is None or genome is None:

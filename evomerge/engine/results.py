@@ -13,6 +13,7 @@ from safetensors.numpy import save_file
 
 from evomerge.config import SearchConfig
 from evomerge.genomes.columns import ColumnGenome, pack_columns
+from evomerge.genomes.layerwise import LayerwiseGenome, pack_layerwise
 from evomerge.genomes.recipe import Recipe, pack_recipes
 from evomerge.tracking.plots import ARTIFACT_DIR_NAME, attach_plots, plot_coverage, plot_progress
 
@@ -33,7 +34,7 @@ def finish_run(config: SearchConfig, out_dir: Path, study: optuna.Study, state: 
     }
     if best is not None:
         write_best(out_dir, best, config)
-        if isinstance(best["genome"], (Recipe, ColumnGenome)):  # merged checkpoints: leave a loadable model
+        if isinstance(best["genome"], (Recipe, ColumnGenome, LayerwiseGenome)):  # merged checkpoints: leave a loadable model
             from evomerge.export import export_best
 
             export_best(out_dir, out_dir / "best")
@@ -56,6 +57,11 @@ def write_best(out_dir: Path, best: dict[str, Any], config: SearchConfig) -> Non
                   metadata={"format": "evomerge-recipe", "fitness": config.fitness.task})
         meta.update({"genome": "recipe", "dimension": int(genome.breaks[-1]), "segments": genome.num_segments,
                      "seeds": config.seeds})
+    elif isinstance(genome, LayerwiseGenome):
+        save_file(pack_layerwise([genome], "layerwise"), str(out_dir / "best.safetensors"),
+                  metadata={"format": "evomerge-layerwise", "fitness": config.fitness.task})
+        meta.update({"genome": "layerwise", "method": genome.method, "dimension": genome.size,
+                     "groups": genome.num_groups, "seeds": config.seeds})
     elif isinstance(genome, ColumnGenome):
         save_file(pack_columns([genome], "columns"), str(out_dir / "best.safetensors"),
                   metadata={"format": "evomerge-columns", "fitness": config.fitness.task})

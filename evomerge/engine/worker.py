@@ -17,6 +17,7 @@ import torch
 from evomerge.config import SearchConfig
 from evomerge.engine.basis_spec import build_basis, genome_kind
 from evomerge.genomes.columns import ColumnGenome
+from evomerge.genomes.layerwise import LayerwiseGenome
 from evomerge.genomes.recipe import Recipe
 from evomerge.strategies.base import Evaluation
 from evomerge.tasks import FitnessTask, build_task
@@ -39,14 +40,14 @@ class FitnessWorker:
         return [self.evaluate_one(member_id, genome) for member_id, genome in batch]
 
     def materialise(self, genome: Any) -> np.ndarray:
-        if isinstance(genome, (Recipe, ColumnGenome)):
+        if isinstance(genome, (Recipe, ColumnGenome, LayerwiseGenome)):
             if self.basis is None:
                 raise ValueError("received a merge genome but this search has no seeds")
             if self._buffer is None:
                 self._buffer = torch.empty(self.basis.size, dtype=torch.float32)
-            if isinstance(genome, ColumnGenome):
-                return genome.materialise(self.basis, out=self._buffer).numpy()
-            return self.basis.materialise(genome, out=self._buffer).numpy()
+            if isinstance(genome, Recipe):
+                return self.basis.materialise(genome, out=self._buffer).numpy()
+            return genome.materialise(self.basis, out=self._buffer).numpy()
         return np.asarray(genome)
 
     def evaluate_one(self, member_id: int, genome: Any) -> Evaluation:

@@ -7,7 +7,7 @@ from evomerge.strategies.base import Candidate, Evaluation, Problem, Strategy, S
 
 
 def _load_builtin_strategies() -> None:
-    from evomerge.strategies import dam, m2n2, static  # noqa: F401
+    from evomerge.strategies import cmaes, dam, m2n2, static  # noqa: F401
 
 
 STRATEGIES: Registry[type[Strategy]] = Registry("strategy", autoload=_load_builtin_strategies)
