@@ -149,7 +149,7 @@ def validate_plugin_options(name: str, options: dict[str, Any], section: str, so
         validated = options_model.model_validate(options)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source, options_model, prefix=f"{section}.options")) from None
-    return validated.model_dump(mode="json")
+    return validated.model_dump(mode="json", by_alias=True)
 
 
 def format_validation_error(exc: ValidationError, source: str, model: type[BaseModel], prefix: str = "") -> str:

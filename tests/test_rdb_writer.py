@@ -96,7 +96,8 @@ def _storage(url: str) -> RDBStorage:
 
 
 def _records(n: int, seed: int = 0) -> list[EvalRecord]:
-    """EvalRecords like a search produces: int and float params, failures, None test scores."""
+    """EvalRecords like a search produces: int and float params, failures, None test scores,
+    training curves (intermediate values)."""
     rng = random.Random(seed)
     records = []
     for number in range(n):
@@ -116,6 +117,8 @@ def _records(n: int, seed: int = 0) -> list[EvalRecord]:
             params=params, parents=[] if number < 4 else [rng.randrange(number), rng.randrange(number)],
             generation=number // 20, seconds=rng.random(),
             error=f"RuntimeError: boom {number}\nTraceback ..." if failed else None,
+            # a training curve on some trials, as DAM records one
+            intermediate={step: rng.random() for step in range(0, 50, 10)} if number % 10 == 2 and not failed else None,
         ))
     return records
 
@@ -216,11 +219,13 @@ def test_concurrent_writers_number_uniquely(db):
     optuna.create_study(storage=_storage(url), study_name=name, direction="maximize")
     errors: list[BaseException] = []
     batches, batch_size, singles = 8, 20, 6
+    start = threading.Barrier(3)
 
     def bulk(tag: int) -> None:
         try:
             storage = _storage(url)
             writer = RDBBulkWriter(storage, optuna.load_study(study_name=name, storage=storage))
+            start.wait()
             for b in range(batches):
                 writer.write([create_trial(value=float(i), user_attrs={"writer": tag, "seq": b * batch_size + i})
                               for i in range(batch_size)])
@@ -231,6 +236,7 @@ def test_concurrent_writers_number_uniquely(db):
     def plain() -> None:
         try:
             study = optuna.load_study(study_name=name, storage=_storage(url))
+            start.wait()
             for i in range(singles):
                 study.add_trial(create_trial(value=-1.0, user_attrs={"writer": "optuna", "seq": i}))
         except BaseException as exc:  # noqa: BLE001

@@ -56,7 +56,9 @@ class Basis:
         return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
 
     def prefix_gram(self, max_boundaries: int = 1 << 16) -> PrefixGram:
-        return PrefixGram.from_chunks(default_grid(self.size, max_boundaries), self.values)
+        """Tensor boundaries are always on the grid, so layer-wise recipes (CMA-ES) fit on it."""
+        grid = np.union1d(default_grid(self.size, max_boundaries), self._starts)
+        return PrefixGram.from_chunks(grid, self.values)
 
     def materialise(self, recipe: Recipe, out: torch.Tensor | None = None) -> torch.Tensor:
         if out is None:

@@ -14,6 +14,7 @@ from pydantic import Field
 from evomerge.errors import FitnessError
 from evomerge.strategies import STRATEGIES
 from evomerge.strategies.base import Candidate, Evaluation, Problem, Strategy, StrategyOptions
+from evomerge.strategies.guide import Guide, GuideOptions
 from evomerge.strategies.niches import choose_parents, replacement_slot
 
 
@@ -26,6 +27,7 @@ class M2N2Options(StrategyOptions):
     crossover: bool = True
     split_point: bool = True
     attraction: bool = True
+    guide: GuideOptions | None = Field(None, description="hybrid: {from: cmaes|dam, every: N, share, options}")
 
 
 class GAOptions(M2N2Options):
@@ -59,6 +61,8 @@ class M2N2(Strategy):
         self.init_issued = 0
         self.init_told = 0
         self.init_target = self.space.num_seeds or self.options.init_members
+        self.told = 0
+        self.guide = Guide(opts.guide, problem, seed) if opts.guide is not None else None
 
     # -- ask ---------------------------------------------------------------------------------
     def _initial_genome(self, index: int) -> Any:
@@ -79,6 +83,10 @@ class M2N2(Strategy):
         if not filled.any():
             raise FitnessError("every pretrained seed failed to evaluate, so there is nothing to merge; "
                                "see the FAIL trials for the fitness task's errors")
+        if self.guide is not None and self.guide.wants_turn():
+            guided = self.guide.ask()
+            if guided is not None:
+                return guided
         opts = self.options
         a, b = choose_parents(self.scores, filled, opts.alpha, opts.attraction, self.rng)
         params: dict[str, float | int] = {"parent_a": int(self.ids[a]), "parent_b": int(self.ids[b])}
@@ -101,24 +109,38 @@ class M2N2(Strategy):
 
     # -- tell --------------------------------------------------------------------------------
     def tell(self, candidate: Candidate, evaluation: Evaluation) -> None:
-        if not candidate.parents:
-            self.init_told += 1
-        if evaluation.failed:
-            return
-        slot = replacement_slot(self.scores, evaluation.scores, self.options.alpha, filled=self.ids >= 0)
+        self.told += 1
+        if self.guide is not None and Guide.owns(candidate):
+            self.guide.tell(candidate, evaluation)
+        else:
+            if not candidate.parents:
+                self.init_told += 1
+            if not evaluation.failed:
+                self._insert(candidate.genome, evaluation.scores, candidate.member_id, candidate.generation)
+        if self.guide is not None:
+            best = self.guide.due(self.told)
+            if best is not None:  # the baseline's best competes for a slot like any member
+                self._insert(best["genome"], best["scores"], best["member_id"], best["generation"])
+
+    def _insert(self, genome: Any, scores: np.ndarray, member_id: int, generation: int) -> None:
+        slot = replacement_slot(self.scores, scores, self.options.alpha, filled=self.ids >= 0)
         if slot is None:
             return
-        self.genomes[slot] = self.space.copy(candidate.genome)
-        self.scores[slot] = evaluation.scores
-        self.ids[slot] = candidate.member_id
-        self.generations[slot] = candidate.generation
+        self.genomes[slot] = self.space.copy(genome)
+        self.scores[slot] = scores
+        self.ids[slot] = member_id
+        self.generations[slot] = generation
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         meta = {"rng": self._rng_state(), "init_issued": self.init_issued, "init_told": self.init_told,
-                "init_target": self.init_target, "sigma": self.sigma}
+                "init_target": self.init_target, "sigma": self.sigma, "told": self.told}
         arrays = {"scores": self.scores, "ids": self.ids, "generations": self.generations,
                   **self.space.pack(self.genomes, "genomes")}
+        if self.guide is not None:
+            guide_meta, guide_arrays = self.guide.state_dict()
+            meta["guide"] = guide_meta
+            arrays.update({f"guide/{k}": v for k, v in guide_arrays.items()})
         return meta, arrays
 
     def load_state_dict(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
@@ -135,6 +157,9 @@ class M2N2(Strategy):
         self.init_issued = int(meta["init_issued"])
         self.init_told = int(meta["init_told"])
         self.init_target = int(meta["init_target"])
+        self.told = int(meta.get("told", 0))
+        if self.guide is not None:
+            self.guide.load_state_dict(meta["guide"], {k[6:]: v for k, v in arrays.items() if k.startswith("guide/")})
         self.sigma = float(meta["sigma"])
 
     def archive_summary(self) -> dict[str, Any]:
