@@ -25,8 +25,12 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
+# Long (an hour or more on 2 cores); each script prints ratios measured in its own run.
 bench: $(STAMP)
+	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/materialise.py
 	$(BIN)/python benchmarks/digits_paper.py
+	$(BIN)/python benchmarks/compare_digits.py
 
 clean:
 	rm -rf $(VENV) runs
