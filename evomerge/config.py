@@ -104,15 +104,21 @@ class SearchConfig(_Strict):
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def read_yaml(path: str | Path, what: str) -> Any:
+    """Parse a YAML file, with errors that say which file and what it should have been."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} not found; give the path to a YAML {what}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SearchConfig:
     """Read and validate a YAML search definition; `overrides` use dotted keys (CLI flags)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} not found; give the path to a YAML search definition")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    data = read_yaml(path, "search definition")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of fields at the top level, got {type(data).__name__}")
     for dotted, value in (overrides or {}).items():

@@ -153,6 +153,8 @@ class DigitsTask(FitnessTask):
     def _train_specialist(self, stream: int, labels: range) -> np.ndarray:
         import torch  # only seed making needs torch; evaluation stays numpy
 
+        from evomerge.determinism import deterministic_torch
+
         mask = np.isin(self._y_train, list(labels))
         x = torch.from_numpy(self._x_train[mask].copy())
         y = torch.from_numpy(self._y_train[mask].copy())
@@ -165,20 +167,11 @@ class DigitsTask(FitnessTask):
         W1, b1, W2, b2 = (torch.from_numpy(p.copy()) for p in unflatten(flat.numpy()))
         weights = [t.requires_grad_() for t in (W1, b1, W2, b2)]
 
-        threads = torch.get_num_threads()
-        deterministic = torch.are_deterministic_algorithms_enabled()
-        warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-        try:
-            # One thread makes the reductions' order, and so the bits, independent of the machine.
-            torch.set_num_threads(1)
-            torch.use_deterministic_algorithms(True)
+        with deterministic_torch():
             opt = torch.optim.Adam(weights, lr=self.options.seed_lr)
             for _ in range(self.options.seed_steps):
                 opt.zero_grad()
                 logits = torch.relu(x @ W1 + b1) @ W2 + b2
                 torch.nn.functional.cross_entropy(logits, y).backward()
                 opt.step()
-        finally:
-            torch.set_num_threads(threads)
-            torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
         return flatten(*(t.detach().numpy() for t in weights))

@@ -10,10 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from evomerge.config import format_validation_error
+from evomerge.config import format_validation_error, read_yaml
 from evomerge.errors import ConfigError
 from evomerge.merging.methods import MERGE_METHODS, MergeMethod, param_names
 from evomerge.merging.params import Setting, field_adapter, setting_leaves
@@ -77,12 +76,7 @@ class MergePlan:
 def load_merge_config(path: str | Path) -> MergePlan:
     """Read a mergekit-style YAML and check it; relative paths are tried from the CWD, then the YAML's folder."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"merge config {str(path)!r} not found; give the path to a mergekit-style YAML")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    data = read_yaml(path, "merge config (mergekit-style)")
     return plan_from_dict(data, source=str(path), base_dir=path.parent)
 
 

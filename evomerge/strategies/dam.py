@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from evomerge.determinism import deterministic_torch
 from evomerge.genomes.columns import ColumnGenome, ColumnLayout, ColumnSpace, combine, group_views
 from evomerge.strategies import STRATEGIES
 from evomerge.strategies.base import Candidate, Evaluation, Problem, Strategy, StrategyOptions
@@ -383,13 +384,7 @@ class DAM(Strategy):
         return total + cosine_penalty(coeffs, self.layout, opts.cosine_penalty)
 
     def _train(self, n: int) -> None:
-        threads = torch.get_num_threads()
-        deterministic = torch.are_deterministic_algorithms_enabled()
-        warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-        try:
-            # One thread fixes the reductions' order, so the bits do not depend on the machine.
-            torch.set_num_threads(1)
-            torch.use_deterministic_algorithms(True)
+        with deterministic_torch():
             with torch.enable_grad():
                 for _ in range(n):
                     self.optimizer.zero_grad(set_to_none=True)
@@ -401,9 +396,6 @@ class DAM(Strategy):
                     self.optimizer.step()
                     self.curve.append(float(loss.item()))
                     self.step += 1
-        finally:
-            torch.set_num_threads(threads)
-            torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
