@@ -1,3 +1,3 @@
 """Built-in fitness tasks; importing the package registers them in `evomerge.tasks.TASKS`."""
 
-from fitness import digits, synthetic  # noqa: F401
+from fitness import digits, lm_tasks, synthetic  # noqa: F401

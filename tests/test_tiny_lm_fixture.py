@@ -128,3 +128,16 @@ def test_cli_entry_point(tmp_path, capsys):
     assert main([str(tmp_path / "m"), "--scale", "test", "--data-dir", str(tmp_path / "d"), "--no-eval"]) == 0
     assert all((tmp_path / "m" / n / "config.json").is_file() for n in MODEL_NAMES)
     assert "trained in" in capsys.readouterr().out
+
+
+def test_mounts_as_a_subcommand():
+    """`evomerge fixtures tiny-lm ...` reuses add_arguments/run; parsing alone must work there."""
+    import argparse
+
+    from evomerge.fixtures import tiny_lm
+
+    parser = argparse.ArgumentParser(prog="evomerge")
+    fixtures = parser.add_subparsers(dest="command").add_parser("fixtures").add_subparsers(dest="fixture")
+    tiny_lm.add_arguments(fixtures.add_parser("tiny-lm")).set_defaults(func=tiny_lm.run)
+    args = parser.parse_args(["fixtures", "tiny-lm", "--scale", "test", "--seed", "3"])
+    assert (args.func, args.out, args.scale, args.seed, args.no_eval) == (tiny_lm.run, "models/tiny-lm", "test", 3, False)
