@@ -91,7 +91,8 @@ class SearchConfig(_Strict):
         if isinstance(value, list):
             for path in value:
                 if not Path(path).exists():
-                    raise ValueError(f"seed checkpoint {path!r} does not exist; fix the path")
+                    raise ValueError(f"seed checkpoint {path!r} does not exist; fix the path (the tiny-lm "
+                                     "experts are made by `evomerge fixtures tiny-lm models/tiny-lm`)")
         return value
 
     def hash(self) -> str:
