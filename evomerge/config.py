@@ -39,7 +39,7 @@ class WorkersSpec(_Strict):
     count: int = Field(2, ge=1)
     num_cpus: float = Field(1.0, gt=0)
     num_gpus: float = Field(0.0, ge=0)
-    batch: int = Field(2, ge=1, description="children sent per worker call; amortises Ray overhead")
+    batch: int = Field(4, ge=1, description="children sent per worker call; amortises Ray overhead")
     pipeline: int = Field(2, ge=1, description="batches queued per worker, so it never waits for the next")
     max_restarts: int = Field(3, ge=0, description="deaths in a row before a worker is given up on")
     max_retries_per_child: int = Field(2, ge=0, description="re-sends of a child whose worker died")
