@@ -177,6 +177,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except Interrupted:
         return EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # before the search loop took over Ctrl-C: nothing to snapshot yet
+        print("\nevomerge: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":
