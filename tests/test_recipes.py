@@ -57,7 +57,10 @@ def test_gram_dot_and_angle_equal_dense_on_a_coarse_grid():
     assert recipe_angle(a, b, gram) == pytest.approx(angle_between(da, db), abs=1e-6)
 
 
-def test_materialise_across_pieces_and_low_precision_seeds():
+def test_materialise_across_pieces_and_low_precision_seeds(monkeypatch):
+    import evomerge.genomes.basis as basis_module
+
+    monkeypatch.setattr(basis_module, "CHUNK", 1 << 14)
     rng = np.random.default_rng(4)
     k, sizes = 2, [7, 130_000, 5]  # the middle piece spans several fused chunks
     full = [rng.normal(size=sum(sizes)).astype(np.float32) for _ in range(k)]

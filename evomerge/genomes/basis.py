@@ -1,8 +1,8 @@
 """The seeds a recipe is written in, and the fused pass that turns a recipe into weights.
 
 Workers open checkpoint seeds memory-mapped, so every worker on a node shares one copy through
-the page cache; materialising writes straight into a reused float32 buffer, a cache-sized chunk
-at a time, so each seed byte is read once and each output byte written once.
+the page cache; materialising writes straight into a reused float32 buffer, a chunk at a time,
+so each seed byte is read once and each output byte written once.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 from evomerge.genomes.recipe import PrefixGram, Recipe, default_grid
 
-CHUNK = 1 << 16  # elements per fused step: 256 KB of float32 output stays in L2
+CHUNK = 1 << 20  # elements per fused step: large enough that per-op overhead vanishes (measured)
 
 
 @dataclass
