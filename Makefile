@@ -31,6 +31,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/materialise.py
 	$(BIN)/python benchmarks/digits_paper.py
 	$(BIN)/python benchmarks/compare_digits.py
+	test -d models/tiny-lm/expert_add || $(BIN)/evomerge fixtures tiny-lm models/tiny-lm
+	$(BIN)/python benchmarks/tiny_lm.py
+	$(BIN)/python benchmarks/compare_tiny_lm.py
 
 clean:
 	rm -rf $(VENV) runs
