@@ -3,7 +3,7 @@
 From scratch (default 50,000 evaluations x 3 seeds): M2N2, CMA-ES (separable, pycma), GA.
 The paper's figure shows M2N2 ~0.87 against CMA-ES ~0.86 and GA ~0.68.
 From the two pretrained seeds (default 10,000 evaluations x 3 seeds): M2N2, CMA-ES (layer-wise
-seed weights), DAM, and the static merges (whole-model SLERP with t picked on training accuracy,
+seed weights), DAM, M2N2 guided by DAM (hybrid), and the static merges (whole-model SLERP with t picked on training accuracy,
 and the uniform soup).
 
 Every job is the in-process search loop (the same strategies the engine runs), two at a time.
@@ -22,7 +22,10 @@ from evomerge.report import format_table
 SCRATCH = {"m2n2": {}, "cmaes": {"strategy.name": "cmaes", "strategy.options": {}},
            "ga": {"strategy.name": "ga", "strategy.options": {"alpha": 0.0, "attraction": False}}}
 PRETRAINED = {"m2n2": {}, "cmaes": {"strategy.name": "cmaes", "strategy.options": {}},
-              "dam": {"strategy.name": "dam", "strategy.options": {"steps": 300, "eval_every": 10}}}
+              "dam": {"strategy.name": "dam", "strategy.options": {"steps": 300, "eval_every": 10}},
+              # hybrid: DAM guides M2N2 on 5% of the evaluations, its best joins the archive
+              "m2n2+dam": {"strategy.options": {"mutation_sigma": 0.0, "guide": {
+                  "from": "dam", "every": 500, "share": 0.05, "options": {"steps": 300, "eval_every": 10}}}}}
 REFERENCE = {"m2n2": 0.87, "cmaes": 0.86, "ga": 0.68}
 
 
