@@ -21,7 +21,6 @@ from _common import pin_blas_threads, print_section, write_json
 from safetensors.torch import save_file
 
 from evomerge.engine.basis_spec import checkpoint_basis
-from evomerge.genomes.basis import Basis
 from evomerge.genomes.recipe import PrefixGram, Recipe, default_grid
 from evomerge.genomes.spaces import RecipeSpace
 from evomerge.report import format_table

@@ -8,17 +8,14 @@ the empirical frequency for the sample size used.
 
 from __future__ import annotations
 
-import json
 import math
 from fractions import Fraction as Fr
 
 import numpy as np
 import pytest
 
-from evomerge.errors import FitnessError
 from evomerge.genomes.dense import SIN_EPS, angle_between, slerp_weights, split_slerp
-from evomerge.strategies import STRATEGIES, Candidate, Evaluation, Problem
-from evomerge.strategies.m2n2 import GA, M2N2
+from evomerge.strategies.m2n2 import M2N2
 from evomerge.strategies.niches import (
     attraction,
     choose_parents,

@@ -6,24 +6,14 @@ from __future__ import annotations
 
 import json
 import math
-from fractions import Fraction as Fr
 
 import numpy as np
 import pytest
 
 from evomerge.errors import FitnessError
-from evomerge.genomes.dense import SIN_EPS, angle_between, slerp_weights, split_slerp
 from evomerge.strategies import STRATEGIES, Candidate, Evaluation, Problem
 from evomerge.strategies.m2n2 import GA, M2N2
-from evomerge.strategies.niches import (
-    attraction,
-    choose_parents,
-    niche_fitness,
-    replacement_slot,
-    shared_scores,
-)
-
-from hand_worked import F3, G3, N_DRAWS, P_A3, P_B3, S3, TOL, f3, fr, fv  # noqa: F401
+from hand_worked import P_A3, S3
 
 D, N = 8, 6  # genome size and datapoints of the toy problem
 

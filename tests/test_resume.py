@@ -16,7 +16,7 @@ import optuna
 import pytest
 import yaml
 
-from conftest import REPO, TESTS_DIR, digits_config
+from conftest import REPO, TESTS_DIR
 from evomerge import snapshots
 from evomerge.engine.search import SearchOptions, resume_search, run_search
 from evomerge.errors import EvomergeError, SnapshotError

@@ -55,7 +55,7 @@ import sqlalchemy as sa
 from optuna import distributions as optuna_distributions
 from optuna.storages import RDBStorage
 from optuna.storages._rdb import models
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
 __all__ = ["RDBBulkWriter", "supports_bulk", "bulk_writer_for", "TESTED_ALEMBIC_REVISIONS"]
 
