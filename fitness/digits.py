@@ -124,6 +124,21 @@ class DigitsTask(FitnessTask):
     def num_datapoints(self) -> int:
         return int(self._y_train.shape[0])
 
+    @property
+    def layout(self):
+        """The four tensors of the flat vector, so layer-wise strategies group by tensor."""
+        from evomerge.models import Layout, TensorSpec
+
+        shapes = {"W1": (IN_DIM, HIDDEN), "b1": (HIDDEN,), "W2": (HIDDEN, CLASSES), "b2": (CLASSES,)}
+        tensors = []
+        for (name, shape), part in zip(shapes.items(), (_W1, _B1, _W2, _B2)):
+            tensors.append(TensorSpec(name, shape, "F32", part.start, part.stop - part.start))
+        return Layout(tensors, NUM_PARAMS)
+
+    def train_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """Training inputs and labels (read-only), e.g. for DAM's per-seed distillation data."""
+        return self._x_train, self._y_train
+
     def evaluate(self, params: np.ndarray) -> np.ndarray:
         return _correct(_as_params(params), self._x_train, self._y_train)
 

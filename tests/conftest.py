@@ -25,6 +25,15 @@ def ray_session():
     ray.shutdown()
 
 
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def digits_config(name: str = "t", **overrides):
     """A small, fast digits search definition for tests."""
     from evomerge.config import config_from_dict

@@ -14,7 +14,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,18 +24,12 @@ import optuna
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, free_port
 from evomerge.tracking.storage import open_storage
 
 BIN = Path(sys.executable).parent
 CLUSTER_YAML = REPO / "ray_cluster.yaml"
 START_TIMEOUT_S = 45
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _session_pids(marker: str) -> list[int]:
@@ -63,7 +56,7 @@ class _Cluster:
 @pytest.fixture
 def ray_cluster():
     """A one-node Ray cluster on a free port; torn down (and checked gone) even if the test fails."""
-    port = _free_port()
+    port = free_port()
     # A short path: Ray's unix sockets live under it and socket paths are limited to ~107 bytes.
     root = Path(tempfile.mkdtemp(prefix="evr-", dir="/tmp"))
     log = root / "ray-start.log"

@@ -17,18 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import digits_config
+from conftest import digits_config, free_port
 from evomerge.engine.search import SearchOptions, run_search
 
 BIN = Path(sys.executable).parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 START_TIMEOUT_S = 30
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _listening_addresses(port: int) -> set[str]:
@@ -74,7 +68,7 @@ def finished_run(ray_session, tmp_path):
 @pytest.fixture
 def dashboard(finished_run, tmp_path):
     run_dir, _ = finished_run
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "dashboard.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([str(BIN / "evomerge"), "dashboard", str(run_dir), "--port", str(port)],

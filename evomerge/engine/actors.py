@@ -69,17 +69,11 @@ class PopulationActor:
     def advance(self, max_seconds: float = 0.5) -> list[EvalRecord]:
         return self.dispatcher.advance(max_seconds)
 
-    def set_budget(self, budget: int) -> None:
-        self.population.budget = budget
-
     def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         return self.population.state_dict()
 
     def load_state_dict(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         self.dispatcher.requeue(self.population.load_state_dict(meta, arrays))
-
-    def worker_pids(self) -> list[int]:
-        return ray.get([w.pid.remote() for w in self.dispatcher.workers])
 
     def status(self) -> dict[str, Any]:
         return self.population.status()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
 
 from evomerge.config import SearchConfig
 from evomerge.genomes.basis import Basis, Piece
@@ -41,6 +40,3 @@ def checkpoint_basis(paths: list[str], allow_pickle: bool = False) -> Basis:
     basis.checkpoints = checkpoints  # type: ignore[attr-defined]
     return basis
 
-
-def describe(config: SearchConfig) -> dict[str, Any]:
-    return {"seeds": config.seeds, "genome": genome_kind(config)}

@@ -6,7 +6,7 @@ Plain Python so the same object runs inside a Ray actor, in-process for benchmar
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,9 +34,6 @@ class EvalRecord:
     @property
     def failed(self) -> bool:
         return self.error is not None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass

@@ -199,11 +199,6 @@ def _resolve_groups(problem: Problem, opts: CMAESOptions) -> LayerGroups:
         layout = getattr(owner, "layout", None)
         if layout is not None and getattr(layout, "tensors", None) is not None:
             return layer_groups(layout, opts.group_size)
-    if task is not None and type(task).__module__ == "fitness.digits":  # [W1, b1, W2, b2]: a group per tensor
-        from fitness.digits import CLASSES, HIDDEN, IN_DIM
-
-        sizes = [IN_DIM * HIDDEN, HIDDEN, HIDDEN * CLASSES, CLASSES]
-        return layer_groups(np.concatenate([[0], np.cumsum(sizes)]).tolist())
     return layer_groups(int(problem.space.size))
 
 

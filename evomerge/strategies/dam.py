@@ -109,8 +109,7 @@ class DigitsDam(DamModel):
         self.layout = ColumnLayout.from_tensors(
             [("W1", (IN_DIM, HIDDEN)), ("b1", (HIDDEN,)), ("W2", (HIDDEN, CLASSES)), ("b2", (CLASSES,))],
             lambda name, shape: 0 if len(shape) == 2 else None)
-        # DigitsTask keeps its split private; a public `dam_model` on the task would replace this.
-        x, y = np.asarray(task._x_train), np.asarray(task._y_train)
+        x, y = (np.asarray(a) for a in task.train_rows())
         self._x = []
         for labels in np.array_split(np.arange(CLASSES), num_seeds):
             mask = np.isin(y, labels)
