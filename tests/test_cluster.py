@@ -91,7 +91,7 @@ def ray_cluster():
             proc.wait(timeout=10)
         # Workers the raylet started may outlive it for a moment; kill what is left, by pid.
         deadline = time.monotonic() + 10
-        while (leftover := _session_pids(str(root))) and time.monotonic() < deadline:
+        while _session_pids(str(root)) and time.monotonic() < deadline:
             time.sleep(0.25)
         for pid in _session_pids(str(root)):
             try:
