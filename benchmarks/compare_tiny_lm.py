@@ -2,9 +2,10 @@
 
 Every method merges the two experts of populations/tiny-lm-skills.yaml with the same budget
 (default 500 evaluations x 2 seeds), each job the in-process search loop (`run_local`), two at a
-time: M2N2 (the population's options), CMA-ES (default options: a layerwise genome over the
-seeds), DAM (default options; its distillation data are the two training files, one per seed)
-and the static strategy (both seeds, whole-model SLERP t=0.5 and the uniform soup).
+time: plain M2N2 (the population's options without its guide), CMA-ES (default options: a layerwise genome over the
+seeds), DAM (default options; its distillation data are the two training files, one per seed),
+the static strategy (both seeds, whole-model SLERP t=0.5 and the uniform soup), and M2N2 guided
+by DAM (DAM's merge joins the archive as a new basis element).
 
 Reported: the held-out score (exact match over both skills' test prompts, the task's test_score)
 of the best-by-train member at each checkpoint, mean ± std over seeds. The static strategy has
@@ -28,12 +29,16 @@ from evomerge.report import format_table
 
 POPULATION = "tiny-lm-skills"
 METHODS = {
-    "m2n2": {},
+    "m2n2": {"strategy.options.guide": None},  # plain M2N2: the population without its DAM guide
     "cmaes": {"strategy.name": "cmaes", "strategy.options": {}},
     "dam": {"strategy.name": "dam", "strategy.options": {}},
     "static": {"strategy.name": "static", "strategy.options": {}},
+    # hybrid: DAM trains on a quarter of the evaluations until its merge is offered; that merge
+    # joins the recipe archive as a third basis element, and M2N2 crosses it with the experts
+    "m2n2+dam": {},  # the population as written: guide {from: dam, every: 50, share: 0.25}
 }
-LABELS = {"m2n2": "M2N2", "cmaes": "CMA-ES (layerwise)", "dam": "DAM", "static": "static (seeds, SLERP 0.5, soup)"}
+LABELS = {"m2n2": "M2N2", "cmaes": "CMA-ES (layerwise)", "dam": "DAM", "static": "static (seeds, SLERP 0.5, soup)",
+          "m2n2+dam": "M2N2 guided by DAM"}
 
 
 def run_method(population: str, overrides: dict[str, Any], threads: int = 1) -> dict[str, Any]:

@@ -6,19 +6,101 @@
 
 Rates are steady-state (first result to last), so Ray's actor start-up is not counted; the whole
 wall time is printed too. Optuna recording (journal file) is on, as in a real search.
+
+On Linux the CPU time of every process of the embedded Ray session (driver, population actor,
+workers, raylet) is printed per evaluation for the digits runs: on 2 cores the workers share
+them with everything else, so this is where the 2-worker scaling goes.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 from _common import load_population, pin_blas_threads, print_section, start_ray, write_json
 
 from evomerge.report import format_table
+
+
+class ProcessCPU:
+    """CPU seconds of this process and its descendants (Ray's processes), sampled from /proc while
+    a run goes on, since actors exit before a final reading could be taken. Linux only."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self.available = os.path.isdir("/proc/self/task")
+        self.interval = interval
+        self.seen: dict[int, tuple[str, float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "ProcessCPU":
+        if self.available:
+            self.start = self._sample()
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.available:
+            self._stop.set()
+            self._thread.join()
+            self.seen.update(self._sample())
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.seen.update(self._sample())
+
+    def _sample(self) -> dict[int, tuple[str, float]]:
+        parents: dict[int, int] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+        family, todo = [], [os.getpid()]
+        while todo:
+            pid = todo.pop()
+            family.append(pid)
+            todo.extend(child for child, parent in parents.items() if parent == pid)
+        out = {}
+        tick = os.sysconf("SC_CLK_TCK")
+        for pid in family:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{pid}/cmdline") as f:
+                    cmd = f.read().replace("\0", " ").strip()
+            except OSError:
+                continue
+            name = "driver" if pid == os.getpid() else _process_name(cmd)
+            if pid in self.seen and name == "other":
+                name = self.seen[pid][0]  # an exiting process loses its command line
+            out[pid] = (name, (int(fields[11]) + int(fields[12])) / tick)
+        return out
+
+    def per_evaluation(self, evaluations: int) -> dict[str, float]:
+        """Milliseconds of CPU per evaluation, summed by process name."""
+        totals: dict[str, float] = {}
+        for pid, (name, seconds) in self.seen.items():
+            used = seconds - self.start.get(pid, (name, 0.0))[1]
+            if used > 0:
+                totals[name] = totals.get(name, 0.0) + used
+        return {name: 1e3 * seconds / evaluations for name, seconds in totals.items()}
+
+
+def _process_name(cmdline: str) -> str:
+    if cmdline.startswith("ray::"):  # Ray's process title: ray::Class, or ray::Class.method while busy
+        return cmdline.split()[0][5:].split(".")[0]
+    for name in ("raylet", "gcs_server", "log_monitor", "dashboard", "monitor"):
+        if f"/{name}" in cmdline or f"{name}.py" in cmdline:
+            return name
+    return "other"
 
 
 def in_process_rate(overrides: dict) -> dict:
@@ -40,21 +122,27 @@ def engine_rate(population: str, overrides: dict, workers: int, out: Path) -> di
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     config = load_population(population, {**overrides, "workers.count": workers})
-    summary = run_search(config, SearchOptions(out_dir=out, progress=False, overwrite=True))
+    with ProcessCPU() as cpu:
+        summary = run_search(config, SearchOptions(out_dir=out, progress=False, overwrite=True))
     return {"mode": f"ray engine ({population})", "workers": workers,
             "rate": summary["steady_evals_per_second"], "wall": summary["wall_seconds"],
-            "evaluations": summary["evaluations"]}
+            "evaluations": summary["evaluations"], "batch": config.workers.batch,
+            "cpu_ms_per_eval": cpu.per_evaluation(summary["evaluations"]) if cpu.available else None}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--evals", type=int, default=6000, help="evaluations per digits run")
     parser.add_argument("--sleep-evals", type=int, default=200, help="evaluations of the 50 ms task")
+    parser.add_argument("--batch", help="workers.batch for the engine runs (a number or auto; "
+                                         "default: the config's)")
     parser.add_argument("--out", help="write the numbers as JSON")
     args = parser.parse_args(argv)
     pin_blas_threads(1)
     start_ray(num_cpus=2)
     digits = {"budget.evaluations": args.evals, "seed": 0}
+    if args.batch:
+        digits["workers.batch"] = args.batch if args.batch == "auto" else int(args.batch)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         engine_rate("digits-scratch", {**digits, "budget.evaluations": 500}, 2, Path(tmp) / "warmup")
@@ -67,13 +155,23 @@ def main(argv: list[str] | None = None) -> int:
         sleep_cfg.write_text(
             "name: sleep\nfitness: {task: synthetic_sleep, options: {seconds: %g}}\n"
             "budget: {evaluations: %d}\nworkers: {count: 2}\n" % (seconds, args.sleep_evals))
-        sleep = engine_rate(str(sleep_cfg), {}, 2, Path(tmp) / "sleep")
-        sleep_one = engine_rate(str(sleep_cfg), {}, 1, Path(tmp) / "sleep1")
+        batch = {"workers.batch": digits["workers.batch"]} if "workers.batch" in digits else {}
+        sleep = engine_rate(str(sleep_cfg), batch, 2, Path(tmp) / "sleep")
+        sleep_one = engine_rate(str(sleep_cfg), batch, 1, Path(tmp) / "sleep1")
         rows += [sleep_one, sleep]
     print_section("Throughput (steady state, evaluations per second)")
-    print(format_table(("mode", "workers", "evaluations", "evals/s", "wall s"),
-                       [(r["mode"], r["workers"], r["evaluations"], round(r["rate"], 1), round(r["wall"], 1))
-                        for r in rows]))
+    print(format_table(("mode", "workers", "batch", "evaluations", "evals/s", "wall s"),
+                       [(r["mode"], r["workers"], r.get("batch", "-"), r["evaluations"], round(r["rate"], 1),
+                         round(r["wall"], 1)) for r in rows]))
+    if one.get("cpu_ms_per_eval"):
+        print("\nCPU ms per evaluation, by process (digits; the machine's other load not included):")
+        names = sorted({*one["cpu_ms_per_eval"], *two["cpu_ms_per_eval"]},
+                       key=lambda n: -two["cpu_ms_per_eval"].get(n, 0.0))
+        print(format_table(("process", "1 worker", "2 workers"),
+                           [(n, round(one["cpu_ms_per_eval"].get(n, 0.0), 3), round(two["cpu_ms_per_eval"].get(n, 0.0), 3))
+                            for n in names] +
+                           [("total", round(sum(one["cpu_ms_per_eval"].values()), 3),
+                             round(sum(two["cpu_ms_per_eval"].values()), 3))]))
     scaling = two["rate"] / one["rate"]
     vs_local = one["rate"] / local["rate"]
     ideal = 2 / seconds

@@ -4,7 +4,9 @@ Each model is scored by greedy exact match on each skill's held-out set (add_tes
 its own: the two experts and their base; the static merges made with `evomerge merge` from
 mergekit-style YAMLs (linear 0.5/0.5, slerp t=0.5, task arithmetic against the base with weights
 1.0 and with 0.5, ties against the base at density 0.5); and M2N2's best-by-train member after N
-evaluations of populations/tiny-lm-skills.yaml, run in-process.
+evaluations of populations/tiny-lm-skills.yaml, run in-process. That population lets DAM guide
+M2N2 (DAM's merge joins the archive as a third basis element); the ablation row is the same
+search with the guide removed.
 
 Targets (from the issue): the merged model keeps at least 90% of each expert's own held-out
 accuracy on both skills, and its mean beats every static baseline's mean.
@@ -111,14 +113,19 @@ def static_job(population: str, threads: int = 1) -> dict[str, Any]:
     return {"rows": rows, "errors": errors, "configs": static_configs(models), "wall_seconds": t["seconds"]}
 
 
-def m2n2_job(population: str, evals: int, seed: int, threads: int = 1) -> dict[str, Any]:
-    """run_local for `evals` evaluations, then the best-by-train member scored per skill."""
+def m2n2_job(population: str, evals: int, seed: int, threads: int = 1, plain: bool = False) -> dict[str, Any]:
+    """run_local for `evals` evaluations, then the best-by-train member scored per skill.
+
+    `plain`: the population's M2N2 with its guide removed (the ablation)."""
     pin_blas_threads(threads)
     from evomerge.engine.basis_spec import checkpoint_basis
     from evomerge.engine.local import run_local
     from evomerge.genomes.recipe import Recipe
 
-    config = load_population(population, {"budget.evaluations": evals, "seed": seed})
+    overrides: dict[str, Any] = {"budget.evaluations": evals, "seed": seed}
+    if plain:
+        overrides["strategy.options.guide"] = None
+    config = load_population(population, overrides)
     failed = 0
 
     def on_record(record) -> None:
@@ -135,6 +142,8 @@ def m2n2_job(population: str, evals: int, seed: int, threads: int = 1) -> dict[s
         raise TypeError(f"expected the M2N2 best to be a Recipe, got {type(genome).__name__}")
     scorer = SkillScorer(config)
     basis = checkpoint_basis([str(s) for s in config.seeds], allow_pickle=config.allow_pickle)
+    for element in pop.basis_elements:  # merged models the guide added to the basis
+        basis.add_element(element.materialise(basis))
     params = basis.materialise(genome).numpy()
     scores = scorer.score(params)
     return {"scores": scores, "evaluations": pop.told, "failed": failed, "search_seconds": search_seconds,
@@ -142,11 +151,29 @@ def m2n2_job(population: str, evals: int, seed: int, threads: int = 1) -> dict[s
             "best": {"member_id": pop.best.member_id, "train_score": pop.best.train_score,
                      "test_score": pop.best.test_score, "generation": pop.best.generation},
             "recipe": {"breaks": genome.breaks.tolist(), "coeffs": genome.coeffs.tolist()},
-            "seed": seed}
+            "basis_elements": len(pop.basis_elements), "seed": seed}
 
 
 def _mean(scores: dict[str, Any]) -> float:
     return sum(scores[s] for s in SKILLS) / len(SKILLS)
+
+
+def check_targets(label: str, s: dict[str, Any], static: dict[str, Any]) -> dict[str, bool]:
+    """Print PASS/FAIL for the issue's two targets for one searched merge."""
+    experts = static["rows"]
+    need = {skill: RATIO * experts[EXPERTS[skill]][skill] for skill in SKILLS}
+    keeps = all(s[skill] >= need[skill] for skill in SKILLS)
+    baselines = {n: _mean(v) for n, v in experts.items() if n not in ("base", *EXPERTS.values())}
+    best_static = max(baselines.items(), key=lambda kv: kv[1]) if baselines else None
+    beats = best_static is not None and _mean(s) > best_static[1] and not static["errors"]
+    detail = ", ".join(f"{skill} {s[skill]:.3f} vs {need[skill]:.3f} (0.9 × {EXPERTS[skill]} "
+                       f"{experts[EXPERTS[skill]][skill]:.3f})" for skill in SKILLS)
+    print(f"{'PASS' if keeps else 'FAIL'}  {label} keeps >= 90% of each expert on its skill: {detail}")
+    if best_static is not None:
+        extra = f"; static merges that failed: {', '.join(static['errors'])}" if static["errors"] else ""
+        print(f"{'PASS' if beats else 'FAIL'}  {label} mean beats every static baseline: {_mean(s):.3f} vs best "
+              f"static {best_static[0]} {best_static[1]:.3f}{extra}")
+    return {"keeps_90pct": keeps, "beats_static": beats}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="search seed")
     parser.add_argument("--population", default=POPULATION)
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--no-plain", action="store_true", help="skip the ablation: M2N2 without the population's guide")
     parser.add_argument("--out", help="write the numbers as JSON")
     args = parser.parse_args(argv)
     if args.quick:
@@ -167,9 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [Job(("m2n2",), f"M2N2 {args.evals} evaluations seed={args.seed}", m2n2_job,
                 {"population": args.population, "evals": args.evals, "seed": args.seed}),
             Job(("static",), "experts + static merges", static_job, {"population": args.population})]
+    if not args.no_plain:
+        jobs.insert(1, Job(("plain",), f"plain M2N2 (no guide) {args.evals} evaluations seed={args.seed}", m2n2_job,
+                           {"population": args.population, "evals": args.evals, "seed": args.seed, "plain": True}))
 
     def describe(job: Job, result: dict) -> str:
-        if job.key == ("m2n2",):
+        if job.key in (("m2n2",), ("plain",)):
             s = result["scores"]
             return f"add {s['add']:.3f} rev {s['rev']:.3f}, {result['evals_per_second']:.2f} evals/s"
         return f"{len(result['rows'])} models"
@@ -179,14 +210,15 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, table = [], {}
     static = results.get(("static",))
-    m2n2 = results.get(("m2n2",))
+    searches = {label: results[key] for key, label in ((("m2n2",), "M2N2 (population)"),
+                                                       (("plain",), "plain M2N2 (no guide)")) if key in results}
     if static:
         for name, scores in static["rows"].items():
             table[name] = scores
         for name, err in static["errors"].items():
             table[name] = {"error": err}
-    if m2n2:
-        table[f"M2N2 best after {m2n2['evaluations']}"] = m2n2["scores"]
+    for label, run in searches.items():
+        table[f"{label} best after {run['evaluations']}"] = run["scores"]
     for name, scores in table.items():
         if "error" in scores:
             rows.append((name, "ERROR", "", scores["error"][:80]))
@@ -194,37 +226,26 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((name, f"{scores['add']:.3f}", f"{scores['rev']:.3f}", f"{_mean(scores):.3f}"))
     print_section("held-out exact match per skill (200 prompts each)")
     print(format_table(("model", "add", "rev", "mean"), rows))
-    if m2n2:
-        b = m2n2["best"]
-        print(f"\nM2N2: {m2n2['evaluations']} evaluations ({m2n2['failed']} failed) in "
-              f"{fmt_seconds(m2n2['search_seconds'])}; best member {b['member_id']} (generation {b['generation']}), "
+    for label, run in searches.items():
+        b = run["best"]
+        print(f"\n{label}: {run['evaluations']} evaluations ({run['failed']} failed) in "
+              f"{fmt_seconds(run['search_seconds'])}; best member {b['member_id']} (generation {b['generation']}), "
               f"train {b['train_score']:.4f}, test {b['test_score']:.4f}; recipe of "
-              f"{len(m2n2['recipe']['breaks']) - 1} segment(s)")
+              f"{len(run['recipe']['breaks']) - 1} segment(s) over {len(run['recipe']['coeffs'][0])} basis elements "
+              f"({run['basis_elements']} added by the guide)")
 
-    targets: dict[str, bool | None] = {"keeps_90pct": None, "beats_static": None}
-    if m2n2 and static:
-        s = m2n2["scores"]
-        experts = static["rows"]
-        need = {skill: RATIO * experts[EXPERTS[skill]][skill] for skill in SKILLS}
-        keeps = all(s[skill] >= need[skill] for skill in SKILLS)
-        baselines = {n: _mean(v) for n, v in static["rows"].items() if n not in ("base", *EXPERTS.values())}
-        best_static = max(baselines.items(), key=lambda kv: kv[1]) if baselines else None
-        beats = best_static is not None and _mean(s) > best_static[1] and not static["errors"]
-        targets = {"keeps_90pct": keeps, "beats_static": beats}
+    targets: dict[str, dict[str, bool]] = {}
+    if searches and static:
         print_section("targets")
-        detail = ", ".join(f"{skill} {s[skill]:.3f} vs {need[skill]:.3f} (0.9 × {EXPERTS[skill]} "
-                           f"{experts[EXPERTS[skill]][skill]:.3f})" for skill in SKILLS)
-        print(f"{'PASS' if keeps else 'FAIL'}  keeps >= 90% of each expert on its skill: {detail}")
-        if best_static is not None:
-            extra = f"; static merges that failed: {', '.join(static['errors'])}" if static["errors"] else ""
-            print(f"{'PASS' if beats else 'FAIL'}  mean beats every static baseline: M2N2 {_mean(s):.3f} vs best "
-                  f"static {best_static[0]} {best_static[1]:.3f}{extra}")
+        for label, run in searches.items():
+            targets[label] = check_targets(label, run["scores"], static)
     print(f"\nwall time {fmt_seconds(total['seconds'])}")
     if errors:
         print(f"\n{len(errors)} job(s) crashed: {', '.join('/'.join(k) for k in errors)}")
     if args.out:
         write_json(args.out, {"evals": args.evals, "seed": args.seed, "table": table, "targets": targets,
-                              "m2n2": m2n2, "static": static, "wall_seconds": total["seconds"],
+                              "m2n2": searches.get("M2N2 (population)"), "plain": searches.get("plain M2N2 (no guide)"),
+                              "static": static, "wall_seconds": total["seconds"],
                               "errors": {"/".join(k): v for k, v in errors.items()}})
     return 1 if errors else 0
 

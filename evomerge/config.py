@@ -39,10 +39,20 @@ class WorkersSpec(_Strict):
     count: int = Field(2, ge=1)
     num_cpus: float = Field(1.0, gt=0)
     num_gpus: float = Field(0.0, ge=0)
-    batch: int = Field(4, ge=1, description="children sent per worker call; amortises Ray overhead")
+    batch: Union[int, Literal["auto"]] = Field(
+        4, description="children sent per worker call; amortises Ray overhead. 'auto': about 25 ms of "
+                       "fitness work per call (at most 64 children), 4 in sync mode")
     pipeline: int = Field(2, ge=1, description="batches queued per worker, so it never waits for the next")
     max_restarts: int = Field(3, ge=0, description="deaths in a row before a worker is given up on")
     max_retries_per_child: int = Field(2, ge=0, description="re-sends of a child whose worker died")
+
+    @field_validator("batch", mode="before")
+    @classmethod
+    def _batch_is_count_or_auto(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError("must be a whole number >= 1 (children per worker call) or 'auto'; "
+                         "set e.g. `batch: 4`, or `batch: auto` to size calls by the fitness's speed")
 
 
 class RaySpec(_Strict):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
@@ -13,8 +14,9 @@ from evomerge.engine.basis_spec import build_basis
 from evomerge.errors import EvomergeError
 from evomerge.genomes.columns import unpack_columns
 from evomerge.genomes.layerwise import unpack_layerwise
-from evomerge.genomes.recipe import unpack_recipes
-from evomerge.tasks import build_task
+from evomerge.genomes.elements import unpack_elements
+from evomerge.genomes.recipe import Recipe, unpack_recipes
+from evomerge.tasks import FitnessTask, build_task
 
 
 def export_best(run_dir: Path, out_dir: Path) -> list[Path]:
@@ -29,25 +31,29 @@ def export_best(run_dir: Path, out_dir: Path) -> list[Path]:
         raise EvomergeError(f"{best_path} is unreadable ({exc}); re-run `evomerge resume {run_dir}` to rewrite it")
     config = SearchConfig.model_validate(json.loads(config_path.read_text()))
     task = build_task(config.fitness.task, config.fitness.options, seed=config.seed)
-    if "params" in arrays:
-        params = arrays["params"]
-    elif "layerwise/method" in arrays:
-        genome, basis = unpack_layerwise(arrays, "layerwise")[0], build_basis(config, task)
-        if basis is None or genome is None:
-            raise EvomergeError(f"{best_path} holds a layerwise genome but the run has no seeds to materialise it from")
-        params = genome.materialise(basis).numpy()
-    elif "columns/coeffs" in arrays:
-        genome, basis = unpack_columns(arrays, "columns")[0], build_basis(config, task)
-        if basis is None or genome is None:
-            raise EvomergeError(f"{best_path} holds a column genome but the run has no seeds to materialise it from")
-        params = genome.materialise(basis).numpy()
-    else:
-        recipe = unpack_recipes(arrays, "recipe")[0]
-        basis = build_basis(config, task)
-        if basis is None or recipe is None:
-            raise EvomergeError(f"{best_path} holds a recipe but the run has no seeds to materialise it from")
-        params = basis.materialise(recipe).numpy()
+    params = best_params(arrays, config, task, str(best_path))
     written = task.export(params, out_dir)
     meta = {"source_run": str(run_dir), **json.loads((run_dir / "best.json").read_text())}
     (out_dir / "evomerge.json").write_text(json.dumps(meta, indent=2))
     return [*written, out_dir / "evomerge.json"]
+
+
+def best_params(arrays: dict[str, np.ndarray], config: SearchConfig, task: FitnessTask, source: str) -> np.ndarray:
+    """The flat parameters of a stored best member, whichever genome kind it was saved as."""
+    if "params" in arrays:
+        return arrays["params"]
+    if "layerwise/method" in arrays:
+        kind, genome = "layerwise genome", unpack_layerwise(arrays, "layerwise")[0]
+    elif "columns/coeffs" in arrays:
+        kind, genome = "column genome", unpack_columns(arrays, "columns")[0]
+    else:
+        kind, genome = "recipe", unpack_recipes(arrays, "recipe")[0]
+    basis = build_basis(config, task)
+    if basis is None or genome is None:
+        raise EvomergeError(f"{source} holds a {kind} but the run has no seeds to materialise it from")
+    if isinstance(genome, Recipe):
+        # Merged models that joined the basis during the search (hybrid guidance), in basis order.
+        for element in unpack_elements(arrays, "elements"):
+            basis.add_element(element.materialise(basis))
+        return basis.materialise(genome).numpy()
+    return genome.materialise(basis).numpy()

@@ -28,7 +28,7 @@ def build_problem(config: SearchConfig) -> Problem:
                           f"reads {task.dimension}; point the task at the same architecture as the seeds")
     if genome_kind(config) == "recipe":
         assert basis is not None
-        space = RecipeSpace(basis.prefix_gram(config.genome.max_boundaries))
+        space = RecipeSpace(basis.prefix_gram(config.genome.max_boundaries), basis)
         problem = Problem(dimension=task.dimension, num_datapoints=task.num_datapoints, space=space)
     else:
         initial = [] if basis is None else [basis.values(0, basis.size)[k].astype(np.float32)
@@ -84,7 +84,7 @@ class PopulationActor:
             return None
         return {"member_id": best.member_id, "train_score": best.train_score, "test_score": best.test_score,
                 "generation": best.generation, "parents": best.parents,
-                "genome": best.genome}
+                "genome": best.genome, "elements": self.population.basis_elements}
 
 
 RemotePopulation = ray.remote(num_cpus=0)(PopulationActor)

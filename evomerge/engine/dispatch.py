@@ -9,9 +9,11 @@ out again, and a child that has killed its worker too often is recorded as faile
 
 from __future__ import annotations
 
+import math
+import statistics
 import time
 from collections import deque
-from typing import Any
+from typing import Any, Sequence
 
 import ray
 from ray.exceptions import RayActorError
@@ -26,12 +28,53 @@ except ImportError:  # pragma: no cover
     WORKER_ERRORS = (RayActorError,)
 
 
+SYNC_AUTO_BATCH = 4  # `auto` in sync mode: round sizes must not depend on timing
+
+
+class BatchSizer:
+    """How many children go in one worker call.
+
+    A call costs about 1-2 ms of CPU (population actor, raylet, worker) whatever its size, so a
+    cheap fitness (digits: ~1.3 ms) needs dozens of children per call, while a slow one needs one
+    per call: a 5 s child must not wait behind others, and every child in flight is bred from an
+    older archive. `auto` aims at `TARGET_SECONDS` of fitness work per call, measured from the
+    evaluations' own `seconds` (so Ray's overhead does not feed back), capped. The median of the
+    last few calls' means shrugs off a slow first call (imports, warm-up) within a few calls.
+    """
+
+    TARGET_SECONDS = 0.025
+    CAP = 64
+
+    def __init__(self, batch: int | str, sync: bool) -> None:
+        if batch == "auto":
+            self.fixed: int | None = SYNC_AUTO_BATCH if sync else None
+        else:
+            self.fixed = int(batch)
+        self.recent: deque[float] = deque(maxlen=7)  # mean seconds of one evaluation, per call
+
+    def observe(self, evaluations: Sequence[Evaluation]) -> None:
+        times = [e.seconds for e in evaluations if e.seconds > 0]
+        if times:
+            self.recent.append(sum(times) / len(times))
+
+    def size(self, unissued: int, slots: int) -> int:
+        """Children for the next call, with `unissued` children left in the budget and `slots`
+        calls (workers x depth) to share them: the last ones are split evenly, not sent to one."""
+        if self.fixed is not None:
+            return self.fixed
+        if not self.recent:
+            return 1  # nothing measured yet: the first results set the pace
+        seconds = statistics.median(self.recent)
+        size = min(self.CAP, max(1, int(self.TARGET_SECONDS / seconds))) if seconds > 0 else self.CAP
+        return max(1, min(size, math.ceil(unissued / max(1, slots))))
+
+
 class Dispatcher:
-    def __init__(self, population: Population, workers: list[Any], batch: int, sync: bool,
+    def __init__(self, population: Population, workers: list[Any], batch: int | str, sync: bool,
                  max_retries_per_child: int, max_worker_deaths: int, depth: int = 2) -> None:
         self.population = population
         self.workers = list(workers)
-        self.batch = batch
+        self.sizer = BatchSizer(batch, sync)
         self.sync = sync
         self.depth = depth
         self.max_retries = max_retries_per_child
@@ -46,6 +89,7 @@ class Dispatcher:
         # A worker that died gets no children until Ray has restarted it and it answers a ping;
         # otherwise its re-sent children would burn their retries against a restarting actor.
         self.recovering: dict[Any, int] = {}
+        self._elements_ref: tuple[int, list[Any]] | None = None
 
     # -- public ----------------------------------------------------------------------------
     def requeue(self, candidates: list[Candidate]) -> None:
@@ -98,24 +142,36 @@ class Dispatcher:
         batch: list[Candidate] = []
         while len(batch) < size and self.retry:
             batch.append(self.retry.popleft())
-        while len(batch) < size:
-            candidate = self.population.ask()
-            if candidate is None:
-                break
-            batch.append(candidate)
+        if len(batch) < size:
+            batch.extend(self.population.ask_batch(size - len(batch)))
         return batch
 
+    def _elements(self) -> Any:
+        """What workers need to hold the population's added basis elements (None: there are none).
+
+        The genomes go into the object store once per change; each call carries only the count
+        and a nested ref, which a worker resolves only when it is behind."""
+        elements = self.population.basis_elements
+        if not elements:
+            return None
+        if self._elements_ref is None or self._elements_ref[0] != len(elements):
+            self._elements_ref = (len(elements), [ray.put(elements)])
+        return self._elements_ref
+
     def _submit(self, worker_index: int, batch: list[Candidate]) -> Any:
-        ref = self.workers[worker_index].evaluate.remote([(c.member_id, c.genome) for c in batch])
+        ref = self.workers[worker_index].evaluate.remote([(c.member_id, c.genome) for c in batch],
+                                                         self._elements())
         self.inflight[ref] = (worker_index, batch)
         self.load[worker_index] += 1
         return ref
 
     def _fill(self) -> None:
+        ready = self.ready_workers
         for level in range(self.depth):
-            for worker_index in self.ready_workers:
+            for worker_index in ready:
                 if self.load[worker_index] <= level:
-                    batch = self._next_batch(self.batch)
+                    unissued = self.population.budget - self.population.issued + len(self.retry)
+                    batch = self._next_batch(self.sizer.size(unissued, len(ready) * self.depth))
                     if not batch:
                         return
                     self._submit(worker_index, batch)
@@ -140,6 +196,7 @@ class Dispatcher:
                 evaluations = failed
             else:
                 self.failed_calls[worker_index] = 0
+                self.sizer.observe(evaluations)
             records.extend(self.population.tell(e) for e in evaluations)
         return records
 
@@ -174,7 +231,8 @@ class Dispatcher:
 
     # -- sync ------------------------------------------------------------------------------
     def _sync_round(self) -> list[EvalRecord]:
-        candidates = self._next_batch(self.batch * len(self.live_workers))
+        assert self.sizer.fixed is not None  # sync mode never sizes by timing
+        candidates = self._next_batch(self.sizer.fixed * len(self.live_workers))
         if not candidates:
             self._raise_stalled()
             return []

@@ -20,6 +20,8 @@ def run_local(config: SearchConfig, on_record: Callable[[EvalRecord], None] | No
         candidate = population.ask()
         if candidate is None:
             raise RuntimeError("the strategy produced no candidate while nothing is in flight")
+        if population.basis_elements:
+            worker.sync_elements(population.basis_elements)
         record = population.tell(worker.evaluate_one(candidate.member_id, candidate.genome))
         if on_record is not None:
             on_record(record)

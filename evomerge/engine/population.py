@@ -86,6 +86,17 @@ class Population:
         self.inflight[candidate.member_id] = candidate
         return candidate
 
+    def ask_batch(self, size: int) -> list[Candidate]:
+        """Up to `size` children for one worker call, in the order `ask` would give them; fewer
+        when the budget or the strategy (waiting for results) says so."""
+        batch: list[Candidate] = []
+        while len(batch) < size:
+            candidate = self.ask()
+            if candidate is None:
+                break
+            batch.append(candidate)
+        return batch
+
     def tell(self, evaluation: Evaluation) -> EvalRecord:
         candidate = self.inflight.pop(evaluation.member_id)
         problem = evaluation.error if evaluation.error else check_scores(evaluation.scores, self.strategy.problem.num_datapoints)
@@ -110,6 +121,11 @@ class Population:
         )
         self.told += 1
         return record
+
+    @property
+    def basis_elements(self) -> list[Any]:
+        """Merged models the strategy added to the seeds' basis; workers must hold them too."""
+        return list(getattr(self.strategy.problem.space, "extensions", []))
 
     def status(self) -> dict[str, Any]:
         return {

@@ -13,6 +13,7 @@ from safetensors.numpy import save_file
 
 from evomerge.config import SearchConfig
 from evomerge.genomes.columns import ColumnGenome, pack_columns
+from evomerge.genomes.elements import pack_elements
 from evomerge.genomes.layerwise import LayerwiseGenome, pack_layerwise
 from evomerge.genomes.recipe import Recipe, pack_recipes
 from evomerge.tracking.plots import ARTIFACT_DIR_NAME, attach_plots, plot_coverage, plot_progress
@@ -53,10 +54,14 @@ def write_best(out_dir: Path, best: dict[str, Any], config: SearchConfig) -> Non
     meta = {k: best[k] for k in BEST_KEYS}
     genome = best["genome"]
     if isinstance(genome, Recipe):
-        save_file(pack_recipes([genome], "recipe"), str(out_dir / "best.safetensors"),
+        elements = list(best.get("elements") or [])
+        arrays = pack_recipes([genome], "recipe")
+        if elements:  # merged models the recipe may use besides the seeds (hybrid guidance)
+            arrays.update(pack_elements(elements, "elements"))
+        save_file(arrays, str(out_dir / "best.safetensors"),
                   metadata={"format": "evomerge-recipe", "fitness": config.fitness.task})
         meta.update({"genome": "recipe", "dimension": int(genome.breaks[-1]), "segments": genome.num_segments,
-                     "seeds": config.seeds})
+                     "seeds": config.seeds, "basis_elements": len(elements)})
     elif isinstance(genome, LayerwiseGenome):
         save_file(pack_layerwise([genome], "layerwise"), str(out_dir / "best.safetensors"),
                   metadata={"format": "evomerge-layerwise", "fitness": config.fitness.task})

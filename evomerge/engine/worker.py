@@ -36,8 +36,30 @@ class FitnessWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def evaluate(self, batch: list[tuple[int, Any]]) -> list[Evaluation]:
+    def evaluate(self, batch: list[tuple[int, Any]], elements: Any = None) -> list[Evaluation]:
+        if elements is not None:
+            self.sync_elements(elements)
         return [self.evaluate_one(member_id, genome) for member_id, genome in batch]
+
+    def sync_elements(self, elements: Any) -> None:
+        """Hold the same added basis elements as the population, in the same order.
+
+        The dispatcher sends `(count, [ref])`: the ref (to the genomes, a few KB each) is fetched
+        only when this worker is behind, e.g. after Ray restarted it with a fresh basis.
+        """
+        if isinstance(elements, tuple):
+            count, holder = elements
+            if self.basis is not None and count == len(self.basis.extra):
+                return
+            import ray
+
+            elements = ray.get(holder[0])
+        if self.basis is None:
+            raise ValueError("received basis elements but this search has no seeds")
+        if len(elements) < len(self.basis.extra):
+            self.basis.drop_extra()
+        for genome in elements[len(self.basis.extra):]:
+            self.basis.add_element(genome.materialise(self.basis))
 
     def materialise(self, genome: Any) -> np.ndarray:
         if isinstance(genome, (Recipe, ColumnGenome, LayerwiseGenome)):

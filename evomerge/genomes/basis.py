@@ -28,11 +28,38 @@ class Piece:
 
 
 class Basis:
+    """The seeds, plus any merged models added later as extra elements (hybrid guidance).
+
+    `num_seeds` stays the number of checkpoints: column and layer-wise genomes are written over
+    those. Recipes may also use the extra elements, which sit after the seeds (`num_elements`).
+    """
+
     def __init__(self, pieces: list[Piece], size: int, num_seeds: int) -> None:
         self.pieces = pieces
         self.size = size
         self.num_seeds = num_seeds
+        self.extra: list[torch.Tensor] = []  # flat float32 vectors of the added elements
         self._starts = np.array([p.start for p in pieces], dtype=np.int64)
+
+    @property
+    def num_elements(self) -> int:
+        return self.num_seeds + len(self.extra)
+
+    def add_element(self, vector: torch.Tensor) -> int:
+        """Append a materialised model as a new element; returns its index among the elements."""
+        vector = vector.detach().to(torch.float32).reshape(-1)
+        if vector.numel() != self.size:
+            raise ValueError(f"a new basis element needs {self.size} values, got {vector.numel()}")
+        if not bool(torch.isfinite(vector).all()):
+            raise ValueError("a new basis element holds NaN or inf; it cannot join the basis")
+        self.extra.append(vector.clone())
+        return self.num_elements - 1
+
+    def drop_extra(self) -> None:
+        self.extra = []
+
+    def _element_views(self, piece: Piece) -> list[torch.Tensor]:
+        return piece.views + [e[piece.start:piece.stop] for e in self.extra]
 
     @classmethod
     def from_arrays(cls, seeds: Sequence[np.ndarray]) -> "Basis":
@@ -43,7 +70,7 @@ class Basis:
         return cls([Piece(0, size, views)], size, len(views))
 
     def values(self, start: int, stop: int) -> np.ndarray:
-        """Seeds' values on [start, stop) as a (K, stop - start) float64 array."""
+        """Every element's values on [start, stop) as a (num_elements, stop - start) float64 array."""
         parts = []
         i = int(np.searchsorted(self._starts, start, side="right")) - 1
         position = start
@@ -51,7 +78,7 @@ class Basis:
             piece = self.pieces[i]
             hi = min(stop, piece.stop)
             lo_in, hi_in = position - piece.start, hi - piece.start
-            parts.append(np.stack([v[lo_in:hi_in].to(torch.float64).numpy() for v in piece.views]))
+            parts.append(np.stack([v[lo_in:hi_in].to(torch.float64).numpy() for v in self._element_views(piece)]))
             position, i = hi, i + 1
         return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
 
@@ -66,13 +93,17 @@ class Basis:
         breaks, coeffs = recipe.breaks, recipe.coeffs
         if int(breaks[-1]) != self.size:
             raise ValueError(f"recipe covers {int(breaks[-1])} parameters but the basis has {self.size}")
+        if coeffs.shape[1] > self.num_elements:
+            raise ValueError(f"recipe uses {coeffs.shape[1]} basis elements but this basis has "
+                             f"{self.num_elements}; the added elements were not sent here")
         for piece in self.pieces:
             seg = int(np.searchsorted(breaks, piece.start, side="right")) - 1
             position = piece.start
+            views = self._element_views(piece)
             while position < piece.stop:
                 end = min(int(breaks[seg + 1]), piece.stop)
                 lo, hi = position - piece.start, end - piece.start
-                _combine(out[position:end], [v[lo:hi] for v in piece.views], coeffs[seg])
+                _combine(out[position:end], [v[lo:hi] for v in views], coeffs[seg])
                 position, seg = end, seg + 1
         return out
 

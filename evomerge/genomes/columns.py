@@ -214,7 +214,7 @@ class ColumnGenome:
                              f"{basis.num_seeds}")
         if out is None:
             out = torch.empty(self.layout.size, dtype=torch.float32)
-        coeffs = torch.from_numpy(np.ascontiguousarray(self.coeffs, dtype=np.float32))
+        coeffs = torch.from_numpy(np.array(self.coeffs, dtype=np.float32))  # a copy: Ray hands out read-only arrays
         with torch.no_grad():
             for i, group in enumerate(self.layout.groups):
                 target = out[group.offset:group.stop].view(group.shape)

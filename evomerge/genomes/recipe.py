@@ -71,6 +71,27 @@ class PrefixGram:
             prefix[i] = prefix[i - 1] + block @ block.T
         return cls(grid, prefix)
 
+    def with_element(self, chunks: Callable[[int, int], np.ndarray]) -> "PrefixGram":
+        """The Gram of the basis grown by one element, which `chunks` returns as its last row.
+
+        Only the new row and column are computed, the same way `from_chunks` computes the rest,
+        so the existing entries keep their bits (a resumed search rebuilds identical numbers).
+        """
+        k, size, grid = self.num_seeds, self.size, self.grid
+        column = np.zeros((grid.size, k + 1))
+        if np.all(np.diff(grid) == 1):
+            values = np.concatenate([chunks(a, b) for a, b in _spans(0, size, 1 << 16)], axis=1).astype(np.float64)
+            column[1:] = np.cumsum((values * values[-1]).T, axis=0)
+        else:
+            for i in range(1, grid.size):
+                block = np.asarray(chunks(int(grid[i - 1]), int(grid[i])), dtype=np.float64)
+                column[i] = column[i - 1] + block @ block[-1]
+        prefix = np.zeros((grid.size, k + 1, k + 1))
+        prefix[:, :k, :k] = self.prefix
+        prefix[:, k, :] = column
+        prefix[:, :, k] = column
+        return PrefixGram(grid, prefix)
+
     def segment_grams(self, breaks: np.ndarray) -> np.ndarray:
         idx = np.searchsorted(self.grid, breaks)
         if np.any(self.grid[np.minimum(idx, self.grid.size - 1)] != breaks):
@@ -90,18 +111,30 @@ def _spans(start: int, stop: int, step: int) -> Iterable[tuple[int, int]]:
         yield lo, min(stop, lo + step)
 
 
+def widened(coeffs: np.ndarray, width: int) -> np.ndarray:
+    """Coefficients over `width` basis elements: a recipe written before elements were added to
+    the basis has zero weight on them."""
+    if coeffs.shape[1] >= width:
+        return coeffs
+    return np.concatenate([coeffs, np.zeros((coeffs.shape[0], width - coeffs.shape[1]))], axis=1)
+
+
 def aligned(a: Recipe, b: Recipe, extra: Iterable[int] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Both recipes on the union of their breakpoints (plus `extra`): breaks, A rows, B rows."""
     breaks = np.union1d(np.union1d(a.breaks, b.breaks), np.asarray(list(extra), dtype=np.int64))
     starts = breaks[:-1]
-    rows_a = a.coeffs[np.searchsorted(a.breaks, starts, side="right") - 1]
-    rows_b = b.coeffs[np.searchsorted(b.breaks, starts, side="right") - 1]
+    width = max(a.coeffs.shape[1], b.coeffs.shape[1])
+    rows_a = widened(a.coeffs, width)[np.searchsorted(a.breaks, starts, side="right") - 1]
+    rows_b = widened(b.coeffs, width)[np.searchsorted(b.breaks, starts, side="right") - 1]
     return breaks, rows_a, rows_b
 
 
 def recipe_dot(a: Recipe, b: Recipe, gram: PrefixGram) -> float:
     breaks, rows_a, rows_b = aligned(a, b)
-    return float(np.einsum("sk,skl,sl->", rows_a, gram.segment_grams(breaks), rows_b))
+    k = rows_a.shape[1]
+    if k > gram.num_seeds:
+        raise ValueError(f"recipe uses {k} basis elements but the Gram matrices cover {gram.num_seeds}")
+    return float(np.einsum("sk,skl,sl->", rows_a, gram.segment_grams(breaks)[:, :k, :k], rows_b))
 
 
 def recipe_angle(a: Recipe, b: Recipe, gram: PrefixGram) -> float:
@@ -146,23 +179,28 @@ def materialise_dense(recipe: Recipe, seeds: list[np.ndarray]) -> np.ndarray:
 def pack_recipes(recipes: list[Recipe | None], prefix: str) -> dict[str, np.ndarray]:
     """Many recipes as three flat arrays (safetensors-friendly; no pickle)."""
     present = [r for r in recipes if r is not None]
-    k = present[0].coeffs.shape[1] if present else 0
+    k = max(r.coeffs.shape[1] for r in present) if present else 0
     counts = np.array([-1 if r is None else r.num_segments for r in recipes], dtype=np.int64)
     breaks = np.concatenate([r.breaks for r in present]) if present else np.zeros(0, np.int64)
-    coeffs = np.concatenate([r.coeffs for r in present]) if present else np.zeros((0, k))
+    coeffs = np.concatenate([widened(r.coeffs, k) for r in present]) if present else np.zeros((0, k))
+    # Recipes written before elements joined the basis are narrower; keep each one's own width,
+    # so an unpacked recipe is the same arrays (and gives the same bits) as the packed one.
+    widths = np.array([-1 if r is None else r.coeffs.shape[1] for r in recipes], dtype=np.int64)
     return {f"{prefix}/segments": counts, f"{prefix}/breaks": breaks.astype(np.int64),
-            f"{prefix}/coeffs": coeffs.astype(np.float64)}
+            f"{prefix}/coeffs": coeffs.astype(np.float64), f"{prefix}/widths": widths}
 
 
 def unpack_recipes(arrays: dict[str, np.ndarray], prefix: str) -> list[Recipe | None]:
     counts = arrays[f"{prefix}/segments"]
     breaks, coeffs = arrays[f"{prefix}/breaks"], arrays[f"{prefix}/coeffs"]
+    widths = arrays.get(f"{prefix}/widths")
+    widths = widths.tolist() if widths is not None else [coeffs.shape[1]] * len(counts)
     recipes: list[Recipe | None] = []
     b = c = 0
-    for n in counts.tolist():
+    for n, width in zip(counts.tolist(), widths):
         if n < 0:
             recipes.append(None)
             continue
-        recipes.append(Recipe(breaks[b:b + n + 1].copy(), coeffs[c:c + n].copy()))
+        recipes.append(Recipe(breaks[b:b + n + 1].copy(), coeffs[c:c + n, :width].copy()))
         b, c = b + n + 1, c + n
     return recipes

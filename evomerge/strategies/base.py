@@ -101,6 +101,12 @@ class Strategy(ABC):
         """Small, display-oriented view of the strategy's population (for status tables)."""
         return {}
 
+    @property
+    def exhausted(self) -> bool:
+        """True when further asks could only repeat what was already proposed (e.g. DAM after
+        training), so a host strategy should stop spending evaluations on it."""
+        return False
+
     # RNG state travels as JSON, never pickled.
     def _rng_state(self) -> dict[str, Any]:
         return self.rng.bit_generator.state

@@ -311,6 +311,10 @@ class DAM(Strategy):
         """True once training is done and its final merge has been offered: later asks repeat it."""
         return self.uniform_issued and self.step >= self.options.steps
 
+    @property
+    def exhausted(self) -> bool:
+        return self.final_candidate is not None
+
     def genome(self) -> ColumnGenome:
         return ColumnGenome(self.layout, self.coeffs.detach().numpy().copy())
 

@@ -1,6 +1,9 @@
 """Hybrid guidance: a baseline strategy (CMA-ES or DAM) runs inside M2N2 on a share of the
 evaluations, and every `every` evaluations its best member joins the M2N2 archive, where it
 competes under the replacement rule like any other member.
+
+Over checkpoint seeds, a guide's best that is not a recipe (a DAM column genome, a TIES layer-wise
+genome) joins as a new basis element (see RecipeSpace.add_element), at most `max_elements` times.
 """
 
 from __future__ import annotations
@@ -24,27 +27,29 @@ class GuideOptions(BaseModel):
     every: int = Field(500, ge=1, description="evaluations between insertions of the guide's best")
     share: float = Field(0.25, gt=0.0, lt=1.0, description="fraction of evaluations the guide spends")
     options: dict[str, Any] = Field(default_factory=dict, description="the guide strategy's own options")
+    max_elements: int = Field(4, ge=0, description="over checkpoint seeds: how many of the guide's merges "
+                              "may join the basis as new elements (each costs one model-sized buffer per process)")
 
 
 class Guide:
     def __init__(self, options: GuideOptions, problem: Problem, seed: int) -> None:
         from evomerge.strategies import build_strategy
 
-        if problem.space.kind == "recipe" and (options.source == "dam" or options.options.get("method") in ("ties", "dare_ties")):
-            raise ValueError(f"strategy.options.guide: from {options.source} with these options makes genomes that are "
-                             "not recipes, so they cannot join an archive over checkpoint seeds; use from: cmaes with "
-                             "method linear or task_arithmetic")
         self.options = options
         self.period = max(2, round(1.0 / options.share))
         # The guide gets its own copy of the problem: DAM may swap in its own genome space.
         self.strategy = build_strategy(options.source, options.options, dataclasses.replace(problem), seed + 7919)
         self.space = problem.space
+        # The guide's own space packs its genomes (DAM swaps in a column space, CMA-ES a layer-wise one).
+        self.own_space = self.strategy.problem.space
         self.asks = 0
         self.told = 0
         self.best: dict[str, Any] | None = None  # member_id, train, genome, scores, generation
         self.inserted: set[int] = set()
 
     def wants_turn(self) -> bool:
+        if self.strategy.exhausted:  # e.g. DAM has offered its trained merge: the rest goes to M2N2
+            return False
         self.asks += 1
         return self.asks % self.period == 0
 
@@ -68,12 +73,20 @@ class Guide:
                          "scores": np.asarray(evaluation.scores, dtype=np.float64), "generation": candidate.generation}
 
     def _insertable(self, genome: Any) -> bool:
-        """The archive holds genomes of its own space: dense vectors, or recipes over the same seeds."""
-        return isinstance(genome, Recipe) if self.space.kind == "recipe" else isinstance(genome, np.ndarray)
+        """Dense vectors join a dense archive; over seeds, recipes join as they are and other merges
+        (anything that materialises from the seeds) as new basis elements."""
+        if self.space.kind != "recipe":
+            return isinstance(genome, np.ndarray)
+        return isinstance(genome, Recipe) or hasattr(genome, "materialise")
+
+    def needs_element(self, genome: Any) -> bool:
+        return self.space.kind == "recipe" and not isinstance(genome, Recipe)
 
     def due(self, total_told: int) -> dict[str, Any] | None:
         """The guide's best, when an insertion is due and it has not joined the archive yet."""
         if total_told % self.options.every or self.best is None or self.best["member_id"] in self.inserted:
+            return None
+        if self.needs_element(self.best["genome"]) and len(self.space.extensions) >= self.options.max_elements:
             return None
         self.inserted.add(self.best["member_id"])
         return self.best
@@ -85,7 +98,7 @@ class Guide:
         best_meta = None
         if self.best is not None:
             best_meta = {k: self.best[k] for k in ("member_id", "train", "generation")}
-            out.update(self.space.pack([self.best["genome"]], "best"))
+            out.update(self.own_space.pack([self.best["genome"]], "best"))
             out["best/scores"] = self.best["scores"]
         return {"inner": meta, "asks": self.asks, "told": self.told, "best": best_meta,
                 "inserted": sorted(self.inserted)}, out
@@ -96,5 +109,5 @@ class Guide:
         self.inserted = {int(i) for i in meta["inserted"]}
         self.best = None
         if meta["best"] is not None:
-            self.best = {**meta["best"], "genome": self.space.unpack(arrays, "best")[0],
+            self.best = {**meta["best"], "genome": self.own_space.unpack(arrays, "best")[0],
                          "scores": np.asarray(arrays["best/scores"], dtype=np.float64)}

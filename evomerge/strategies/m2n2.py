@@ -12,10 +12,11 @@ import numpy as np
 from pydantic import Field
 
 from evomerge.errors import FitnessError
+from evomerge.genomes.elements import pack_elements, unpack_elements
 from evomerge.strategies import STRATEGIES
 from evomerge.strategies.base import Candidate, Evaluation, Problem, Strategy, StrategyOptions
 from evomerge.strategies.guide import Guide, GuideOptions
-from evomerge.strategies.niches import choose_parents, replacement_slot
+from evomerge.strategies.niches import Niches, replacement_slot
 
 
 class M2N2Options(StrategyOptions):
@@ -58,6 +59,7 @@ class M2N2(Strategy):
         self.scores = np.zeros((size, problem.num_datapoints), dtype=np.float64)
         self.ids = np.full(size, -1, dtype=np.int64)
         self.generations = np.zeros(size, dtype=np.int64)
+        self._niches = Niches(opts.alpha)  # F and f of `scores`, kept until the archive changes
         self.init_issued = 0
         self.init_told = 0
         self.init_target = self.space.num_seeds or self.options.init_members
@@ -88,7 +90,7 @@ class M2N2(Strategy):
             if guided is not None:
                 return guided
         opts = self.options
-        a, b = choose_parents(self.scores, filled, opts.alpha, opts.attraction, self.rng)
+        a, b = self._niches.choose_parents(self.scores, filled, opts.attraction, self.rng)
         params: dict[str, float | int] = {"parent_a": int(self.ids[a]), "parent_b": int(self.ids[b])}
         parent = self.genomes[a]
         size = self.space.size
@@ -120,12 +122,22 @@ class M2N2(Strategy):
         if self.guide is not None:
             best = self.guide.due(self.told)
             if best is not None:  # the baseline's best competes for a slot like any member
-                self._insert(best["genome"], best["scores"], best["member_id"], best["generation"])
+                self._insert_guided(best)
+
+    def _insert_guided(self, best: dict[str, Any]) -> None:
+        genome = best["genome"]
+        if self.guide is not None and self.guide.needs_element(genome):
+            # Grow the basis only for a merge that wins a slot: each element costs a model-sized buffer.
+            if replacement_slot(self.scores, best["scores"], self.options.alpha, filled=self.ids >= 0) is None:
+                return
+            genome = self.space.add_element(genome)
+        self._insert(genome, best["scores"], best["member_id"], best["generation"])
 
     def _insert(self, genome: Any, scores: np.ndarray, member_id: int, generation: int) -> None:
-        slot = replacement_slot(self.scores, scores, self.options.alpha, filled=self.ids >= 0)
+        slot = self._niches.replacement_slot(self.scores, scores, filled=self.ids >= 0)
         if slot is None:
             return
+        self._niches.changed()
         self.genomes[slot] = self.space.copy(genome)
         self.scores[slot] = scores
         self.ids[slot] = member_id
@@ -137,6 +149,9 @@ class M2N2(Strategy):
                 "init_target": self.init_target, "sigma": self.sigma, "told": self.told}
         arrays = {"scores": self.scores, "ids": self.ids, "generations": self.generations,
                   **self.space.pack(self.genomes, "genomes")}
+        extensions = getattr(self.space, "extensions", [])
+        if extensions:
+            arrays.update(pack_elements(extensions, "elements"))
         if self.guide is not None:
             guide_meta, guide_arrays = self.guide.state_dict()
             meta["guide"] = guide_meta
@@ -144,6 +159,8 @@ class M2N2(Strategy):
         return meta, arrays
 
     def load_state_dict(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        if hasattr(self.space, "reset_extensions"):  # merged models that joined the basis, in order
+            self.space.reset_extensions(unpack_elements(arrays, "elements"))
         genomes = self.space.unpack(arrays, "genomes")
         if len(genomes) != len(self.genomes):
             raise ValueError(f"snapshot archive has {len(genomes)} slots, expected {len(self.genomes)}")
@@ -153,6 +170,7 @@ class M2N2(Strategy):
             if arrays[name].shape != current.shape:
                 raise ValueError(f"snapshot array {name!r} has shape {arrays[name].shape}, expected {current.shape}")
             setattr(self, name, np.array(arrays[name], dtype=current.dtype))
+        self._niches.changed()
         self._set_rng_state(meta["rng"])
         self.init_issued = int(meta["init_issued"])
         self.init_told = int(meta["init_told"])

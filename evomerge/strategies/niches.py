@@ -6,6 +6,8 @@ Empty archive slots are rows of zeros, which give them zero fitness and zero att
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 
@@ -37,13 +39,25 @@ def choose_parents(
 ) -> tuple[int, int]:
     """Draw parent A by shared fitness, then B by attraction to A (or by fitness when disabled)."""
     shared = shared_scores(scores, alpha)
-    fitness = shared.sum(axis=1)
+    return choose_parents_shared(shared, shared.sum(axis=1), filled, use_attraction, rng)
+
+
+def choose_parents_shared(
+    shared: np.ndarray,
+    fitness: np.ndarray,
+    filled: np.ndarray,
+    use_attraction: bool,
+    rng: np.random.Generator,
+    pull_of: Callable[[int], np.ndarray] | None = None,
+) -> tuple[int, int]:
+    """`choose_parents` given F and f already computed, so a strategy can reuse them between
+    archive changes; `pull_of(a)` may serve attraction(shared, a) from a cache. Same draws."""
     slots = np.flatnonzero(filled)
     if slots.size == 0:
         raise ValueError("cannot choose parents from an empty archive")
     a = int(_draw(rng, fitness, slots))
     if use_attraction:
-        pull = attraction(shared, a)
+        pull = pull_of(a) if pull_of is not None else attraction(shared, a)
         others = slots[slots != a]
         if pull.sum() > 0:
             b = int(_draw(rng, pull, slots))
@@ -58,12 +72,18 @@ def choose_parents(
 
 
 def _draw(rng: np.random.Generator, weights: np.ndarray, slots: np.ndarray) -> int:
-    """Draw a slot with probability proportional to weight; uniform over `slots` if all are zero."""
+    """Draw a slot with probability proportional to weight; uniform over `slots` if all are zero.
+
+    Exactly `rng.choice(slots, p=w / w.sum())` (same stream, same result; a test pins that), minus
+    its argument checks, which cost more than the draw itself twice per child.
+    """
     w = np.clip(weights[slots], 0.0, None)
     total = w.sum()
     if total <= 0 or not np.isfinite(total):
         return int(rng.choice(slots))
-    return int(rng.choice(slots, p=w / total))
+    cdf = np.cumsum(w / total)
+    cdf /= cdf[-1]
+    return int(slots[cdf.searchsorted(rng.random(), side="right")])
 
 
 def replacement_slot(scores: np.ndarray, child_scores: np.ndarray, alpha: float,
@@ -80,3 +100,75 @@ def replacement_slot(scores: np.ndarray, child_scores: np.ndarray, alpha: float,
     extended = np.vstack([scores, np.asarray(child_scores, dtype=np.float64)[None, :]])
     worst = int(np.argmin(niche_fitness(extended, alpha)))
     return None if worst == scores.shape[0] else worst
+
+
+class Niches:
+    """The competition state of one archive, recomputed only when the archive changes.
+
+    Every ask needs F and f and every tell needs f of the archive plus the child; recomputing them
+    from S each time cost more than the rest of M2N2's bookkeeping. The owner calls `changed()`
+    whenever S changes. Results are bitwise those of the pure functions above: the same float64
+    operations in the same order (tests/test_throughput_niches.py checks it), so caching never
+    changes a search.
+    """
+
+    def __init__(self, alpha: float) -> None:
+        self.alpha = alpha
+        self._load: np.ndarray | None = None  # z of the archive
+        self._shared: np.ndarray | None = None
+        self._fitness: np.ndarray | None = None
+        self._pull: dict[int, np.ndarray] = {}
+        self._extended: np.ndarray | None = None  # scratch (P + 1, N) for replacement
+
+    def changed(self) -> None:
+        self._load = self._shared = self._fitness = None
+        self._pull.clear()
+
+    def _refresh(self, scores: np.ndarray) -> None:
+        if self._shared is None:
+            scores = np.asarray(scores, dtype=np.float64)
+            self._load = scores.sum(axis=0)
+            self._shared = shared_scores(scores, self.alpha)
+            self._fitness = self._shared.sum(axis=1)
+
+    def fitness(self, scores: np.ndarray) -> np.ndarray:
+        self._refresh(scores)
+        assert self._fitness is not None
+        return self._fitness
+
+    def choose_parents(self, scores: np.ndarray, filled: np.ndarray, use_attraction: bool,
+                       rng: np.random.Generator) -> tuple[int, int]:
+        self._refresh(scores)
+        assert self._shared is not None and self._fitness is not None
+        return choose_parents_shared(self._shared, self._fitness, filled, use_attraction, rng, self._pull_of)
+
+    def _pull_of(self, a: int) -> np.ndarray:
+        pull = self._pull.get(a)
+        if pull is None:
+            assert self._shared is not None
+            pull = self._pull[a] = attraction(self._shared, a)
+        return pull
+
+    def replacement_slot(self, scores: np.ndarray, child_scores: np.ndarray,
+                         filled: np.ndarray | None = None) -> int | None:
+        """`replacement_slot` without stacking: z of the archive plus the child's row, then F and f
+        of the extended archive in a reused buffer."""
+        if filled is not None and not np.all(filled):
+            return int(np.argmin(filled))
+        self._refresh(scores)
+        assert self._load is not None
+        child = np.asarray(child_scores, dtype=np.float64)
+        rows, cols = scores.shape
+        # Adding the child's row last is what summing the stacked matrix over axis 0 does.
+        load = self._load + child
+        covered = load > 0
+        if self._extended is None or self._extended.shape != (rows + 1, cols):
+            self._extended = np.empty((rows + 1, cols), dtype=np.float64)
+        ext = self._extended
+        denominator = np.where(covered, load, 1.0) ** self.alpha
+        np.divide(scores, denominator, out=ext[:rows])
+        np.divide(child, denominator, out=ext[rows])
+        if not covered.all():
+            ext[:, ~covered] = 0.0
+        worst = int(np.argmin(ext.sum(axis=1)))
+        return None if worst == rows else worst

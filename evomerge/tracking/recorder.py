@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import queue
 import threading
+from datetime import timezone
 from typing import Any, Iterable
 
 import optuna
-from optuna.distributions import FloatDistribution, IntDistribution
-from optuna.trial import TrialState, create_trial
+from optuna.distributions import FloatDistribution, IntDistribution, distribution_to_json
+from optuna.storages.journal import JournalFileBackend, JournalStorage
+from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from evomerge.engine.population import EvalRecord
 from evomerge.tracking.rdb_writer import bulk_writer_for
@@ -42,6 +44,65 @@ def record_to_trial(record: EvalRecord) -> optuna.trial.FrozenTrial:
                         intermediate_values=record.intermediate)
 
 
+# Optuna majors whose journal CREATE_TRIAL entry `JournalBulkWriter` writes (tests compare the two).
+JOURNAL_TESTED_MAJORS = ("4", "5")
+_CREATE_TRIAL = 4  # optuna.storages.journal._storage.JournalOperation.CREATE_TRIAL
+
+
+class JournalBulkWriter:
+    """Appends a batch of finished trials to a journal file in one locked, fsynced write.
+
+    `study.add_trials` on a journal costs a file lock, an fsync and a read-back of the file per
+    trial: about 0.4 ms of the driver's CPU per evaluation, on a machine whose cores run the
+    workers. The entries written are those `add_trials` writes (the same CREATE_TRIAL operation,
+    built the same way, after the same validation), so the study reads back the same. Other
+    processes see them as they would see add_trials' entries; this process's study object reads
+    them on its next access.
+    """
+
+    def __init__(self, study: optuna.Study) -> None:
+        storage = study._storage
+        self.study = study
+        self._storage = storage
+        self._backend: JournalFileBackend = storage._backend
+        self._study_id = study._study_id
+        self._objectives = len(study.directions)
+
+    @staticmethod
+    def supports(study: optuna.Study) -> bool:
+        storage = study._storage
+        return (type(storage) is JournalStorage and type(getattr(storage, "_backend", None)) is JournalFileBackend
+                and optuna.__version__.split(".")[0] in JOURNAL_TESTED_MAJORS)
+
+    def write(self, trials: list[FrozenTrial]) -> None:
+        entries = [self._entry(trial) for trial in trials]  # validate them all before writing any
+        worker_id = self._storage._replay_result.worker_id
+        with self._storage._thread_lock:
+            self._backend.append_logs([{"op_code": _CREATE_TRIAL, "worker_id": worker_id, **e} for e in entries])
+
+    def _entry(self, trial: FrozenTrial) -> dict[str, Any]:
+        """What `JournalStorage.create_new_trial(study_id, template_trial=trial)` logs."""
+        trial._validate()
+        if trial.values is not None and len(trial.values) != self._objectives:
+            raise ValueError(f"a trial has {len(trial.values)} values but the study has {self._objectives} objectives")
+        entry: dict[str, Any] = {"study_id": self._study_id, "datetime_start": None, "state": trial.state}
+        if trial.values is not None and len(trial.values) > 1:
+            entry["value"], entry["values"] = None, trial.values
+        else:
+            entry["value"], entry["values"] = trial.value, None
+        if trial.datetime_start:
+            entry["datetime_start"] = trial.datetime_start.astimezone(timezone.utc).isoformat(timespec="microseconds")
+        if trial.datetime_complete:
+            entry["datetime_complete"] = trial.datetime_complete.astimezone(timezone.utc).isoformat(
+                timespec="microseconds")
+        entry["distributions"] = {k: distribution_to_json(d) for k, d in trial.distributions.items()}
+        entry["params"] = {k: trial.distributions[k].to_internal_repr(v) for k, v in trial.params.items()}
+        entry["user_attrs"] = trial.user_attrs
+        entry["system_attrs"] = trial.system_attrs
+        entry["intermediate_values"] = trial.intermediate_values
+        return entry
+
+
 class TrialRecorder:
     def __init__(self, storage: Any, study_name: str, *, create: bool = True,
                  study_attrs: dict[str, Any] | None = None) -> None:
@@ -58,8 +119,11 @@ class TrialRecorder:
         else:
             self.study = optuna.load_study(storage=storage, study_name=study_name)
         # SQLite/PostgreSQL at the schema the bulk writer was tested against: one transaction per
-        # batch instead of ~25 statements per trial. Anything else (the journal file): add_trials.
-        self._bulk = bulk_writer_for(self.study)
+        # batch instead of ~25 statements per trial; a journal file: one locked write per batch.
+        # Anything else: add_trials.
+        self._bulk: Any = bulk_writer_for(self.study)
+        if self._bulk is None and JournalBulkWriter.supports(self.study):
+            self._bulk = JournalBulkWriter(self.study)
         self._queue: queue.Queue[Any] = queue.Queue()
         self._error: BaseException | None = None
         self.written = 0
