@@ -37,6 +37,16 @@ class SlowDigits(DigitsTask):
         return super().evaluate(params)
 
 
+class SlowerDigits(DigitsTask):
+    """20 ms per candidate: time to watch snapshots appear and kill a worker between them."""
+
+    def evaluate(self, params: np.ndarray) -> np.ndarray:
+        import time
+
+        time.sleep(0.02)
+        return super().evaluate(params)
+
+
 class KillerDigits(DigitsTask):
     """Kills its own worker process on about 1 in 25 candidates: a child that always crashes its worker."""
 

@@ -165,3 +165,17 @@ def test_max_elements_caps_basis_growth():
     strategy = M2N2(options, _digits_problem(), seed=2)
     _run(strategy, 0, 100)
     assert len(strategy.space.extensions) <= 1
+
+
+def test_recipe_space_snapshots_guide_genomes_among_recipes():
+    """In flight and best may be a DAM candidate: the population packs them through the recipe space."""
+    from evomerge.genomes.columns import ColumnLayout
+
+    layout = ColumnLayout.from_tensors([("w", (4, 2))], lambda n, s: 1)
+    basis = Basis.from_arrays([np.ones(8, np.float32), np.arange(8, dtype=np.float32)])
+    space = RecipeSpace(basis.prefix_gram(), basis)
+    mixed = [space.seed_genome(0), ColumnGenome.uniform(layout, 2), None, space.seed_genome(1)]
+    arrays = space.pack(mixed, "inflight")
+    back = space.unpack(arrays, "inflight")
+    assert back[2] is None and isinstance(back[1], ColumnGenome) and back[1].equals(mixed[1])
+    assert back[0].equals(mixed[0]) and back[3].equals(mixed[3])

@@ -73,3 +73,39 @@ def test_child_that_keeps_killing_its_worker_is_marked_failed(ray_session, tmp_p
     assert failed and summary["failed"] == len(failed)
     assert all("worker died 2 times" in t.user_attrs["error"] for t in failed)
     assert sorted(t.user_attrs["member_id"] for t in trials) == list(range(80))
+
+
+def test_restarted_worker_rebuilds_the_added_basis_elements(ray_session, tmp_path):
+    """DAM's merge has joined the recipe basis; a worker killed after that comes back with a
+    fresh basis and must rebuild the element before it can evaluate children that use it."""
+    from evomerge.snapshots import load_snapshot
+
+    budget = 400
+    guide = {"from": "dam", "every": 10, "share": 0.25, "options": {"steps": 20, "eval_every": 5, "batch_size": 64}}
+    config = digits_config("elements", seeds="task", genome={"kind": "recipe"},
+                           fitness={"task": "flaky_tasks:SlowerDigits", "options": {"train_size": 300}},
+                           strategy={"name": "m2n2", "options": {"guide": guide}},
+                           budget={"evaluations": budget}, snapshots={"every": 40})
+    result = {}
+    search = threading.Thread(target=lambda: result.update(
+        summary=run_search(config, SearchOptions(out_dir=tmp_path / "run", progress=False))))
+    search.start()
+    killed, had_elements = None, False
+    deadline = time.monotonic() + 120
+    snaps = tmp_path / "run" / "snapshots"
+    while killed is None and time.monotonic() < deadline and search.is_alive():
+        steps = sorted(snaps.glob("step-*")) if snaps.exists() else []
+        if steps and int(steps[-1].name.split("-")[1]) >= 120:
+            _, arrays = load_snapshot(steps[-1])
+            had_elements = "strategy/elements/kinds" in arrays
+            pids = _worker_pids()
+            if pids:
+                killed = pids[0]
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    search.join(timeout=300)
+    assert killed is not None, "never got to kill a fitness worker mid-search"
+    assert had_elements, "DAM's merge had not joined the basis before the kill; the test proves nothing"
+    summary = result["summary"]
+    assert summary["evaluations"] == budget and summary["failed"] == 0
+    assert len(_trials(summary)) == budget

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from evomerge.genomes.dense import split_slerp
+from evomerge.genomes.elements import pack_elements, unpack_elements
 from evomerge.genomes.recipe import PrefixGram, Recipe, pack_recipes, recipe_split_slerp, unpack_recipes
 
 
@@ -136,7 +137,17 @@ class RecipeSpace:
         return genome  # recipes are never modified in place
 
     def pack(self, genomes: list[Any], prefix: str) -> dict[str, np.ndarray]:
-        return pack_recipes(list(genomes), prefix)
+        """Recipes, plus any guide genomes among them (a DAM candidate in flight, or the best)."""
+        arrays = pack_recipes([g if isinstance(g, Recipe) else None for g in genomes], prefix)
+        others = [(i, g) for i, g in enumerate(genomes) if g is not None and not isinstance(g, Recipe)]
+        if others:
+            arrays[f"{prefix}/merged/index"] = np.array([i for i, _ in others], dtype=np.int64)
+            arrays.update(pack_elements([g for _, g in others], f"{prefix}/merged"))
+        return arrays
 
     def unpack(self, arrays: dict[str, np.ndarray], prefix: str) -> list[Any]:
-        return unpack_recipes(arrays, prefix)
+        genomes: list[Any] = list(unpack_recipes(arrays, prefix))
+        if f"{prefix}/merged/index" in arrays:
+            for i, genome in zip(arrays[f"{prefix}/merged/index"].tolist(), unpack_elements(arrays, f"{prefix}/merged")):
+                genomes[i] = genome
+        return genomes
