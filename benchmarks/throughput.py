@@ -7,9 +7,10 @@
 Rates are steady-state (first result to last), so Ray's actor start-up is not counted; the whole
 wall time is printed too. Optuna recording (journal file) is on, as in a real search.
 
-On Linux the CPU time of every process of the embedded Ray session (driver, population actor,
-workers, raylet) is printed per evaluation for the digits runs: on 2 cores the workers share
-them with everything else, so this is where the 2-worker scaling goes.
+On Linux the steady-state CPU time of every process of the embedded Ray session (driver,
+population actor, workers, raylet) is printed per evaluation for the digits runs: on 2 cores the
+workers share them with everything else, so this is where the 2-worker scaling goes.
+`--batch` overrides `workers.batch` for every engine run (default: the configs' own).
 """
 
 from __future__ import annotations
@@ -28,19 +29,24 @@ from evomerge.report import format_table
 
 
 class ProcessCPU:
-    """CPU seconds of this process and its descendants (Ray's processes), sampled from /proc while
-    a run goes on, since actors exit before a final reading could be taken. Linux only."""
+    """CPU seconds per evaluation of this process and its descendants (Ray's processes) in steady
+    state: /proc is sampled while the run goes on, with the number of trials in the journal, and
+    only the stretch between 10% and 90% of the evaluations counts (not actor start-up, nor the
+    plots and export at the end). Linux only."""
 
-    def __init__(self, interval: float = 0.25) -> None:
+    def __init__(self, journal: Path, interval: float = 0.25) -> None:
         self.available = os.path.isdir("/proc/self/task")
+        self.journal = journal
         self.interval = interval
-        self.seen: dict[int, tuple[str, float]] = {}
+        self.samples: list[tuple[int, dict[int, tuple[str, float]]]] = []  # (trials, {pid: (name, cpu)})
+        self.names: dict[int, str] = {}
+        self._offset = 0
+        self._trials = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> "ProcessCPU":
         if self.available:
-            self.start = self._sample()
             self._thread.start()
         return self
 
@@ -48,11 +54,23 @@ class ProcessCPU:
         if self.available:
             self._stop.set()
             self._thread.join()
-            self.seen.update(self._sample())
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            self.seen.update(self._sample())
+            self.samples.append((self._count_trials(), self._sample()))
+
+    def _count_trials(self) -> int:
+        """Journal lines written so far (one per trial, plus a few for the study), read incrementally."""
+        try:
+            with open(self.journal, "rb") as f:
+                f.seek(self._offset)
+                chunk = f.read()
+        except OSError:
+            return self._trials
+        complete = chunk.rfind(b"\n") + 1
+        self._trials += chunk[:complete].count(b"\n")
+        self._offset += complete
+        return self._trials
 
     def _sample(self) -> dict[int, tuple[str, float]]:
         parents: dict[int, int] = {}
@@ -79,19 +97,24 @@ class ProcessCPU:
             except OSError:
                 continue
             name = "driver" if pid == os.getpid() else _process_name(cmd)
-            if pid in self.seen and name == "other":
-                name = self.seen[pid][0]  # an exiting process loses its command line
+            if name == "other" and pid in self.names:
+                name = self.names[pid]  # an exiting process loses its command line
+            self.names[pid] = name
             out[pid] = (name, (int(fields[11]) + int(fields[12])) / tick)
         return out
 
-    def per_evaluation(self, evaluations: int) -> dict[str, float]:
-        """Milliseconds of CPU per evaluation, summed by process name."""
+    def per_evaluation(self, evaluations: int) -> dict[str, float] | None:
+        """Milliseconds of CPU per evaluation in steady state, summed by process name."""
+        window = [(n, cpu) for n, cpu in self.samples if 0.1 * evaluations <= n <= 0.9 * evaluations]
+        if len(window) < 2 or window[-1][0] <= window[0][0]:
+            return None
+        (n0, first), (n1, last) = window[0], window[-1]
         totals: dict[str, float] = {}
-        for pid, (name, seconds) in self.seen.items():
-            used = seconds - self.start.get(pid, (name, 0.0))[1]
+        for pid, (name, seconds) in last.items():
+            used = seconds - first.get(pid, (name, 0.0))[1]
             if used > 0:
                 totals[name] = totals.get(name, 0.0) + used
-        return {name: 1e3 * seconds / evaluations for name, seconds in totals.items()}
+        return {name: 1e3 * seconds / (n1 - n0) for name, seconds in totals.items()}
 
 
 def _process_name(cmdline: str) -> str:
@@ -122,7 +145,7 @@ def engine_rate(population: str, overrides: dict, workers: int, out: Path) -> di
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     config = load_population(population, {**overrides, "workers.count": workers})
-    with ProcessCPU() as cpu:
+    with ProcessCPU(out / "optuna.journal") as cpu:
         summary = run_search(config, SearchOptions(out_dir=out, progress=False, overwrite=True))
     return {"mode": f"ray engine ({population})", "workers": workers,
             "rate": summary["steady_evals_per_second"], "wall": summary["wall_seconds"],
@@ -163,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(("mode", "workers", "batch", "evaluations", "evals/s", "wall s"),
                        [(r["mode"], r["workers"], r.get("batch", "-"), r["evaluations"], round(r["rate"], 1),
                          round(r["wall"], 1)) for r in rows]))
-    if one.get("cpu_ms_per_eval"):
-        print("\nCPU ms per evaluation, by process (digits; the machine's other load not included):")
+    if one.get("cpu_ms_per_eval") and two.get("cpu_ms_per_eval"):
+        print("\nCPU ms per evaluation in steady state, by process (digits; other load on the machine not"
+              " included):")
         names = sorted({*one["cpu_ms_per_eval"], *two["cpu_ms_per_eval"]},
                        key=lambda n: -two["cpu_ms_per_eval"].get(n, 0.0))
         print(format_table(("process", "1 worker", "2 workers"),

@@ -40,8 +40,8 @@ class WorkersSpec(_Strict):
     num_cpus: float = Field(1.0, gt=0)
     num_gpus: float = Field(0.0, ge=0)
     batch: Union[int, Literal["auto"]] = Field(
-        4, description="children sent per worker call; amortises Ray overhead. 'auto': about 25 ms of "
-                       "fitness work per call (at most 64 children), 4 in sync mode")
+        "auto", description="children sent per worker call; amortises Ray overhead. 'auto': about 25 ms "
+                            "of fitness work per call (at most 64 children), 4 in sync mode")
     pipeline: int = Field(2, ge=1, description="batches queued per worker, so it never waits for the next")
     max_restarts: int = Field(3, ge=0, description="deaths in a row before a worker is given up on")
     max_retries_per_child: int = Field(2, ge=0, description="re-sends of a child whose worker died")
