@@ -88,9 +88,6 @@ class RecipeSpace:
     def num_elements(self) -> int:
         return self.gram.num_seeds
 
-    def holds(self, genome: Any) -> bool:
-        return isinstance(genome, Recipe)
-
     def add_element(self, genome: Any) -> Recipe:
         """Make a merged model (anything with `materialise(basis)`) a basis element; its recipe."""
         if self.basis is None:
