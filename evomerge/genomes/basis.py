@@ -46,13 +46,16 @@ class Basis:
         return self.num_seeds + len(self.extra)
 
     def add_element(self, vector: torch.Tensor) -> int:
-        """Append a materialised model as a new element; returns its index among the elements."""
+        """Append a materialised model as a new element; returns its index among the elements.
+
+        The basis keeps `vector` itself (no model-sized copy): pass a tensor nobody writes to again.
+        """
         vector = vector.detach().to(torch.float32).reshape(-1)
         if vector.numel() != self.size:
             raise ValueError(f"a new basis element needs {self.size} values, got {vector.numel()}")
         if not bool(torch.isfinite(vector).all()):
             raise ValueError("a new basis element holds NaN or inf; it cannot join the basis")
-        self.extra.append(vector.clone())
+        self.extra.append(vector.contiguous())
         return self.num_elements - 1
 
     def drop_extra(self) -> None:

@@ -125,8 +125,9 @@ class M2N2(Strategy):
                 self._insert_guided(best)
 
     def _insert_guided(self, best: dict[str, Any]) -> None:
+        assert self.guide is not None
         genome = best["genome"]
-        if self.guide is not None and self.guide.needs_element(genome):
+        if self.guide.needs_element(genome):
             # Grow the basis only for a merge that wins a slot: each element costs a model-sized buffer.
             if replacement_slot(self.scores, best["scores"], self.options.alpha, filled=self.ids >= 0) is None:
                 return
