@@ -43,6 +43,9 @@ class WorkersSpec(_Strict):
         "auto", description="children sent per worker call; amortises Ray overhead. 'auto': about 25 ms "
                             "of fitness work per call (at most 64 children), 4 in sync mode")
     pipeline: int = Field(2, ge=1, description="batches queued per worker, so it never waits for the next")
+    breed_on_workers: bool = Field(
+        True, description="dense children travel as their lineage and workers breed them (parents are "
+                          "sent once per worker); false: the population breeds and ships every child")
     max_restarts: int = Field(3, ge=0, description="deaths in a row before a worker is given up on")
     max_retries_per_child: int = Field(2, ge=0, description="re-sends of a child whose worker died")
 

@@ -78,3 +78,27 @@ def test_recorder_uses_the_bulk_writer_for_a_journal(tmp_path):
     trials = recorder.study.get_trials(deepcopy=False)
     assert [t.number for t in trials] == list(range(25))
     assert [t.user_attrs["member_id"] for t in trials] == list(range(25))
+
+
+def test_records_written_straight_equal_the_frozen_trial_path(tmp_path):
+    """`write_records` skips the FrozenTrials; the journal must not notice (only the times,
+    taken once per batch, differ)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    records = _records(40)
+    via_trials = _study(tmp_path / "a.journal")
+    JournalBulkWriter(via_trials).write([record_to_trial(r) for r in records])
+    straight = _study(tmp_path / "b.journal")
+    writer = JournalBulkWriter(straight)
+    for start, stop in ((0, 1), (1, 13), (13, 40)):
+        writer.write_records(records[start:stop])
+
+    def without_times(entries: list[dict]) -> list[dict]:
+        return [{k: v for k, v in e.items() if not k.startswith("datetime")} for e in entries]
+
+    a, b = _entries(tmp_path / "a.journal"), _entries(tmp_path / "b.journal")
+    assert len(b) == len(a) == 41  # the study's creation, then one entry per trial
+    assert without_times(b) == without_times(a)
+    assert all(e["datetime_start"] == e["datetime_complete"] for e in b[1:])
+    fresh = optuna.load_study(study_name="s", storage=JournalStorage(JournalFileBackend(str(tmp_path / "b.journal"))))
+    assert [_view(t)[:8] for t in fresh.get_trials(deepcopy=False)] == \
+        [_view(t)[:8] for t in via_trials.get_trials(deepcopy=False)]

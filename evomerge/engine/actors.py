@@ -60,6 +60,8 @@ class PopulationActor:
     def __init__(self, config_json: dict[str, Any], workers: list[Any]) -> None:
         config = SearchConfig.model_validate(config_json)
         self.population = build_population(config)
+        # Workers breed dense children from their lineage: see evomerge/genomes/offspring.py.
+        self.population.strategy.problem.space.defer_breeding = config.workers.breed_on_workers
         self.dispatcher = Dispatcher(
             self.population, workers, batch=config.workers.batch, sync=config.sync,
             max_retries_per_child=config.workers.max_retries_per_child,
@@ -84,7 +86,7 @@ class PopulationActor:
             return None
         return {"member_id": best.member_id, "train_score": best.train_score, "test_score": best.test_score,
                 "generation": best.generation, "parents": best.parents,
-                "genome": best.genome, "elements": self.population.basis_elements}
+                "genome": self.population.strategy.problem.space.realise(best.genome), "elements": self.population.basis_elements}
 
 
 RemotePopulation = ray.remote(num_cpus=0)(PopulationActor)

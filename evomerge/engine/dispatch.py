@@ -19,6 +19,7 @@ import ray
 from ray.exceptions import RayActorError
 
 from evomerge.engine.population import EvalRecord, Population
+from evomerge.genomes.offspring import ParentMirror
 from evomerge.strategies.base import Candidate, Evaluation
 
 try:  # newer Ray raises this while an actor is restarting
@@ -90,6 +91,7 @@ class Dispatcher:
         # otherwise its re-sent children would burn their retries against a restarting actor.
         self.recovering: dict[Any, int] = {}
         self._elements_ref: tuple[int, list[Any]] | None = None
+        self.mirror = ParentMirror(len(workers))  # which archive members each worker holds
 
     # -- public ----------------------------------------------------------------------------
     def requeue(self, candidates: list[Candidate]) -> None:
@@ -159,8 +161,9 @@ class Dispatcher:
         return self._elements_ref
 
     def _submit(self, worker_index: int, batch: list[Candidate]) -> Any:
-        ref = self.workers[worker_index].evaluate.remote([(c.member_id, c.genome) for c in batch],
-                                                         self._elements())
+        genomes, parents = self.mirror.wire(worker_index, [c.genome for c in batch])
+        ref = self.workers[worker_index].evaluate.remote([(c.member_id, g) for c, g in zip(batch, genomes)],
+                                                         self._elements(), parents or None)
         self.inflight[ref] = (worker_index, batch)
         self.load[worker_index] += 1
         return ref
@@ -189,7 +192,7 @@ class Dispatcher:
             worker_index, batch = self.inflight.pop(ref)
             self.load[worker_index] -= 1
             try:
-                evaluations: list[Evaluation] = ray.get(ref)
+                evaluations, stale = ray.get(ref)
             except WORKER_ERRORS as exc:
                 failed, again = self._handle_death(worker_index, batch, exc)
                 self.retry.extend(again)
@@ -197,13 +200,24 @@ class Dispatcher:
             else:
                 self.failed_calls[worker_index] = 0
                 self.sizer.observe(evaluations)
+                self.retry.extend(self._stale(worker_index, batch, stale))
             records.extend(self.population.tell(e) for e in evaluations)
         return records
+
+    def _stale(self, worker_index: int, batch: list[Candidate], stale: list[int]) -> list[Candidate]:
+        """Children the worker could not breed (its parent cache was not what we thought: it
+        restarted unnoticed): not its fault, so no retry is used up; its cache is sent afresh."""
+        if not stale:
+            return []
+        self.mirror.forget(worker_index)
+        wanted = set(stale)
+        return [c for c in batch if c.member_id in wanted]
 
     def _handle_death(self, worker_index: int, batch: list[Candidate],
                       exc: BaseException) -> tuple[list[Evaluation], list[Candidate]]:
         """Count the death; return the children that have used up their retries (as failures)
         and those that should go out again."""
+        self.mirror.forget(worker_index)
         self.failed_calls[worker_index] += 1
         if self.failed_calls[worker_index] > self.max_failed_calls:
             self.dead.add(worker_index)
@@ -250,8 +264,9 @@ class Dispatcher:
                 worker_index, batch = self.inflight.pop(ref)
                 self.load[worker_index] -= 1
                 try:
-                    evaluations = ray.get(ref)
+                    evaluations, stale = ray.get(ref)
                     self.failed_calls[worker_index] = 0
+                    self._stale(worker_index, batch, stale)  # they stay pending: sent again below
                 except WORKER_ERRORS as exc:
                     evaluations, _ = self._handle_death(worker_index, batch, exc)
                 for evaluation in evaluations:

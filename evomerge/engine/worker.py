@@ -18,6 +18,7 @@ from evomerge.config import SearchConfig
 from evomerge.engine.basis_spec import build_basis, genome_kind
 from evomerge.genomes.columns import ColumnGenome
 from evomerge.genomes.layerwise import LayerwiseGenome
+from evomerge.genomes.offspring import Lineage, ParentCache, StaleParents
 from evomerge.genomes.recipe import Recipe
 from evomerge.strategies.base import Evaluation
 from evomerge.tasks import FitnessTask, build_task
@@ -32,14 +33,37 @@ class FitnessWorker:
                                             seed=config.seed * 1000 + index)
         self.basis = build_basis(config, self.task) if genome_kind(config) == "recipe" else None
         self._buffer: torch.Tensor | None = None
+        self.parents = ParentCache()  # archive members sent to this worker, to breed children from
 
     def pid(self) -> int:
         return os.getpid()
 
-    def evaluate(self, batch: list[tuple[int, Any]], elements: Any = None) -> list[Evaluation]:
+    def evaluate(self, batch: list[tuple[int, Any]], elements: Any = None,
+                 parents: list[tuple[int, int, np.ndarray]] | None = None) -> tuple[list[Evaluation], list[int]]:
+        """Scores for the batch, and the member ids of children whose parents this worker does
+        not hold (it restarted, or calls crossed): the dispatcher sends those again, whole."""
         if elements is not None:
             self.sync_elements(elements)
-        return [self.evaluate_one(member_id, genome) for member_id, genome in batch]
+        if parents:
+            self.parents.update(parents)
+        evaluations: list[Evaluation] = []
+        stale: list[int] = []
+        for member_id, genome in batch:
+            start = time.perf_counter()
+            if isinstance(genome, Lineage):
+                try:
+                    genome = self.parents.breed(genome)
+                except StaleParents:
+                    stale.append(member_id)
+                    continue
+                except Exception as exc:  # a bad lineage fails its child, not the worker
+                    evaluations.append(Evaluation(member_id, None, None, f"breeding the child failed: {exc!r}",
+                                                  time.perf_counter() - start))
+                    continue
+            evaluation = self.evaluate_one(member_id, genome)
+            evaluation.seconds = time.perf_counter() - start  # breeding is this worker's work too
+            evaluations.append(evaluation)
+        return evaluations, stale
 
     def sync_elements(self, elements: Any) -> None:
         """Hold the same added basis elements as the population, in the same order.

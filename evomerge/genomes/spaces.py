@@ -12,6 +12,7 @@ import numpy as np
 
 from evomerge.genomes.dense import split_slerp
 from evomerge.genomes.elements import pack_elements, unpack_elements
+from evomerge.genomes.offspring import Lineage, Offspring, add_noise, draw_noise_seed, realise
 from evomerge.genomes.recipe import PrefixGram, Recipe, pack_recipes, recipe_split_slerp, unpack_recipes
 
 
@@ -21,6 +22,10 @@ class DenseSpace:
     def __init__(self, size: int, seeds: list[np.ndarray] | None = None) -> None:
         self.size = size
         self.seeds = [np.asarray(s, dtype=np.float32) for s in (seeds or [])]
+        # On: children stay `Offspring` (bred by whoever needs the values: the fitness workers,
+        # or the archive when one enters it). The population actor turns it on; in-process use
+        # gets plain arrays. The children are the same bits either way.
+        self.defer_breeding = False
 
     @property
     def num_seeds(self) -> int:
@@ -39,22 +44,25 @@ class DenseSpace:
         return split_slerp(a, b, split, ratio)
 
     def mutate(self, genome: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
-        # Drawn in float32, the genome's precision: float64 normals cast down cost ~20% more and
-        # carried bits the child never kept. The noise buffer becomes the child (no copy).
-        child = rng.standard_normal(genome.size, dtype=np.float32)
-        child *= np.float32(sigma)
-        child += genome
-        return child
+        return add_noise(genome, sigma, draw_noise_seed(rng))
 
-    def copy(self, genome: np.ndarray) -> np.ndarray:
-        return genome.copy()
+    def breed(self, parents: list[np.ndarray], lineage: Lineage) -> np.ndarray | Offspring:
+        """The child of these parents (one: a mutated copy; two: split-point SLERP, then noise)."""
+        offspring = Offspring(lineage, tuple(parents))
+        return offspring if self.defer_breeding else offspring.materialise()
+
+    def copy(self, genome: np.ndarray | Offspring) -> np.ndarray:
+        return genome.materialise() if isinstance(genome, Offspring) else genome.copy()
+
+    def realise(self, genome: Any) -> Any:
+        return realise(genome)
 
     def pack(self, genomes: list[Any], prefix: str) -> dict[str, np.ndarray]:
         present = np.array([g is not None for g in genomes], dtype=bool)
         values = np.zeros((len(genomes), self.size), dtype=np.float32)
         for i, g in enumerate(genomes):
             if g is not None:
-                values[i] = g
+                values[i] = realise(g)
         return {f"{prefix}/values": values, f"{prefix}/present": present}
 
     def unpack(self, arrays: dict[str, np.ndarray], prefix: str) -> list[Any]:
@@ -130,8 +138,19 @@ class RecipeSpace:
         raise ValueError("strategy.options.mutation_sigma must be 0 with recipe genomes "
                          "(noise on every parameter cannot be written as a recipe); set it to 0")
 
+    def breed(self, parents: list[Recipe], lineage: Lineage) -> Recipe:
+        """Recipes are a few KB and their SLERP needs the Gram matrices: always bred here."""
+        if lineage.sigma > 0:
+            self.mutate(parents[0], lineage.sigma, np.random.default_rng(0))  # raises the config error
+        if len(parents) == 2:
+            return self.crossover(parents[0], parents[1], lineage.split, lineage.ratio)
+        return parents[0]
+
     def copy(self, genome: Recipe) -> Recipe:
         return genome  # recipes are never modified in place
+
+    def realise(self, genome: Any) -> Any:
+        return genome
 
     def pack(self, genomes: list[Any], prefix: str) -> dict[str, np.ndarray]:
         """Recipes, plus any guide genomes among them (a DAM candidate in flight, or the best)."""

@@ -63,6 +63,29 @@ class Evaluation:
     def train_score(self) -> float | None:
         return None if self.scores is None else float(np.mean(self.scores))
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Right/wrong scores (digits, exact match) travel as bits: 32x smaller, which keeps a
+        # worker's reply for a whole batch small enough to skip Ray's object store.
+        return (_evaluation_from_wire, (self.member_id, _scores_to_wire(self.scores), self.test_score,
+                                        self.error, self.seconds))
+
+
+def _scores_to_wire(scores: np.ndarray | None) -> Any:
+    if not isinstance(scores, np.ndarray) or scores.ndim != 1 or scores.dtype.kind != "f":
+        return scores
+    bits = scores.astype(bool)
+    if not np.array_equal(bits, scores) or np.signbit(scores).any():  # only exact 0.0 / 1.0 pack
+        return scores
+    return ("bits", np.packbits(bits), scores.size, scores.dtype.str)
+
+
+def _evaluation_from_wire(member_id: int, scores: Any, test_score: float | None, error: str | None,
+                          seconds: float) -> "Evaluation":
+    if isinstance(scores, tuple):
+        _, packed, size, dtype = scores
+        scores = np.unpackbits(packed, count=size).astype(np.dtype(dtype))
+    return Evaluation(member_id, scores, test_score, error, seconds)
+
 
 class StrategyOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")

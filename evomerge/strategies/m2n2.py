@@ -13,6 +13,7 @@ from pydantic import Field
 
 from evomerge.errors import FitnessError
 from evomerge.genomes.elements import pack_elements, unpack_elements
+from evomerge.genomes.offspring import Lineage, draw_noise_seed
 from evomerge.strategies import STRATEGIES
 from evomerge.strategies.base import Candidate, Evaluation, Problem, Strategy, StrategyOptions
 from evomerge.strategies.guide import Guide, GuideOptions
@@ -92,20 +93,18 @@ class M2N2(Strategy):
         opts = self.options
         a, b = self._niches.choose_parents(self.scores, filled, opts.attraction, self.rng)
         params: dict[str, float | int] = {"parent_a": int(self.ids[a]), "parent_b": int(self.ids[b])}
-        parent = self.genomes[a]
         size = self.space.size
+        slots = (a, b) if opts.crossover else (a,)
+        split, ratio = size, 0.0
         if opts.crossover:
             ratio = float(self.rng.uniform())
             split = self.space.draw_split(self.rng) if opts.split_point else size
-            child = self.space.crossover(parent, self.genomes[b], split, ratio)
             params["mix_ratio"] = ratio
             params["split_fraction"] = split / size
-            parents: tuple[int, ...] = (int(self.ids[a]), int(self.ids[b]))
-        else:
-            child = self.space.copy(parent)
-            parents = (int(self.ids[a]),)
-        if self.sigma > 0:
-            child = self.space.mutate(child, self.sigma, self.rng)
+        parents = tuple(int(self.ids[k]) for k in slots)
+        lineage = Lineage(parent_ids=parents, slots=tuple(int(k) for k in slots), split=int(split), ratio=ratio,
+                          sigma=self.sigma, noise_seed=draw_noise_seed(self.rng) if self.sigma > 0 else None)
+        child = self.space.breed([self.genomes[k] for k in slots], lineage)
         generation = int(max(self.generations[a], self.generations[b] if opts.crossover else 0)) + 1
         return Candidate(genome=child, params=params, parents=parents, generation=generation)
 

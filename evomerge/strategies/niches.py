@@ -6,7 +6,7 @@ Empty archive slots are rows of zeros, which give them zero fitness and zero att
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any
 
 import numpy as np
 
@@ -48,16 +48,15 @@ def choose_parents_shared(
     filled: np.ndarray,
     use_attraction: bool,
     rng: np.random.Generator,
-    pull_of: Callable[[int], np.ndarray] | None = None,
 ) -> tuple[int, int]:
-    """`choose_parents` given F and f already computed, so a strategy can reuse them between
-    archive changes; `pull_of(a)` may serve attraction(shared, a) from a cache. Same draws."""
+    """`choose_parents` given F and f already computed (`Niches.choose_parents` makes the same
+    draws from caches)."""
     slots = np.flatnonzero(filled)
     if slots.size == 0:
         raise ValueError("cannot choose parents from an empty archive")
     a = int(_draw(rng, fitness, slots))
     if use_attraction:
-        pull = pull_of(a) if pull_of is not None else attraction(shared, a)
+        pull = attraction(shared, a)
         others = slots[slots != a]
         if pull.sum() > 0:
             b = int(_draw(rng, pull, slots))
@@ -71,19 +70,32 @@ def choose_parents_shared(
     return a, b
 
 
-def _draw(rng: np.random.Generator, weights: np.ndarray, slots: np.ndarray) -> int:
-    """Draw a slot with probability proportional to weight; uniform over `slots` if all are zero.
+class _Sampler:
+    """Draws a slot with probability proportional to weight; uniform over `slots` if all are zero.
 
     Exactly `rng.choice(slots, p=w / w.sum())` (same stream, same result; a test pins that), minus
-    its argument checks, which cost more than the draw itself twice per child.
+    its argument checks, and with the cumulative weights kept: `Niches` reuses a sampler until
+    the archive changes, so a draw costs one random number and a binary search.
     """
-    w = np.clip(weights[slots], 0.0, None)
-    total = w.sum()
-    if total <= 0 or not np.isfinite(total):
-        return int(rng.choice(slots))
-    cdf = np.cumsum(w / total)
-    cdf /= cdf[-1]
-    return int(slots[cdf.searchsorted(rng.random(), side="right")])
+
+    def __init__(self, weights: np.ndarray, slots: np.ndarray) -> None:
+        self.slots = slots
+        w = np.clip(weights[slots], 0.0, None)
+        total = w.sum()
+        self.cdf: np.ndarray | None = None
+        if total > 0 and np.isfinite(total):
+            cdf = np.cumsum(w / total)
+            cdf /= cdf[-1]
+            self.cdf = cdf
+
+    def draw(self, rng: np.random.Generator) -> int:
+        if self.cdf is None:
+            return int(rng.choice(self.slots))
+        return int(self.slots[self.cdf.searchsorted(rng.random(), side="right")])
+
+
+def _draw(rng: np.random.Generator, weights: np.ndarray, slots: np.ndarray) -> int:
+    return _Sampler(weights, slots).draw(rng)
 
 
 def replacement_slot(scores: np.ndarray, child_scores: np.ndarray, alpha: float,
@@ -112,17 +124,24 @@ class Niches:
     changes a search.
     """
 
+    # A child is rejected without the full computation only when it trails the floor by more
+    # than this relative margin, far above any rounding of the sums (see `replacement_slot`).
+    REJECT_MARGIN = 1e-9
+
     def __init__(self, alpha: float) -> None:
         self.alpha = alpha
         self._load: np.ndarray | None = None  # z of the archive
         self._shared: np.ndarray | None = None
         self._fitness: np.ndarray | None = None
+        self._floor: float | None = None  # lowest member fitness any child could leave
         self._pull: dict[int, np.ndarray] = {}
+        self._samplers: dict[Any, _Sampler] = {}
         self._extended: np.ndarray | None = None  # scratch (P + 1, N) for replacement
 
     def changed(self) -> None:
-        self._load = self._shared = self._fitness = None
+        self._load = self._shared = self._fitness = self._floor = None
         self._pull.clear()
+        self._samplers.clear()
 
     def _refresh(self, scores: np.ndarray) -> None:
         if self._shared is None:
@@ -138,9 +157,29 @@ class Niches:
 
     def choose_parents(self, scores: np.ndarray, filled: np.ndarray, use_attraction: bool,
                        rng: np.random.Generator) -> tuple[int, int]:
+        """`choose_parents_shared`'s draws, from samplers kept until the archive changes."""
         self._refresh(scores)
         assert self._shared is not None and self._fitness is not None
-        return choose_parents_shared(self._shared, self._fitness, filled, use_attraction, rng, self._pull_of)
+        key = filled.tobytes()
+        slots = np.flatnonzero(filled)
+        if slots.size == 0:
+            raise ValueError("cannot choose parents from an empty archive")
+        by_fitness = self._sampler(("f", key), self._fitness, slots)
+        a = by_fitness.draw(rng)
+        if not use_attraction:
+            return a, by_fitness.draw(rng)
+        pull = self._pull_of(a)
+        if pull.sum() > 0:
+            return a, self._sampler(("g", a, key), pull, slots).draw(rng)
+        others = slots[slots != a]
+        # Nothing covers what A misses: the reference code divides 0 by 0 here.
+        return a, (int(rng.choice(others)) if others.size else a)
+
+    def _sampler(self, key: Any, weights: np.ndarray, slots: np.ndarray) -> _Sampler:
+        sampler = self._samplers.get(key)
+        if sampler is None:
+            sampler = self._samplers[key] = _Sampler(weights, slots)
+        return sampler
 
     def _pull_of(self, a: int) -> np.ndarray:
         pull = self._pull.get(a)
@@ -149,25 +188,41 @@ class Niches:
             pull = self._pull[a] = attraction(self._shared, a)
         return pull
 
+    def _denominators(self, load: np.ndarray) -> np.ndarray:
+        denominator = np.where(load > 0, load, 1.0)
+        return denominator if self.alpha == 1.0 else denominator ** self.alpha  # x ** 1.0 == x
+
     def replacement_slot(self, scores: np.ndarray, child_scores: np.ndarray,
                          filled: np.ndarray | None = None) -> int | None:
         """`replacement_slot` without stacking: z of the archive plus the child's row, then F and f
-        of the extended archive in a reused buffer."""
+        of the extended archive in a reused buffer.
+
+        Most children lose, and most of those are told so without the full computation. Scores
+        lie in [0, 1], so the child raises no column's load by more than 1: every member keeps at
+        least its fitness against loads z + 1 (the floor, computed once per archive). A child
+        whose own fitness is below the lowest floor, by a margin far larger than rounding, is the
+        least fit whatever the full computation's last bits; anything closer is computed fully.
+        """
         if filled is not None and not np.all(filled):
             return int(np.argmin(filled))
         self._refresh(scores)
         assert self._load is not None
         child = np.asarray(child_scores, dtype=np.float64)
+        load = self._load + child  # adding the child's row last is what summing the stack does
+        denominator = self._denominators(load)
+        if self._floor is None:
+            self._floor = float((np.asarray(scores, dtype=np.float64) / self._denominators(self._load + 1.0))
+                                .sum(axis=1).min())
+        child_fitness = float((child / denominator).sum())
+        if child_fitness < self._floor * (1.0 - self.REJECT_MARGIN):
+            return None
         rows, cols = scores.shape
-        # Adding the child's row last is what summing the stacked matrix over axis 0 does.
-        load = self._load + child
-        covered = load > 0
         if self._extended is None or self._extended.shape != (rows + 1, cols):
             self._extended = np.empty((rows + 1, cols), dtype=np.float64)
         ext = self._extended
-        denominator = np.where(covered, load, 1.0) ** self.alpha
         np.divide(scores, denominator, out=ext[:rows])
         np.divide(child, denominator, out=ext[rows])
+        covered = load > 0
         if not covered.all():
             ext[:, ~covered] = 0.0
         worst = int(np.argmin(ext.sum(axis=1)))
