@@ -140,3 +140,26 @@ def test_mutation_noise_is_float32_and_reproducible():
     assert np.array_equal(genome, np.ones(1000, dtype=np.float32))  # the parent is never modified
     noise = (a - genome).astype(np.float64)
     assert abs(noise.mean()) < 0.002 and 0.009 < noise.std() < 0.011
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0, 2.0])
+def test_quick_rejection_by_the_floor_agrees_with_the_full_rule(alpha):
+    """Children a little worse than the archive (the common case in a search) are turned away by
+    the floor alone; each verdict equals the pure function's, and some children still enter."""
+    rng = np.random.default_rng(7)
+    rows, cols = 10, 200
+    scores = (rng.random((rows, cols)) < 0.7).astype(np.float64)
+    filled = np.ones(rows, dtype=bool)
+    niches = Niches(alpha)
+    inserted = 0
+    for _ in range(400):
+        parent = scores[rng.integers(rows)]
+        flips = rng.random(cols) < rng.choice([0.02, 0.1, 0.3])
+        child = np.where(flips, 1.0 - parent, parent)
+        expected = replacement_slot(scores, child, alpha, filled=filled)
+        assert niches.replacement_slot(scores, child, filled=filled) == expected
+        if expected is not None:
+            scores[expected] = child
+            niches.changed()
+            inserted += 1
+    assert niches.quick_rejects > 50 and inserted > 5

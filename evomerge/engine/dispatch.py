@@ -163,7 +163,7 @@ class Dispatcher:
     def _submit(self, worker_index: int, batch: list[Candidate]) -> Any:
         genomes, parents = self.mirror.wire(worker_index, [c.genome for c in batch])
         ref = self.workers[worker_index].evaluate.remote([(c.member_id, g) for c, g in zip(batch, genomes)],
-                                                         self._elements(), parents or None)
+                                                         self._elements(), *parents)
         self.inflight[ref] = (worker_index, batch)
         self.load[worker_index] += 1
         return ref

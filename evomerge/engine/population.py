@@ -53,6 +53,8 @@ def check_scores(scores: np.ndarray | None, num_datapoints: int) -> str | None:
     scores = np.asarray(scores)
     if scores.shape != (num_datapoints,):
         return f"fitness returned scores of shape {scores.shape}, expected ({num_datapoints},)"
+    if scores.size and 0 <= scores.min() and scores.max() <= 1:  # NaN fails both comparisons
+        return None
     bad = ~np.isfinite(scores)
     if bad.any():
         return f"fitness returned NaN/inf for {int(bad.sum())} of {num_datapoints} datapoints (first at {int(np.argmax(bad))})"

@@ -39,9 +39,13 @@ class FitnessWorker:
         return os.getpid()
 
     def evaluate(self, batch: list[tuple[int, Any]], elements: Any = None,
-                 parents: list[tuple[int, int, np.ndarray]] | None = None) -> tuple[list[Evaluation], list[int]]:
+                 *parents: tuple[int, int, np.ndarray]) -> tuple[list[Evaluation], list[int]]:
         """Scores for the batch, and the member ids of children whose parents this worker does
-        not hold (it restarted, or calls crossed): the dispatcher sends those again, whole."""
+        not hold (it restarted, or calls crossed): the dispatcher sends those again, whole.
+
+        `parents` are (slot, member id, genome) entries for the cache, one argument each: Ray
+        inlines an argument under 100 KB in the call, and sends a bigger one (a list of several
+        genomes) through its object store, which cost ~6x the CPU in the population actor."""
         if elements is not None:
             self.sync_elements(elements)
         if parents:

@@ -137,6 +137,9 @@ class Niches:
         self._pull: dict[int, np.ndarray] = {}
         self._samplers: dict[Any, _Sampler] = {}
         self._extended: np.ndarray | None = None  # scratch (P + 1, N) for replacement
+        self._gap: np.ndarray | None = None  # scratch (P, N): attraction, the floor
+        self._shared_buffer: np.ndarray | None = None  # holds F between changes
+        self.quick_rejects = 0  # children turned away by the floor alone
 
     def changed(self) -> None:
         self._load = self._shared = self._fitness = self._floor = None
@@ -144,11 +147,21 @@ class Niches:
         self._samplers.clear()
 
     def _refresh(self, scores: np.ndarray) -> None:
+        """F and f after a change. `shared_scores`'s operations without its temporaries: arrays of
+        this size (an archive by the datapoints) are fresh pages from the OS each time, which cost
+        more than the arithmetic."""
         if self._shared is None:
             scores = np.asarray(scores, dtype=np.float64)
             self._load = scores.sum(axis=0)
-            self._shared = shared_scores(scores, self.alpha)
-            self._fitness = self._shared.sum(axis=1)
+            covered = self._load > 0
+            if self._shared_buffer is None or self._shared_buffer.shape != scores.shape:
+                self._shared_buffer = np.empty_like(scores)
+            shared = self._shared_buffer
+            np.divide(scores, self._denominators(self._load), out=shared)
+            if not covered.all():
+                shared[:, ~covered] = 0.0
+            self._shared = shared
+            self._fitness = shared.sum(axis=1)
 
     def fitness(self, scores: np.ndarray) -> np.ndarray:
         self._refresh(scores)
@@ -182,11 +195,21 @@ class Niches:
         return sampler
 
     def _pull_of(self, a: int) -> np.ndarray:
+        """`attraction(shared, a)`, in a reused buffer (the same operations, so the same bits)."""
         pull = self._pull.get(a)
         if pull is None:
-            assert self._shared is not None
-            pull = self._pull[a] = attraction(self._shared, a)
+            shared = self._shared
+            assert shared is not None
+            gap = self._scratch(shared.shape)
+            np.subtract(shared, shared[a], out=gap)
+            np.maximum(0.0, gap, out=gap)
+            pull = self._pull[a] = gap.sum(axis=1)
         return pull
+
+    def _scratch(self, shape: tuple[int, ...]) -> np.ndarray:
+        if self._gap is None or self._gap.shape != shape:
+            self._gap = np.empty(shape, dtype=np.float64)
+        return self._gap
 
     def _denominators(self, load: np.ndarray) -> np.ndarray:
         denominator = np.where(load > 0, load, 1.0)
@@ -211,10 +234,12 @@ class Niches:
         load = self._load + child  # adding the child's row last is what summing the stack does
         denominator = self._denominators(load)
         if self._floor is None:
-            self._floor = float((np.asarray(scores, dtype=np.float64) / self._denominators(self._load + 1.0))
-                                .sum(axis=1).min())
+            floor = self._scratch(scores.shape)
+            np.divide(scores, self._denominators(self._load + 1.0), out=floor)
+            self._floor = float(floor.sum(axis=1).min())
         child_fitness = float((child / denominator).sum())
         if child_fitness < self._floor * (1.0 - self.REJECT_MARGIN):
+            self.quick_rejects += 1
             return None
         rows, cols = scores.shape
         if self._extended is None or self._extended.shape != (rows + 1, cols):
