@@ -8,6 +8,8 @@ where they fail, as in tests/test_postgres.py.
 
 from __future__ import annotations
 
+import datetime
+import json
 import math
 import os
 import random
@@ -17,7 +19,7 @@ import uuid
 
 import optuna
 import pytest
-from optuna.distributions import FloatDistribution, IntDistribution
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution, distribution_to_json
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState, create_trial
 
@@ -32,20 +34,22 @@ N_TRIALS = 200
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+def _postgres_url() -> str:
+    url = os.environ.get(URL_ENV)
+    if not url:
+        message = (f"{URL_ENV} is not set; give a PostgreSQL URL, e.g. "
+                   "postgresql://evomerge:evomerge@127.0.0.1:5432/evomerge "
+                   "(`.ci/run --postgres-only` sets one up)")
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but {message}")
+        pytest.skip(message)
+    return url
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db(request, tmp_path):
     """(url, new_study_name): a database, and unique study names that are deleted afterwards."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    else:
-        url = os.environ.get(URL_ENV)
-        if not url:
-            message = (f"{URL_ENV} is not set; give a PostgreSQL URL, e.g. "
-                       "postgresql://evomerge:evomerge@127.0.0.1:5432/evomerge "
-                       "(`.ci/run --postgres-only` sets one up)")
-            if os.environ.get("CI") == "true":
-                pytest.fail(f"CI=true but {message}")
-            pytest.skip(message)
+    url = f"sqlite:///{tmp_path / 'optuna.db'}" if request.param == "sqlite" else _postgres_url()
     names: list[str] = []
 
     def new_study_name(prefix: str) -> str:
@@ -134,7 +138,36 @@ def _trials(n: int = N_TRIALS) -> list[optuna.trial.FrozenTrial]:
             intermediate_values={0: 0.1, 1: float("nan"), 2: float("inf"), 5: float("-inf")},
         )
     trials.append(create_trial(state=TrialState.PRUNED, intermediate_values={0: 1.0}))
-    return trials
+    return trials[:12] + _awkward_trials() + trials[12:]  # where the tests write in bulk
+
+
+# Everything PostgreSQL's COPY text format treats specially: tab, newline, CR, backslash, "\N".
+AWKWARD = 'tab\there, newline\nthere, cr\r, back\\slash, \\N, quote" , é ☃'
+
+
+def _awkward_trials() -> list[optuna.trial.FrozenTrial]:
+    """Trials whose rows are hard to write as text: escapes, unicode, NULL look-alikes, empty
+    strings, extreme floats, big ints, datetimes to the microsecond and in another time zone."""
+    dists = {AWKWARD: CategoricalDistribution(["a", AWKWARD, "\\N", None, 2.5]),
+             "\\N": FloatDistribution(0.0, 1.0), "": IntDistribution(-5, 5, step=2),
+             "log": FloatDistribution(1e-300, 1e300, log=True)}
+    first = create_trial(
+        value=5e-324, params={AWKWARD: AWKWARD, "\\N": 1e-300, "": -3, "log": 1.0000000000000002},
+        distributions=dists,
+        user_attrs={AWKWARD: AWKWARD, "\\N": None, "": "", "list": [1, "x\\y", None, 2.5], "ints": [-1, 2**40],
+                    "bools": [True, False, 1], "big": 2**70, "float": -0.0, "tiny": 5e-324, "nested": {"\t": [[]]}},
+        system_attrs={"\\": {"k\n": "v\t"}, "n": None},
+        intermediate_values={-3: 5e-324, 7: -1e308, 2**31 - 1: 0.1},
+    )
+    first.datetime_start = datetime.datetime(2023, 3, 26, 1, 59, 59, 999999)
+    first.datetime_complete = datetime.datetime(2023, 3, 26, 3, 0, 0, 1)
+    second = create_trial(value=-1e308, params={AWKWARD: None, "": 5},
+                          distributions={AWKWARD: dists[AWKWARD], "": dists[""]},
+                          user_attrs={"when": "aware datetimes"})
+    tz = datetime.timezone(datetime.timedelta(hours=5, minutes=30))
+    second.datetime_start = datetime.datetime(2024, 2, 29, 23, 59, 59, 5, tzinfo=tz)
+    second.datetime_complete = datetime.datetime(2024, 3, 1, 0, 0, 0, 0, tzinfo=datetime.timezone.utc)
+    return [first, second]
 
 
 def _key(value):
@@ -160,28 +193,49 @@ def _assert_same_trials(got, expected, *, datetimes_from=None, numbers=True):
         assert _key(g.user_attrs) == _key(e.user_attrs), g.number
         assert _key(g.system_attrs) == _key(e.system_attrs), g.number
         assert _key(g.intermediate_values) == _key(e.intermediate_values), g.number
-    if datetimes_from is not None:  # datetimes as given, to the microsecond
+    if datetimes_from is not None:  # datetimes as given, to the microsecond (Optuna reads back local time)
         for g, original in zip(got, datetimes_from):
-            assert (g.datetime_start, g.datetime_complete) == (original.datetime_start, original.datetime_complete)
+            assert (g.datetime_start, g.datetime_complete) == (_local(original.datetime_start),
+                                                               _local(original.datetime_complete))
 
 
-def test_bulk_writes_what_add_trials_writes(db):
-    url, new_name = db
-    trials = _trials()
-    storage = _storage(url)
-    assert supports_bulk(storage)
+def _local(value: datetime.datetime | None) -> datetime.datetime | None:
+    return value.astimezone().replace(tzinfo=None) if value is not None and value.tzinfo else value
 
-    # (a) Optuna's way
-    study_a = optuna.create_study(storage=storage, study_name=new_name("add-trials"), direction="maximize")
-    start = time.perf_counter()
-    study_a.add_trials(trials)
-    add_rate = len(trials) / (time.perf_counter() - start)
 
-    # (b) the first 10 by Optuna, then bulk in uneven batches, then 5 more by Optuna again
-    name_b = new_name("bulk")
-    study_b = optuna.create_study(storage=storage, study_name=name_b, direction="maximize")
-    study_b.add_trials(trials[:10])
-    writer = RDBBulkWriter(storage, study_b)
+def _stored_rows(url: str, study_name: str) -> dict[str, list[tuple]]:
+    """The study's rows in every trial table as stored (raw JSON text, raw datetimes, enum names),
+    keyed by trial number instead of surrogate ids, in insertion order."""
+    import sqlalchemy as sa
+    from optuna.storages._rdb import models
+
+    trials = models.TrialModel.__table__
+    study_id = sa.select(models.StudyModel.study_id).where(models.StudyModel.study_name == study_name)
+    out = {}
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        out["trials"] = [tuple(r) for r in conn.execute(
+            sa.select(trials.c.number, trials.c.state, trials.c.datetime_start, trials.c.datetime_complete)
+            .where(trials.c.study_id == study_id.scalar_subquery()).order_by(trials.c.number))]
+        for model in (models.TrialValueModel, models.TrialParamModel, models.TrialUserAttributeModel,
+                      models.TrialSystemAttributeModel, models.TrialIntermediateValueModel):
+            table = model.__table__
+            columns = [c for c in table.columns if c.name != "trial_id" and not c.primary_key]
+            out[table.name] = [tuple(r) for r in conn.execute(
+                sa.select(trials.c.number, *columns).join(trials, trials.c.trial_id == table.c.trial_id)
+                .where(trials.c.study_id == study_id.scalar_subquery())
+                .order_by(trials.c.number, *table.primary_key.columns))]
+    engine.dispose()
+    return out
+
+
+def _bulk_in_batches(storage, study, trials, *, fast: bool = True) -> float:
+    """The first 10 by Optuna, then bulk in uneven batches, then 5 more by Optuna again; the
+    bulk rate in trials/s."""
+    study.add_trials(trials[:10])
+    writer = RDBBulkWriter(storage, study)
+    if not fast:
+        writer._copy = False  # PostgreSQL: the SQLAlchemy Core path other drivers get
     bulk = trials[10:-5]
     start = time.perf_counter()
     offset = 0
@@ -190,24 +244,53 @@ def test_bulk_writes_what_add_trials_writes(db):
         writer.write(batch)
         offset += len(batch)
         # numbers continue across batches, seen through the writer's own (cached) study object
-        assert [t.number for t in study_b.get_trials(deepcopy=False)] == list(range(10 + offset))
-    bulk_rate = len(bulk) / (time.perf_counter() - start)
+        assert [t.number for t in study.get_trials(deepcopy=False)] == list(range(10 + offset))
+    rate = len(bulk) / (time.perf_counter() - start)
     assert offset == len(bulk)
-    study_b.add_trials(trials[-5:])  # Optuna numbers on after bulk-written trials
-    print(f"\n{url.split(':')[0]}: add_trials {add_rate:.0f} trials/s, "
-          f"RDBBulkWriter {bulk_rate:.0f} trials/s ({bulk_rate / add_rate:.0f}x)")
+    study.add_trials(trials[-5:])  # Optuna numbers on after bulk-written trials
+    return rate
+
+
+def test_bulk_writes_what_add_trials_writes(db):
+    url, new_name = db
+    trials = _trials()
+    storage = _storage(url)
+    assert supports_bulk(storage)
+    postgres = url.startswith("postgresql")
+    # PostgreSQL through psycopg 3 (what a bare postgresql:// URL gets) writes by COPY
+    assert RDBBulkWriter(storage, optuna.create_study(storage=storage, study_name=new_name("probe")))._copy == postgres
+
+    # (a) Optuna's way
+    study_a = optuna.create_study(storage=storage, study_name=new_name("add-trials"), direction="maximize")
+    start = time.perf_counter()
+    study_a.add_trials(trials)
+    add_rate = len(trials) / (time.perf_counter() - start)
+
+    # (b) bulk, by COPY on PostgreSQL; (c) on PostgreSQL also the SQLAlchemy Core path
+    studies = {"bulk": optuna.create_study(storage=storage, study_name=new_name("bulk"), direction="maximize")}
+    if postgres:
+        studies["core"] = optuna.create_study(storage=storage, study_name=new_name("core"), direction="maximize")
+    for label, study in studies.items():
+        bulk_rate = _bulk_in_batches(storage, study, trials, fast=label == "bulk")
+        print(f"\n{url.split(':')[0]} ({label}): add_trials {add_rate:.0f} trials/s, "
+              f"RDBBulkWriter {bulk_rate:.0f} trials/s ({bulk_rate / add_rate:.0f}x)")
 
     # read back through fresh storages: nothing in this process's caches
     fresh = _storage(url)
     got_a = optuna.load_study(study_name=study_a.study_name, storage=fresh).get_trials()
-    got_b = optuna.load_study(study_name=name_b, storage=fresh).get_trials()
-    assert [t.number for t in got_b] == list(range(len(trials)))
-    _assert_same_trials(got_b, got_a, datetimes_from=trials)
     _assert_same_trials(got_a, trials, datetimes_from=trials, numbers=False)  # create_trial: number -1
-    # ... and through the study object used for writing (Optuna's in-process cache)
-    _assert_same_trials(study_b.get_trials(), got_a, datetimes_from=trials)
-    assert study_b.best_trial.number == study_a.best_trial.number == 7  # the inf value
-    assert sum(t.state == TrialState.FAIL for t in got_b) == sum(t.state == TrialState.FAIL for t in trials) > 0
+    stored_a = _stored_rows(url, study_a.study_name)
+    assert len(stored_a["trial_user_attributes"]) > len(trials)  # (the comparison below compares something)
+    for study in studies.values():
+        got_b = optuna.load_study(study_name=study.study_name, storage=fresh).get_trials()
+        assert [t.number for t in got_b] == list(range(len(trials)))
+        _assert_same_trials(got_b, got_a, datetimes_from=trials)
+        # ... and through the study object used for writing (Optuna's in-process cache)
+        _assert_same_trials(study.get_trials(), got_a, datetimes_from=trials)
+        assert study.best_trial.number == study_a.best_trial.number == 7  # the inf value
+        assert sum(t.state == TrialState.FAIL for t in got_b) == sum(t.state == TrialState.FAIL for t in trials) > 0
+        # the stored rows themselves: JSON texts, datetimes, enum names, floats to the bit
+        assert _stored_rows(url, study.study_name) == stored_a
     fresh.engine.dispose()
     storage.engine.dispose()
 
@@ -276,10 +359,148 @@ def test_invalid_batches_write_nothing(db):
         writer.write([ok, create_trial(state=TrialState.RUNNING)])
     with pytest.raises(ValueError, match="values"):
         writer.write([create_trial(values=[1.0, 2.0])])
+    # compatible (another range) and incompatible (log) int distributions of x: the writer
+    # remembers the compatible one, which must not make it wave the other through
+    wider = create_trial(value=3.0, params={"x": 7}, distributions={"x": IntDistribution(0, 9)})
+    log = create_trial(value=3.0, params={"x": 7}, distributions={"x": IntDistribution(1, 9, log=True)})
+    with pytest.raises(ValueError, match="log"):
+        writer.write([wider, log])
+    with pytest.raises(ValueError, match="log"):
+        writer.write([log])
+    if writer._copy:  # PostgreSQL text cannot hold NUL; add_trials fails on it too
+        with pytest.raises(ValueError, match="NUL"):
+            writer.write([ok, create_trial(value=1.0, user_attrs={"k\x00": 1})])
     assert [t.number for t in optuna.load_study(study_name=study.study_name, storage=_storage(url)).get_trials()] == [0]
     writer.write([])
     writer.write([ok])
     assert len(study.get_trials()) == 2
+
+
+def _numbers_by_trial_id(url: str, name: str) -> list[int]:
+    trials = optuna.load_study(study_name=name, storage=_storage(url)).get_trials(deepcopy=False)
+    return [t.number for t in sorted(trials, key=lambda t: t._trial_id)]
+
+
+def test_count_carries_on_past_other_writers(db, monkeypatch):
+    """After its first batch a writer adds the study's newer trials to its own count, looking at
+    no more than _NEWER_SCAN of the table's newest trials; past that it counts the whole study.
+    Numbers must follow Optuna's rule throughout: number = the study's trials before it."""
+    monkeypatch.setattr(rdb_writer, "_NEWER_SCAN", 4)
+    url, new_name = db
+    storage = _storage(url)
+    name, other = new_name("carry"), new_name("other")
+    study = optuna.create_study(storage=storage, study_name=name, direction="maximize")
+    writer = RDBBulkWriter(storage, study)
+    other_writer = RDBBulkWriter(storage, optuna.create_study(storage=storage, study_name=other))
+    plain = optuna.load_study(study_name=name, storage=_storage(url))  # Optuna's own add_trial
+
+    def trials(n: int) -> list[optuna.trial.FrozenTrial]:
+        return [create_trial(value=float(i)) for i in range(n)]
+
+    writer.write(trials(3))
+    plain.add_trials(trials(2))        # 2 newer trials, all of this study: within the scan
+    writer.write(trials(3))
+    other_writer.write(trials(10))     # 10 newer trials of another study: past the scan
+    plain.add_trials(trials(1))
+    writer.write(trials(3))
+    other_writer.write(trials(2))
+    plain.add_trials(trials(1))        # 3 newer, 1 of them this study's: within the scan
+    writer.write(trials(3))
+    plain.add_trials(trials(3))
+    other_writer.write(trials(1))      # 4 newer, 3 of them this study's: the scan is full
+    writer.write(trials(3))
+    writer.write(trials(2))            # none newer
+    assert writer._counted is not None and writer._counted[0] == 3 + 2 + 3 + 1 + 3 + 1 + 3 + 3 + 3 + 2
+    assert _numbers_by_trial_id(url, name) == list(range(24))
+    assert _numbers_by_trial_id(url, other) == list(range(13))
+
+
+def test_failed_batch_leaves_the_count_alone(db, monkeypatch):
+    """A batch that fails inside the transaction (here after its trial rows went in) leaves
+    nothing behind, and the writer's next batch takes the numbers the failed one would have."""
+    url, new_name = db
+    storage = _storage(url)
+    study = optuna.create_study(storage=storage, study_name=new_name("rollback"), direction="maximize")
+    writer = RDBBulkWriter(storage, study)
+    trials = _trials(20)
+    writer.write(trials[:5])
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("connection lost")
+
+    if writer._copy:
+        copy_lines = writer._copy_lines
+        monkeypatch.setattr(writer, "_copy_lines", lambda cursor, table, lines: (
+            copy_lines(cursor, table, lines) if table is writer._trials else boom()))
+    else:
+        monkeypatch.setattr(writer, "_insert_many", boom)
+    with pytest.raises(RuntimeError, match="connection lost"):
+        writer.write(trials[5:10])
+    monkeypatch.undo()
+    assert _numbers_by_trial_id(url, study.study_name) == list(range(5))
+    writer.write(trials[5:10])
+    writer.write(trials[10:])
+    got = optuna.load_study(study_name=study.study_name, storage=_storage(url)).get_trials()
+    assert [t.number for t in got] == list(range(len(trials)))
+    _assert_same_trials(got, trials, numbers=False)
+
+
+def test_postgres_ids_a_session_may_cache_are_not_trusted():
+    """A trials sequence with CACHE > 1 hands each session its own run of ids, so a trial_id
+    drawn later may be smaller: no COPY path (which draws ids itself), no carried-on count."""
+    import sqlalchemy as sa
+
+    url = _postgres_url()
+    schema = f"evomerge_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(url)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    try:
+        scoped = f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"  # Optuna's tables in it
+        storage = _storage(scoped)
+        study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
+        writer = RDBBulkWriter(storage, study)
+        assert writer._copy and writer._incremental_count and writer._sequence == "trials_trial_id_seq"
+        trials = _trials(30)
+        writer.write(trials[:20])
+        with admin.begin() as conn:
+            conn.execute(sa.text(f"ALTER SEQUENCE {schema}.trials_trial_id_seq CACHE 10"))
+        cautious = RDBBulkWriter(storage, study)
+        assert not cautious._copy and not cautious._incremental_count
+        cautious.write(trials[20:25])
+        cautious.write(trials[25:])
+        got = optuna.load_study(study_name="s", storage=_storage(scoped)).get_trials()
+        assert [t.number for t in got] == list(range(len(trials)))
+        _assert_same_trials(got, trials, datetimes_from=trials, numbers=False)
+        storage.engine.dispose()
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
+
+
+@pytest.mark.parametrize("value", [
+    0, -7, 2**70, True, None, 1.5, -0.0, 5e-324, 1e300, 0.1 + 0.2, float("nan"), float("inf"), float("-inf"),
+    "", "x", AWKWARD, [], [1, -2, 2**70], [1, 2.5], [True, 1], [1, None], [[1]], (1, 2), {"a": [1, None], "b": "\\"},
+])
+def test_attribute_json_is_json_dumps(value):
+    """The JSON written for attributes is byte for byte what Optuna writes (json.dumps), and as a
+    COPY field it only has its backslashes doubled (the text format's one escape JSON can hold)."""
+    assert rdb_writer._json_text(value) == json.dumps(value)
+    assert rdb_writer._copy_json_text(value) == json.dumps(value).replace("\\", "\\\\")
+
+
+def test_distribution_json_cache_keeps_lookalikes_apart(tmp_path):
+    """Distributions that are equal as dict keys (1 == 1.0 == True) but serialise differently."""
+    storage = _storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    writer = RDBBulkWriter(storage, optuna.create_study(storage=storage, study_name="s"))
+    distributions = [FloatDistribution(0.0, 1.0), FloatDistribution(0.0, 1.0, log=0), FloatDistribution(0, 1, step=1),
+                     IntDistribution(0, 1), IntDistribution(0, 1, log=0), IntDistribution(0, 2, step=2),
+                     CategoricalDistribution([1, 2]), CategoricalDistribution([1.0, 2.0]),
+                     CategoricalDistribution([True, 2])]
+    for distribution in distributions * 2:  # the second time from the cache
+        assert writer._distribution(distribution)[0] == distribution_to_json(distribution)
+    assert len({writer._distribution(d)[0] for d in distributions}) == len(distributions)
 
 
 def test_supports_bulk_is_conservative(tmp_path, monkeypatch):

@@ -3,12 +3,23 @@
 `study.add_trials` on an `RDBStorage` costs ~25 SQL statements per trial (one transaction each),
 about 17-40 trials/s on SQLite and PostgreSQL alike, while a search evaluates several hundred
 candidates per second. `RDBBulkWriter.write` inserts a whole batch of finished trials in ONE
-transaction of about 8 statements: lock, count, one INSERT per table (SQLAlchemy Core executemany
-with RETURNING, which SQLAlchemy's "insertmanyvalues" sends as multi-row INSERTs of up to 1000
-rows; SQLite < 3.35 has no RETURNING and gets sqlite3's executemany plus one SELECT for the new
-trial_ids), straight into Optuna's own tables through Optuna's ORM models
+transaction of about 8 statements, straight into Optuna's own tables through Optuna's ORM models
 (`optuna.storages._rdb.models`), so table and column names, enum and value encodings come from
-the installed Optuna.
+the installed Optuna:
+
+* PostgreSQL with psycopg 3: lock; one statement that draws the batch's trial_ids from the trials
+  table's own sequence (what its column default draws) and counts; then one COPY per table, from
+  text built in Python. Every statement text is fixed, so nothing is parsed per batch size. The
+  search is CPU-bound, and this is what costs its cores least: in batches of 10-100 a search's
+  trial costs about 0.06 ms of the driver's CPU and 0.1 ms of the server backend's
+  (`benchmarks/recorder.py`). The server's share is the per-row work of Optuna's schema: two
+  indexes, a sequence default and a foreign-key check for each of a trial's ~11 child rows
+  (the foreign-key checks alone are about half of it).
+* Anything else (SQLite; PostgreSQL through another driver, or whose trial ids do not come from
+  a plain sequence): lock, count, one INSERT per table (SQLAlchemy Core executemany with
+  RETURNING, which SQLAlchemy's "insertmanyvalues" sends as multi-row INSERTs of up to 1000 rows;
+  SQLite < 3.35 has no RETURNING and gets sqlite3's executemany plus one SELECT for the new
+  trial_ids).
 
 What is written is what `study.add_trials(trials)` would have written: the same rows, numbers,
 states, values (inf/-inf encoded as Optuna does), params in Optuna's internal representation with
@@ -28,7 +39,10 @@ Trial numbers continue the study's count. Within the transaction the study row i
 so bulk writers and ordinary Optuna writers on the same study exclude each other; on SQLite a
 no-op `UPDATE` of the study row, which takes SQLite's database write lock before the count is
 read), then `number = COUNT(trials of the study) + i`, which is exactly Optuna's rule
-(`TrialModel.count_past_trials`: the number of the study's trials with a smaller trial_id).
+(`TrialModel.count_past_trials`: the number of the study's trials with a smaller trial_id). The
+first batch counts the study; later ones carry the writer's count on, adding the study's trials
+with a trial_id above the largest the writer wrote (see `RDBBulkWriter._count_trials` for why
+that is the same number), so a batch's cost does not grow with the study.
 
 Readers: Optuna's in-process cache (`optuna.storages._CachedStorage`, which `optuna.create_study`
 / `load_study` wrap an `RDBStorage` in) keeps finished trials, but on every `get_trials()` it asks
@@ -183,6 +197,18 @@ def _json_text(value: Any) -> str:
     return _json_dumps(value)
 
 
+def _copy_json_text(value: Any) -> str:
+    """`_json_text(value)` as a COPY text field. JSON never holds a raw control character (json
+    escapes them), so only its backslashes need doubling, and the fast-path texts have none."""
+    kind = type(value)
+    if kind is int:
+        return int.__repr__(value)
+    if kind is float and -_INF < value < _INF:
+        return float.__repr__(value)
+    text = _json_text(value)
+    return text.replace("\\", "\\\\") if "\\" in text else text
+
+
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
@@ -196,8 +222,7 @@ def _copy_text(value: str) -> str:
 
 
 def _copy_json(text: str) -> str:
-    """json.dumps output as a COPY text field: it never holds a raw control character (they are
-    escaped), so only its backslashes need doubling."""
+    """json.dumps output as a COPY text field (see `_copy_json_text`)."""
     return text.replace("\\", "\\\\") if "\\" in text else text
 
 
@@ -227,9 +252,9 @@ _COPY_COLUMNS = {
 }
 # Indexes into _PreparedTrial.children, in the order the child tables are written.
 _VALUES, _PARAMS, _USER_ATTRS, _SYSTEM_ATTRS, _INTERMEDIATE = range(5)
-_CACHE_LIMIT = 4096
+_CACHE_LIMIT = 4096  # entries per cache; a search's params have a few hundred distinct distributions
 # The count carried on from a writer's previous batch looks at most this many of the newest trials.
-_NEWER_SCAN = 1000  # entries per cache; a search's params have a few hundred distinct distributions
+_NEWER_SCAN = 1000
 
 
 class _Holder:
@@ -300,7 +325,7 @@ class RDBBulkWriter:
         }
         setters = [getattr(inspect.getattr_static(models.TrialModel, name, None), "fset", None)
                    for name in self._dt_attrs]
-        self._dt_setters = setters if all(setters) and "datetime_start" not in self._dt_attrs.values() else None
+        self._dt_setters = setters if all(setters) else None
 
         # New trial_ids always above the ones before (SQLite: max(rowid) + 1; PostgreSQL: checked
         # on the sequence), so the study's count can be carried on from this writer's last batch.
@@ -336,14 +361,17 @@ class RDBBulkWriter:
         """The sequence that trials.trial_id defaults to, if ids drawn from it later are always
         larger (increment > 0, no per-session cache, no cycling) and may also be given
         explicitly (not GENERATED ALWAYS). None otherwise."""
-        with self._engine.connect() as conn:
-            row = conn.execute(sa.text(
-                "SELECT s.seqrelid::regclass::text, s.seqincrement > 0 AND s.seqcache = 1 AND NOT s.seqcycle "
-                "AND a.attidentity <> 'a' "
-                "FROM pg_catalog.pg_sequence s, pg_catalog.pg_attribute a "
-                "WHERE s.seqrelid = pg_catalog.pg_get_serial_sequence(:table, 'trial_id')::regclass "
-                "AND a.attrelid = CAST(:table AS regclass) AND a.attname = 'trial_id'"
-            ), {"table": self._qualified(self._trials)}).first()
+        try:
+            with self._engine.connect() as conn:
+                row = conn.execute(sa.text(
+                    "SELECT s.seqrelid::regclass::text, s.seqincrement > 0 AND s.seqcache = 1 AND NOT s.seqcycle "
+                    "AND a.attidentity <> 'a' "
+                    "FROM pg_catalog.pg_sequence s, pg_catalog.pg_attribute a "
+                    "WHERE s.seqrelid = pg_catalog.pg_get_serial_sequence(:table, 'trial_id')::regclass "
+                    "AND a.attrelid = CAST(:table AS regclass) AND a.attname = 'trial_id'"
+                ), {"table": self._qualified(self._trials)}).first()
+        except sa.exc.SQLAlchemyError:  # any doubt means "no"
+            return None
         return row[0] if row is not None and row[1] else None
 
     # -- preparation (outside the transaction) -------------------------------------------------
@@ -447,14 +475,15 @@ class RDBBulkWriter:
             distribution = trial_distributions[name]
             text, key = self._distribution(distribution)
             distributions[name] = (distribution, key)
-            params.append(f"{name_text(name)}\t{_copy_float(distribution.to_internal_repr(value))}\t"
-                          f"{_copy_json(text)}\n")
-        user_attrs = [f"{name_text(k)}\t{_copy_json(_json_text(v))}\n" for k, v in trial.user_attrs.items()]
-        system_attrs = [f"{name_text(k)}\t{_copy_json(_json_text(v))}\n" for k, v in trial.system_attrs.items()]
+            params.append(f"{name_text(name)}\t"
+                          f"{_copy_float(distribution.to_internal_repr(value))}\t{_copy_json(text)}\n")
+        user_attrs = [f"{name_text(k)}\t{_copy_json_text(v)}\n" for k, v in trial.user_attrs.items()]
+        system_attrs = [f"{name_text(k)}\t{_copy_json_text(v)}\n"
+                        for k, v in trial.system_attrs.items()]
         intermediate: list[str] = []
         for step, value in trial.intermediate_values.items():
             stored, value_type = models.TrialIntermediateValueModel.intermediate_value_to_stored_repr(value)
-            intermediate.append(f"{int(step)}\t{_copy_float(stored)}\t{value_type.name}\n")
+            intermediate.append(f"{step:d}\t{_copy_float(stored)}\t{value_type.name}\n")
         return _PreparedTrial(row, (values, params, user_attrs, system_attrs, intermediate), distributions)
 
     # -- the transaction ------------------------------------------------------------------------
@@ -510,9 +539,9 @@ class RDBBulkWriter:
         """The study's trial count: the first new trial's number (Optuna's rule).
 
         Counting a study costs in proportion to its size (Optuna counts for every trial it
-        adds): about 10 ms per batch at 50,000 trials on PostgreSQL. So after its first batch a
-        writer carries its count on: the count after its last commit, plus the study's trials
-        whose trial_id is above the largest it wrote. That is exact because every writer of a
+        adds): about 4 ms of the server's CPU per batch at 50,000 trials. So after its first
+        batch a writer carries its count on: the count after its last commit, plus the study's
+        trials whose trial_id is above the largest it wrote. That is exact because every writer of a
         study draws trial_ids only once it holds the study lock (Optuna's create_new_trial, and
         this writer), ids drawn later are larger (`_incremental_count`), and Optuna never
         deletes a single trial. Only the newest `_NEWER_SCAN` trials of the table are looked at,
