@@ -171,6 +171,8 @@ def test_scores_cross_the_wire_unchanged(scores):
         assert back.scores is None
     else:
         assert back.scores.dtype == scores.dtype and back.scores.tobytes() == scores.tobytes()
+        expected = float(np.mean(scores))
+        assert back.train_score == expected or (np.isnan(expected) and np.isnan(back.train_score))
 
 
 def test_right_or_wrong_scores_travel_as_bits():

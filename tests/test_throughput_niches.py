@@ -13,6 +13,7 @@ import pytest
 from evomerge.strategies.base import Candidate, Evaluation, Problem
 from evomerge.strategies.m2n2 import M2N2
 from evomerge.strategies.niches import (
+    attraction,
     Niches,
     _draw,
     choose_parents,
@@ -163,3 +164,20 @@ def test_quick_rejection_by_the_floor_agrees_with_the_full_rule(alpha):
             niches.changed()
             inserted += 1
     assert niches.quick_rejects > 50 and inserted > 5
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_attraction_of_right_or_wrong_scores_is_bitwise_the_general_formula(alpha):
+    rng = np.random.default_rng(11)
+    scores = _random_scores(rng, 12, 300, "binary")
+    niches = Niches(alpha)
+    niches.fitness(scores)
+    assert niches._misses is not None  # the 0/1 shortcut is taken
+    shared = shared_scores(scores, alpha)
+    for a in range(12):
+        assert np.array_equal(niches._pull_of(a), attraction(shared, a))
+    continuous = _random_scores(rng, 12, 300, "continuous")
+    niches.changed()
+    niches.fitness(continuous)
+    assert niches._misses is None
+    assert np.array_equal(niches._pull_of(3), attraction(shared_scores(continuous, alpha), 3))

@@ -54,6 +54,7 @@ class Evaluation:
     test_score: float | None = None
     error: str | None = None
     seconds: float = 0.0
+    _mean: float | None = field(default=None, repr=False, compare=False)
 
     @property
     def failed(self) -> bool:
@@ -61,13 +62,18 @@ class Evaluation:
 
     @property
     def train_score(self) -> float | None:
-        return None if self.scores is None else float(np.mean(self.scores))
+        if self.scores is None:
+            return None
+        if self._mean is None:
+            self._mean = float(np.mean(self.scores))
+        return self._mean
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         # Right/wrong scores (digits, exact match) travel as bits: 32x smaller, which keeps a
-        # worker's reply for a whole batch small enough to skip Ray's object store.
+        # worker's reply for a whole batch small enough to skip Ray's object store. The mean
+        # travels too: computed where the scores were made, not in the busy population actor.
         return (_evaluation_from_wire, (self.member_id, _scores_to_wire(self.scores), self.test_score,
-                                        self.error, self.seconds))
+                                        self.error, self.seconds, self.train_score))
 
 
 def _scores_to_wire(scores: np.ndarray | None) -> Any:
@@ -80,11 +86,11 @@ def _scores_to_wire(scores: np.ndarray | None) -> Any:
 
 
 def _evaluation_from_wire(member_id: int, scores: Any, test_score: float | None, error: str | None,
-                          seconds: float) -> "Evaluation":
+                          seconds: float, mean: float | None = None) -> "Evaluation":
     if isinstance(scores, tuple):
         _, packed, size, dtype = scores
         scores = np.unpackbits(packed, count=size).astype(np.dtype(dtype))
-    return Evaluation(member_id, scores, test_score, error, seconds)
+    return Evaluation(member_id, scores, test_score, error, seconds, mean)
 
 
 class StrategyOptions(BaseModel):
