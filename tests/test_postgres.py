@@ -100,15 +100,21 @@ def test_search_records_into_postgres(postgres_url, ray_session, study_names, tm
 
 @pytest.mark.slow
 def test_postgres_keeps_up_with_the_journal(postgres_url, ray_session, study_names, tmp_path):
-    """The issue's requirement: recording into PostgreSQL costs the search at most 10% throughput."""
-    budget = 5000  # long enough that start-up (Ray actors, the schema check) does not dominate
+    """The issue's requirement: recording into PostgreSQL costs the search at most 10% throughput.
+
+    The runs alternate (journal, PostgreSQL, journal, PostgreSQL) and the rates are summed, so a
+    slow spell of this shared machine lands on both sides instead of deciding the verdict."""
+    budget = 3000  # long enough that start-up (Ray actors, the schema check) does not dominate
     _search("warmup", tmp_path / "warmup", 60)  # first-run costs (imports, data) out of the way
-    journal = _search("journal", tmp_path / "journal", budget)
-    postgres = _search("pg", tmp_path / "pg", budget, storage=postgres_url, study_name=study_names("pg-speed"))
-    for summary in (journal, postgres):
-        assert summary["evaluations"] == budget
-    ratio = postgres["evals_per_second"] / journal["evals_per_second"]
-    print(f"\nevals/s: journal {journal['evals_per_second']:.1f}, postgres {postgres['evals_per_second']:.1f}, "
-          f"postgres/journal {ratio:.3f} (steady state: {journal['steady_evals_per_second']:.1f} vs "
-          f"{postgres['steady_evals_per_second']:.1f})")
+    rates: dict[str, list[float]] = {"journal": [], "pg": []}
+    for round_ in range(2):
+        for kind in rates:
+            storage = postgres_url if kind == "pg" else None
+            name = study_names(f"pg-speed-{round_}") if kind == "pg" else None
+            summary = _search(kind, tmp_path / f"{kind}{round_}", budget, storage=storage, study_name=name)
+            assert summary["evaluations"] == budget
+            rates[kind].append(summary["evals_per_second"])
+    ratio = sum(rates["pg"]) / sum(rates["journal"])
+    print(f"\nevals/s: journal {[round(r, 1) for r in rates['journal']]}, "
+          f"postgres {[round(r, 1) for r in rates['pg']]}, postgres/journal {ratio:.3f}")
     assert ratio >= 0.9, f"PostgreSQL search is {1 - ratio:.1%} slower than the journal's"
