@@ -10,7 +10,8 @@ wall time is printed too. Optuna recording (journal file) is on, as in a real se
 On Linux the steady-state CPU time of every process of the embedded Ray session (driver,
 population actor, workers, raylet) is printed per evaluation for the digits runs: on 2 cores the
 workers share them with everything else, so this is where the 2-worker scaling goes.
-`--batch` overrides `workers.batch` for every engine run (default: the configs' own).
+`--batch` overrides `workers.batch` for every engine run (default: the configs' own);
+`--population-breeds` sets `workers.breed_on_workers: false`, the ablation of worker-side breeding.
 """
 
 from __future__ import annotations
@@ -159,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sleep-evals", type=int, default=200, help="evaluations of the 50 ms task")
     parser.add_argument("--batch", help="workers.batch for the engine runs (a number or auto; "
                                          "default: the config's)")
+    parser.add_argument("--population-breeds", action="store_true",
+                        help="the population actor breeds and ships every child (workers.breed_on_workers: false)")
     parser.add_argument("--out", help="write the numbers as JSON")
     args = parser.parse_args(argv)
     pin_blas_threads(1)
@@ -166,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     digits = {"budget.evaluations": args.evals, "seed": 0}
     if args.batch:
         digits["workers.batch"] = args.batch if args.batch == "auto" else int(args.batch)
+    if args.population_breeds:
+        digits["workers.breed_on_workers"] = False
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         engine_rate("digits-scratch", {**digits, "budget.evaluations": 500}, 2, Path(tmp) / "warmup")
