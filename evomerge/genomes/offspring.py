@@ -23,7 +23,7 @@ import numpy as np
 from evomerge.genomes.dense import split_slerp
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Lineage:
     """What a worker needs besides the parents: which archive slots hold them (and which
     members they must be), the split, the mix ratio and the mutation noise's seed."""
@@ -37,7 +37,8 @@ class Lineage:
 
 
 def draw_noise_seed(rng: np.random.Generator) -> int:
-    return int(rng.integers(0, 2**63 - 1))
+    """63 random bits straight from the generator: `rng.integers` costs ten times as much."""
+    return int(rng.bit_generator.random_raw()) >> 1
 
 
 def add_noise(genome: np.ndarray, sigma: float, noise_seed: int) -> np.ndarray:
@@ -67,10 +68,11 @@ def breed(parents: Sequence[np.ndarray], lineage: Lineage) -> np.ndarray:
     return child.copy() if child is parents[0] else child
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Offspring:
     """A child not bred yet: its lineage plus the parents themselves (kept alive by this
-    reference even after they leave the archive, so the child can always be bred)."""
+    reference even after they leave the archive, so the child can always be bred). Never
+    modified once made."""
 
     lineage: Lineage
     parents: tuple[np.ndarray, ...] = field(repr=False, compare=False)

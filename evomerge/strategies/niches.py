@@ -137,6 +137,7 @@ class Niches:
         self._pull: dict[int, np.ndarray] = {}
         self._samplers: dict[Any, _Sampler] = {}
         self._slots: dict[bytes, np.ndarray] = {}
+        self._pulls: dict[int, bool] = {}  # whether anyone covers what member a misses
         self._extended: np.ndarray | None = None  # scratch (P + 1, N) for replacement
         self._gap: np.ndarray | None = None  # scratch (P, N): attraction, the floor
         self._shared_buffer: np.ndarray | None = None  # holds F between changes
@@ -148,6 +149,7 @@ class Niches:
         self._pull.clear()
         self._samplers.clear()
         self._slots.clear()
+        self._pulls.clear()
 
     def _refresh(self, scores: np.ndarray) -> None:
         """F and f after a change. `shared_scores`'s operations without its temporaries: arrays of
@@ -188,8 +190,10 @@ class Niches:
         a = by_fitness.draw(rng)
         if not use_attraction:
             return a, by_fitness.draw(rng)
-        pull = self._pull_of(a)
-        if pull.sum() > 0:
+        pull, pulls = self._pull_of(a), self._pulls.get(a)
+        if pulls is None:
+            pulls = self._pulls[a] = bool(pull.sum() > 0)
+        if pulls:
             return a, self._sampler(("g", a, key), pull, slots).draw(rng)
         others = slots[slots != a]
         # Nothing covers what A misses: the reference code divides 0 by 0 here.
