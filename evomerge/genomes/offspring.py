@@ -111,7 +111,7 @@ class ParentCache:
     def update(self, entries: Sequence[tuple[int, int, np.ndarray]]) -> None:
         for slot, member_id, genome in entries:
             # A copy: the received array may be a view into Ray's object store, which it would pin.
-            self.slots[int(slot)] = (int(member_id), np.array(genome, dtype=np.float32))
+            self.slots[int(slot)] = (int(member_id), np.array(genome))  # its own dtype, as the population has it
 
     def breed(self, lineage: Lineage) -> np.ndarray:
         parents = []
