@@ -24,7 +24,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState, create_trial
 
 from evomerge.engine.population import EvalRecord
-from evomerge.tracking import rdb_writer
+from evomerge.tracking import copy_text, rdb_writer
 from evomerge.tracking.rdb_writer import RDBBulkWriter, bulk_writer_for, supports_bulk
 from evomerge.tracking.recorder import record_to_trial
 
@@ -486,8 +486,8 @@ def test_postgres_ids_a_session_may_cache_are_not_trusted():
 def test_attribute_json_is_json_dumps(value):
     """The JSON written for attributes is byte for byte what Optuna writes (json.dumps), and as a
     COPY field it only has its backslashes doubled (the text format's one escape JSON can hold)."""
-    assert rdb_writer._json_text(value) == json.dumps(value)
-    assert rdb_writer._copy_json_text(value) == json.dumps(value).replace("\\", "\\\\")
+    assert copy_text.json_text(value) == json.dumps(value)
+    assert copy_text.copy_json_text(value) == json.dumps(value).replace("\\", "\\\\")
 
 
 def test_distribution_json_cache_keeps_lookalikes_apart(tmp_path):

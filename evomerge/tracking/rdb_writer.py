@@ -60,10 +60,7 @@ should use `study.add_trials`.
 
 from __future__ import annotations
 
-import datetime
 import inspect
-import json
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -73,6 +70,13 @@ from optuna import distributions as optuna_distributions
 from optuna.storages import RDBStorage
 from optuna.storages._rdb import models
 from optuna.trial import FrozenTrial
+
+from evomerge.tracking.copy_text import copy_datetime as _copy_datetime
+from evomerge.tracking.copy_text import copy_float as _copy_float
+from evomerge.tracking.copy_text import copy_json as _copy_json
+from evomerge.tracking.copy_text import copy_json_text as _copy_json_text
+from evomerge.tracking.copy_text import copy_text as _copy_text
+from evomerge.tracking.copy_text import json_text as _json_text
 
 __all__ = ["RDBBulkWriter", "supports_bulk", "bulk_writer_for", "TESTED_ALEMBIC_REVISIONS"]
 
@@ -175,71 +179,7 @@ def bulk_writer_for(study: optuna.Study) -> RDBBulkWriter | None:
     return RDBBulkWriter(storage, study) if supports_bulk(storage) else None
 
 
-# -- encodings ----------------------------------------------------------------------------------
-
-_json_dumps = json.dumps
-_INF = math.inf
-
-
-def _json_text(value: Any) -> str:
-    """`json.dumps(value)`, without building an encoder for the values a search records most
-    (ints, finite floats, None, lists of ints): for those the text is the same by construction
-    (json's own int and float reprs, its ", " separator), for anything else it is json.dumps."""
-    kind = type(value)
-    if kind is int:
-        return int.__repr__(value)
-    if kind is float and -_INF < value < _INF:
-        return float.__repr__(value)
-    if value is None:
-        return "null"
-    if kind is list and all(type(item) is int for item in value):
-        return "[" + ", ".join(map(int.__repr__, value)) + "]"
-    return _json_dumps(value)
-
-
-def _copy_json_text(value: Any) -> str:
-    """`_json_text(value)` as a COPY text field. JSON never holds a raw control character (json
-    escapes them), so only its backslashes need doubling, and the fast-path texts have none."""
-    kind = type(value)
-    if kind is int:
-        return int.__repr__(value)
-    if kind is float and -_INF < value < _INF:
-        return float.__repr__(value)
-    text = _json_text(value)
-    return text.replace("\\", "\\\\") if "\\" in text else text
-
-
-_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
-
-
-def _copy_text(value: str) -> str:
-    """A string as a field of PostgreSQL's COPY text format."""
-    if type(value) is not str:
-        raise TypeError(f"expected a string, got {type(value).__name__}: {value!r}")
-    if "\x00" in value:  # what psycopg says for a parameter with NUL, where add_trials fails
-        raise ValueError("PostgreSQL text fields cannot contain NUL (0x00) bytes")
-    return value.translate(_COPY_ESCAPES)
-
-
-def _copy_json(text: str) -> str:
-    """json.dumps output as a COPY text field (see `_copy_json_text`)."""
-    return text.replace("\\", "\\\\") if "\\" in text else text
-
-
-def _copy_float(value: Any) -> str:
-    """A number for a double precision column: repr round-trips exactly through float8in."""
-    if value is None:
-        return "\\N"
-    value = float(value)
-    if -_INF < value < _INF:
-        return float.__repr__(value)
-    return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
-
-
-def _copy_datetime(value: datetime.datetime | None) -> str:
-    """A naive datetime for a `timestamp without time zone` column (ISO 8601, to the microsecond)."""
-    return "\\N" if value is None else value.isoformat(" ")
-
+# -- encodings: evomerge/tracking/copy_text.py ---------------------------------------------------
 
 # The columns COPY writes, in the order the _prepare_copy lines hold them (after trial_id).
 _COPY_COLUMNS = {
