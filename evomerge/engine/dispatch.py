@@ -19,7 +19,7 @@ import ray
 from ray.exceptions import RayActorError
 
 from evomerge.engine.population import EvalRecord, Population
-from evomerge.genomes.offspring import ParentMirror
+from evomerge.genomes.offspring import ParentMirror, realise
 from evomerge.strategies.base import Candidate, Evaluation
 
 try:  # newer Ray raises this while an actor is restarting
@@ -206,12 +206,16 @@ class Dispatcher:
 
     def _stale(self, worker_index: int, batch: list[Candidate], stale: list[int]) -> list[Candidate]:
         """Children the worker could not breed (its parent cache was not what we thought: it
-        restarted unnoticed): not its fault, so no retry is used up; its cache is sent afresh."""
+        restarted unnoticed): not its fault, so no retry is used up. Its cache is sent afresh, and
+        the children go again whole, so that no cache can send them round for ever."""
         if not stale:
             return []
         self.mirror.forget(worker_index)
         wanted = set(stale)
-        return [c for c in batch if c.member_id in wanted]
+        again = [c for c in batch if c.member_id in wanted]
+        for candidate in again:
+            candidate.genome = realise(candidate.genome)
+        return again
 
     def _handle_death(self, worker_index: int, batch: list[Candidate],
                       exc: BaseException) -> tuple[list[Evaluation], list[Candidate]]:

@@ -70,6 +70,10 @@ class DenseSpace:
         return [values[i].copy() if present[i] else None for i in range(len(present))]
 
 
+NO_NOISE_ON_RECIPES = ("strategy.options.mutation_sigma must be 0 with recipe genomes "
+                       "(noise on every parameter cannot be written as a recipe); set it to 0")
+
+
 class RecipeSpace:
     """Recipes over the seeds, and over merged models added to the basis during the search.
 
@@ -135,13 +139,12 @@ class RecipeSpace:
         return recipe_split_slerp(a, b, split, ratio, self.gram)
 
     def mutate(self, genome: Recipe, sigma: float, rng: np.random.Generator) -> Recipe:
-        raise ValueError("strategy.options.mutation_sigma must be 0 with recipe genomes "
-                         "(noise on every parameter cannot be written as a recipe); set it to 0")
+        raise ValueError(NO_NOISE_ON_RECIPES)
 
     def breed(self, parents: list[Recipe], lineage: Lineage) -> Recipe:
         """Recipes are a few KB and their SLERP needs the Gram matrices: always bred here."""
         if lineage.sigma > 0:
-            self.mutate(parents[0], lineage.sigma, np.random.default_rng(0))  # raises the config error
+            raise ValueError(NO_NOISE_ON_RECIPES)
         if len(parents) == 2:
             return self.crossover(parents[0], parents[1], lineage.split, lineage.ratio)
         return parents[0]
