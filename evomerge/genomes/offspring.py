@@ -77,10 +77,6 @@ class Offspring:
     lineage: Lineage
     parents: tuple[np.ndarray, ...] = field(repr=False, compare=False)
 
-    @property
-    def size(self) -> int:
-        return int(self.parents[0].size)
-
     def materialise(self) -> np.ndarray:
         return breed(self.parents, self.lineage)
 

@@ -24,7 +24,7 @@ from evomerge.tracking.rdb_writer import bulk_writer_for
 _STOP = object()
 
 
-def _distribution(name: str, value: float | int) -> Any:
+def _distribution(value: float | int) -> Any:
     if isinstance(value, int) and not isinstance(value, bool):
         return _int_distribution(max(int(value), 1))
     if 0.0 <= value <= 1.0:
@@ -58,7 +58,7 @@ def _user_attrs(record: EvalRecord) -> dict[str, Any]:
 def record_to_trial(record: EvalRecord) -> optuna.trial.FrozenTrial:
     params = {name: int(v) if isinstance(v, int) and not isinstance(v, bool) else float(v)
               for name, v in record.params.items()}
-    distributions = {name: _distribution(name, v) for name, v in record.params.items()}
+    distributions = {name: _distribution(v) for name, v in record.params.items()}
     attrs = _user_attrs(record)
     if record.failed:
         return create_trial(state=TrialState.FAIL, params=params, distributions=distributions, user_attrs=attrs)
@@ -112,7 +112,7 @@ class JournalBulkWriter:
             if value is not None and (math.isnan(value) or self._objectives != 1):
                 raise ValueError(f"trial value {value} cannot be recorded in a study with "
                                  f"{self._objectives} objective(s)")
-            distributions = {name: _distribution(name, v) for name, v in record.params.items()}
+            distributions = {name: _distribution(v) for name, v in record.params.items()}
             entries.append({
                 "study_id": self._study_id, "datetime_start": now,
                 "state": TrialState.FAIL if failed else TrialState.COMPLETE, "value": value, "values": None,
