@@ -239,5 +239,47 @@ def test_deferral_is_for_dense_spaces_only():
     assert isinstance(offspring, Offspring)
     assert np.array_equal(space.copy(offspring), a) and np.array_equal(space.realise(offspring), a)
     packed = space.pack([offspring, None], "x")
-    assert np.array_equal(space.unpack(packed, "x")[0], a)
+    assert np.array_equal(space.realise(space.unpack(packed, "x")[0]), a)
     assert Candidate(genome=offspring).genome is offspring
+
+
+def test_children_in_flight_are_packed_as_lineages_with_each_parent_once():
+    """A snapshot holds an unbred child as its lineage plus its parents (shared parents once), and
+    the child bred after unpacking has the bits of the child bred before packing."""
+    space = DenseSpace(D)
+    a, b = _parents(3)
+    c = np.arange(D, dtype=np.float64) / D  # a parent of another dtype keeps it
+    children = [Offspring(Lineage((7, 9), (0, 1), split=100, ratio=0.3, sigma=0.01, noise_seed=2**62 + 5), (a, b)),
+                Offspring(Lineage((9,), (1,), sigma=0.02, noise_seed=11), (b,)),
+                Offspring(Lineage((7, 4), (0, 2), split=D - 1, ratio=0.9), (a, c))]
+    plain = np.full(D, 0.5, dtype=np.float32)
+    genomes = [children[0], None, plain, children[1], children[2]]
+    packed = space.pack(genomes, "inflight")
+    parents = sorted(k for k in packed if "/parent/" in k)
+    assert parents == ["inflight/offspring/parent/4", "inflight/offspring/parent/7", "inflight/offspring/parent/9"]
+    assert packed["inflight/values"].shape == (1, D)  # only the bred genome is stored whole
+    back = space.unpack(packed, "inflight")
+    assert back[1] is None and np.array_equal(back[2], plain)
+    for before, after in zip(children, [back[0], back[3], back[4]]):
+        assert isinstance(after, Offspring) and after.lineage == before.lineage
+        assert np.array_equal(after.materialise(), before.materialise())
+    assert back[4].parents[1].dtype == np.float64
+
+
+def test_snapshots_without_lineages_still_unpack():
+    """Every genome stored whole (archive members, and snapshots from before lineages were packed)."""
+    space = DenseSpace(D)
+    a, b = _parents(4)
+    packed = space.pack([a, None, b], "genomes")
+    assert set(packed) == {"genomes/values", "genomes/present"}
+    back = space.unpack(packed, "genomes")
+    assert np.array_equal(back[0], a) and back[1] is None and np.array_equal(back[2], b)
+
+
+def test_a_snapshot_missing_a_parent_is_refused():
+    space = DenseSpace(D)
+    a, b = _parents(5)
+    packed = space.pack([Offspring(Lineage((1, 2), (0, 1), split=3, ratio=0.5), (a, b))], "x")
+    del packed["x/offspring/parent/2"]
+    with pytest.raises(ValueError, match=r"parents \[2\]"):
+        space.unpack(packed, "x")

@@ -12,7 +12,8 @@ import numpy as np
 
 from evomerge.genomes.dense import split_slerp
 from evomerge.genomes.elements import pack_elements, unpack_elements
-from evomerge.genomes.offspring import Lineage, Offspring, add_noise, draw_noise_seed, realise
+from evomerge.genomes.offspring import (Lineage, Offspring, add_noise, draw_noise_seed, pack_offspring,
+                                        realise, unpack_offspring)
 from evomerge.genomes.recipe import PrefixGram, Recipe, pack_recipes, recipe_split_slerp, unpack_recipes
 
 
@@ -58,16 +59,32 @@ class DenseSpace:
         return realise(genome)
 
     def pack(self, genomes: list[Any], prefix: str) -> dict[str, np.ndarray]:
+        """Values of the bred genomes; children not bred yet (the ones in flight) as lineages."""
         present = np.array([g is not None for g in genomes], dtype=bool)
-        values = np.zeros((len(genomes), self.size), dtype=np.float32)
-        for i, g in enumerate(genomes):
-            if g is not None:
-                values[i] = realise(g)
-        return {f"{prefix}/values": values, f"{prefix}/present": present}
+        unbred = [i for i, g in enumerate(genomes) if isinstance(g, Offspring)]
+        rows = [i for i, g in enumerate(genomes) if g is not None and not isinstance(g, Offspring)]
+        if not unbred:  # every row stored, as snapshots always held them
+            rows = list(range(len(genomes)))
+        values = np.zeros((len(rows), self.size), dtype=np.float32)
+        for i, row in enumerate(rows):
+            if genomes[row] is not None:
+                values[i] = genomes[row]
+        arrays = {f"{prefix}/values": values, f"{prefix}/present": present}
+        if unbred:
+            arrays[f"{prefix}/rows"] = np.asarray(rows, dtype=np.int64)
+            arrays.update(pack_offspring([genomes[i] for i in unbred], unbred, f"{prefix}/offspring"))
+        return arrays
 
     def unpack(self, arrays: dict[str, np.ndarray], prefix: str) -> list[Any]:
         values, present = arrays[f"{prefix}/values"], arrays[f"{prefix}/present"]
-        return [values[i].copy() if present[i] else None for i in range(len(present))]
+        if f"{prefix}/rows" not in arrays:
+            return [values[i].copy() if present[i] else None for i in range(len(present))]
+        genomes: list[Any] = [None] * len(present)
+        for i, row in enumerate(arrays[f"{prefix}/rows"]):
+            genomes[int(row)] = values[i].copy()
+        for row, child in unpack_offspring(arrays, f"{prefix}/offspring").items():
+            genomes[row] = child
+        return genomes
 
 
 NO_NOISE_ON_RECIPES = ("strategy.options.mutation_sigma must be 0 with recipe genomes "
