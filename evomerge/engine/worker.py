@@ -18,7 +18,7 @@ from evomerge.config import SearchConfig
 from evomerge.engine.basis_spec import build_basis, genome_kind
 from evomerge.genomes.columns import ColumnGenome
 from evomerge.genomes.layerwise import LayerwiseGenome
-from evomerge.genomes.offspring import Lineage, ParentCache, StaleParents
+from evomerge.genomes.offspring import Lineage, ParentCache, StaleParents, realise
 from evomerge.genomes.recipe import Recipe
 from evomerge.strategies.base import Evaluation
 from evomerge.tasks import FitnessTask, build_task
@@ -90,6 +90,7 @@ class FitnessWorker:
             self.basis.add_element(genome.materialise(self.basis))
 
     def materialise(self, genome: Any) -> np.ndarray:
+        genome = realise(genome)  # a child not bred yet (e.g. restored from a snapshot)
         if isinstance(genome, (Recipe, ColumnGenome, LayerwiseGenome)):
             if self.basis is None:
                 raise ValueError("received a merge genome but this search has no seeds")
