@@ -102,3 +102,30 @@ def test_run_folder_is_not_silently_overwritten(ray_session, tmp_path):
         run_search(config, SearchOptions(out_dir=tmp_path / "run", progress=False))
     summary = run_search(config, SearchOptions(out_dir=tmp_path / "run", progress=False, overwrite=True))
     assert len(_trials(summary)) == 20
+
+
+def test_each_snapshot_is_written_when_the_study_holds_its_evaluations(ray_session, tmp_path, monkeypatch):
+    """The driver keeps the next stretch of the search queued on the actor while it records and
+    snapshots; a snapshot must still agree with the study (a resume counts on it)."""
+    from evomerge.engine import search as search_module
+
+    seen = []
+    write = search_module.snapshots.write_snapshot
+
+    def checked(run_dir, step, meta, arrays, keep=3):
+        study = optuna.load_study(study_name="snap", storage=search_module.open_storage(
+            search_module.storage_url(config.optuna.storage, run_dir)))
+        seen.append((step, meta["population"]["told"], len(study.get_trials(deepcopy=False)),
+                     len(meta["population"]["inflight"])))
+        return write(run_dir, step, meta, arrays, keep=keep)
+
+    monkeypatch.setattr(search_module.snapshots, "write_snapshot", checked)
+    config = digits_config("snap", budget={"evaluations": 400}, snapshots={"every": 60},
+                           workers={"count": 2, "batch": 4})
+    summary = run_search(config, SearchOptions(out_dir=tmp_path / "run", progress=False, advance_seconds=0.05))
+    assert summary["evaluations"] == 400
+    assert len(seen) >= 4, seen  # several snapshots mid-run, then the final one
+    for step, told, trials, _ in seen:
+        assert step == told == trials
+    assert any(inflight for *_, inflight in seen[:-1])  # mid-run snapshots held children in flight
+    assert seen[-1][:3] == (400, 400, 400) and seen[-1][3] == 0
