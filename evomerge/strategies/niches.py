@@ -134,6 +134,7 @@ class Niches:
         self._shared: np.ndarray | None = None
         self._fitness: np.ndarray | None = None
         self._floor: float | None = None  # lowest member fitness any child could leave
+        self._weights: np.ndarray | None = None  # 1 / (z + 1)^alpha, the floor's column weights
         self._pull: dict[int, np.ndarray] = {}
         self._samplers: dict[Any, _Sampler] = {}
         self._slots: dict[bytes, np.ndarray] = {}
@@ -231,6 +232,24 @@ class Niches:
         denominator = np.where(load > 0, load, 1.0)
         return denominator if self.alpha == 1.0 else denominator ** self.alpha  # x ** 1.0 == x
 
+    def _below_floor(self, child_scores: np.ndarray) -> bool:
+        """Whether the child's fitness in the extended archive trails the floor by the margin.
+
+        A right/wrong child (every score 0 or 1) adds exactly 1 to the load where it is right, so
+        its fitness is the sum of the floor's weights 1/(z + 1)^alpha there: one dot product with
+        weights kept per archive, instead of the extended load's temporaries. It differs from the
+        full sum only in rounding, which the margin is far above. Other children take the full sum.
+        """
+        child = np.asarray(child_scores)
+        right = np.count_nonzero(child)
+        if right == np.count_nonzero(child == 1):
+            fitness = float(np.dot(child, self._weights)) if right else 0.0
+        else:
+            child = child.astype(np.float64)
+            fitness = float((child / self._denominators(self._load + child)).sum())
+        assert self._floor is not None
+        return fitness < self._floor * (1.0 - self.REJECT_MARGIN)
+
     def replacement_slot(self, scores: np.ndarray, child_scores: np.ndarray,
                          filled: np.ndarray | None = None) -> int | None:
         """`replacement_slot` without stacking: z of the archive plus the child's row, then F and f
@@ -242,21 +261,21 @@ class Niches:
         whose own fitness is below the lowest floor, by a margin far larger than rounding, is the
         least fit whatever the full computation's last bits; anything closer is computed fully.
         """
-        if filled is not None and not np.all(filled):
+        if filled is not None and not filled.all():
             return int(np.argmin(filled))
         self._refresh(scores)
         assert self._load is not None
+        if self._floor is None:
+            self._weights = 1.0 / self._denominators(self._load + 1.0)
+            floor = self._scratch(scores.shape)
+            np.multiply(scores, self._weights, out=floor)
+            self._floor = float(floor.sum(axis=1).min())
+        if self._below_floor(child_scores):
+            self.quick_rejects += 1
+            return None
         child = np.asarray(child_scores, dtype=np.float64)
         load = self._load + child  # adding the child's row last is what summing the stack does
         denominator = self._denominators(load)
-        if self._floor is None:
-            floor = self._scratch(scores.shape)
-            np.divide(scores, self._denominators(self._load + 1.0), out=floor)
-            self._floor = float(floor.sum(axis=1).min())
-        child_fitness = float((child / denominator).sum())
-        if child_fitness < self._floor * (1.0 - self.REJECT_MARGIN):
-            self.quick_rejects += 1
-            return None
         rows, cols = scores.shape
         if self._extended is None or self._extended.shape != (rows + 1, cols):
             self._extended = np.empty((rows + 1, cols), dtype=np.float64)
