@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sleep-evals", type=int, default=200, help="evaluations of the 50 ms task")
     parser.add_argument("--batch", help="workers.batch for the engine runs (a number or auto; "
                                          "default: the config's)")
-    parser.add_argument("--repeats", type=int, default=2,
+    parser.add_argument("--repeats", type=int, default=3,
                         help="alternating 1-worker/2-worker digits pairs; the ratio is of the summed rates, "
                              "so a slow spell of the machine lands on both sides")
     parser.add_argument("--population-breeds", action="store_true",
