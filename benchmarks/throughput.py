@@ -14,6 +14,7 @@ wall time is printed too. Optuna recording (journal file) is on, as in a real se
 On Linux the steady-state CPU time of every process of the embedded Ray session (driver,
 population actor, workers, raylet) is printed per evaluation for the digits runs: on 2 cores the
 workers share them with everything else, so this is where the 2-worker scaling goes.
+From that table it prints the ratio these CPU costs allow, to set beside the measured one.
 `--batch` overrides `workers.batch` for every engine run (default: the configs' own);
 `--population-breeds` sets `workers.breed_on_workers: false`, the ablation of worker-side breeding.
 """
@@ -243,6 +244,12 @@ def main(argv: list[str] | None = None) -> int:
                             for n in names] +
                            [("total", round(sum(one["cpu_ms_per_eval"].values()), 3),
                              round(sum(two["cpu_ms_per_eval"].values()), 3))]))
+        # 1 worker runs as fast as its worker's CPU allows; 2 workers at best keep both cores busy.
+        worker_one = one["cpu_ms_per_eval"].get("FitnessWorker", 0.0)
+        total_two = sum(two["cpu_ms_per_eval"].values())
+        if worker_one and total_two:
+            print(f"ratio these CPU costs allow (2 x worker CPU with 1 worker / total CPU with 2): "
+                  f"{2 * worker_one / total_two:.2f}")
     scaling = sum(b["rate"] for _, b in pairs) / sum(a["rate"] for a, _ in pairs)
     vs_local = sum(a["rate"] for a, _ in pairs) / len(pairs) / local["rate"]
     print("\n2 workers / 1 worker, pair by pair: " + ", ".join(f"{b['rate'] / a['rate']:.2f}" for a, b in pairs))
