@@ -117,7 +117,8 @@ def pack_offspring(children: Sequence[Offspring], rows: Sequence[int], prefix: s
 
 def unpack_offspring(arrays: dict[str, np.ndarray], prefix: str) -> dict[int, Offspring]:
     """`pack_offspring` undone: each child by its row."""
-    parents = {int(key.rsplit("/", 1)[1]): value for key, value in arrays.items()
+    # One copy per parent, shared by its children (an Offspring never modifies its parents).
+    parents = {int(key.rsplit("/", 1)[1]): np.array(value) for key, value in arrays.items()
                if key.startswith(f"{prefix}/parent/")}
     children: dict[int, Offspring] = {}
     for i, row in enumerate(arrays[f"{prefix}/rows"]):
@@ -129,7 +130,7 @@ def unpack_offspring(arrays: dict[str, np.ndarray], prefix: str) -> dict[int, Of
         lineage = Lineage(parent_ids=ids, slots=tuple(int(k) for k in arrays[f"{prefix}/slots"][i][:len(ids)]),
                           split=int(arrays[f"{prefix}/split"][i]), ratio=float(arrays[f"{prefix}/ratio"][i]),
                           sigma=float(arrays[f"{prefix}/sigma"][i]), noise_seed=None if seed < 0 else seed)
-        children[int(row)] = Offspring(lineage, tuple(np.array(parents[m]) for m in ids))
+        children[int(row)] = Offspring(lineage, tuple(parents[m] for m in ids))
     return children
 
 

@@ -12,8 +12,7 @@ import numpy as np
 
 from evomerge.genomes.dense import split_slerp
 from evomerge.genomes.elements import pack_elements, unpack_elements
-from evomerge.genomes.offspring import (Lineage, Offspring, add_noise, draw_noise_seed, pack_offspring,
-                                        realise, unpack_offspring)
+from evomerge.genomes.offspring import Lineage, Offspring, pack_offspring, realise, unpack_offspring
 from evomerge.genomes.recipe import PrefixGram, Recipe, pack_recipes, recipe_split_slerp, unpack_recipes
 
 
@@ -43,9 +42,6 @@ class DenseSpace:
 
     def crossover(self, a: np.ndarray, b: np.ndarray, split: int, ratio: float) -> np.ndarray:
         return split_slerp(a, b, split, ratio)
-
-    def mutate(self, genome: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
-        return add_noise(genome, sigma, draw_noise_seed(rng))
 
     def breed(self, parents: list[np.ndarray], lineage: Lineage) -> np.ndarray | Offspring:
         """The child of these parents (one: a mutated copy; two: split-point SLERP, then noise)."""
@@ -154,9 +150,6 @@ class RecipeSpace:
 
     def crossover(self, a: Recipe, b: Recipe, split: int, ratio: float) -> Recipe:
         return recipe_split_slerp(a, b, split, ratio, self.gram)
-
-    def mutate(self, genome: Recipe, sigma: float, rng: np.random.Generator) -> Recipe:
-        raise ValueError(NO_NOISE_ON_RECIPES)
 
     def breed(self, parents: list[Recipe], lineage: Lineage) -> Recipe:
         """Recipes are a few KB and their SLERP needs the Gram matrices: always bred here."""
