@@ -17,7 +17,7 @@ def _records(n: int) -> list[EvalRecord]:
     for i in range(n):
         params = {"parent_a": i // 2, "parent_b": i // 3, "mix_ratio": 0.25 + i / (4 * n),
                   "split_fraction": 0.5, "coefficient": -1.5 + i}  # one float outside [0, 1]
-        error = "fitness task raised ValueError('boom')" if i % 7 == 3 else None
+        error = "fitness task raised ValueError('boom: \"ü\"\\n')" if i % 7 == 3 else None
         records.append(EvalRecord(
             number=i, member_id=i, train_score=None if error else i / n, test_score=None if error else 0.5,
             params={} if i == 0 else params, parents=[] if i == 0 else [i // 2, i // 3], generation=i % 5,
