@@ -55,6 +55,7 @@ def test_replacement_and_fitness_equal_the_pure_functions_through_insertions(alp
             insertions += 1
         assert np.array_equal(niches.fitness(scores), niche_fitness(scores, alpha))
     assert insertions > 20
+    assert niches.clear_verdicts > 5  # verdicts by the matrix-vector shortcut, still exact
 
 
 def test_choose_parents_from_the_cache_draws_exactly_the_pure_sequence():
@@ -170,6 +171,7 @@ def test_quick_rejection_by_the_floor_agrees_with_the_full_rule(alpha, kind):
             inserted += 1
     # graded scores raise the load by less than 1, so the floor is looser and turns fewer away
     assert niches.quick_rejects > (50 if kind == "binary" else 0) and inserted > 5, niches.quick_rejects
+    assert niches.clear_verdicts > 5
 
 
 @pytest.mark.parametrize("alpha", [0.5, 1.0])

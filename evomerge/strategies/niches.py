@@ -114,6 +114,10 @@ def replacement_slot(scores: np.ndarray, child_scores: np.ndarray, alpha: float,
     return None if worst == scores.shape[0] else worst
 
 
+_UNSURE = object()
+_EPS = float(np.finfo(np.float64).eps)
+
+
 class Niches:
     """The competition state of one archive, recomputed only when the archive changes.
 
@@ -144,6 +148,7 @@ class Niches:
         self._shared_buffer: np.ndarray | None = None  # holds F between changes
         self._misses: np.ndarray | None = None  # S == 0, when every score is 0 or 1
         self.quick_rejects = 0  # children turned away by the floor alone
+        self.clear_verdicts = 0  # children placed by one matrix-vector product
 
     def changed(self) -> None:
         self._load = self._shared = self._fitness = self._floor = None
@@ -228,6 +233,11 @@ class Niches:
             self._gap = np.empty(shape, dtype=np.float64)
         return self._gap
 
+    def _margin(self, terms: int) -> float:
+        """Relative gap that rounding cannot close: a sum of `terms` non-negative products errs by
+        less than terms x eps of itself, whatever the summation order."""
+        return self.REJECT_MARGIN + 4 * terms * _EPS
+
     def _denominators(self, load: np.ndarray) -> np.ndarray:
         denominator = np.where(load > 0, load, 1.0)
         return denominator if self.alpha == 1.0 else denominator ** self.alpha  # x ** 1.0 == x
@@ -248,7 +258,7 @@ class Niches:
             child = child.astype(np.float64)
             fitness = float((child / self._denominators(self._load + child)).sum())
         assert self._floor is not None
-        return fitness < self._floor * (1.0 - self.REJECT_MARGIN)
+        return fitness < self._floor * (1.0 - self._margin(child.size))
 
     def replacement_slot(self, scores: np.ndarray, child_scores: np.ndarray,
                          filled: np.ndarray | None = None) -> int | None:
@@ -276,6 +286,10 @@ class Niches:
         child = np.asarray(child_scores, dtype=np.float64)
         load = self._load + child  # adding the child's row last is what summing the stack does
         denominator = self._denominators(load)
+        clear = self._clear_verdict(scores, child, denominator)
+        if clear is not _UNSURE:
+            self.clear_verdicts += 1
+            return clear
         rows, cols = scores.shape
         if self._extended is None or self._extended.shape != (rows + 1, cols):
             self._extended = np.empty((rows + 1, cols), dtype=np.float64)
@@ -287,3 +301,23 @@ class Niches:
             ext[:, ~covered] = 0.0
         worst = int(np.argmin(ext.sum(axis=1)))
         return None if worst == rows else worst
+
+    def _clear_verdict(self, scores: np.ndarray, child: np.ndarray, denominator: np.ndarray) -> Any:
+        """The slot (or None) when the least fit of the extended archive is clear, else `_UNSURE`.
+
+        Every fitness of the extended archive is its row dotted with 1/denominator: one
+        matrix-vector product instead of dividing the whole archive. BLAS sums in its own order,
+        so these differ from the full rule's sums in the last bits; a least fit behind the next by
+        more than the margin (relative to the largest fitness, which bounds every sum's rounding)
+        is the full rule's answer too. Near-ties, where the rule's tie order decides, go the full way.
+        """
+        weights = 1.0 / denominator  # columns nobody covers hold zeros in every row: no mask needed
+        fitness = np.empty(scores.shape[0] + 1)
+        np.dot(scores, weights, out=fitness[:-1])
+        fitness[-1] = np.dot(child, weights)
+        worst = int(np.argmin(fitness))
+        least, top = fitness[worst], fitness.max()
+        fitness[worst] = np.inf
+        if fitness.min() - least <= self._margin(weights.size) * top:
+            return _UNSURE
+        return None if worst == scores.shape[0] else worst
