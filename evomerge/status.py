@@ -33,6 +33,8 @@ def run_status(run_dir: Path) -> dict[str, Any]:
     if path is not None:
         age = time.time() - (path / snapshots.STATE).stat().st_mtime
         status["last_snapshot"] = f"{path.name} ({_age(age)} ago)"
+    total, count = (meta or {}).get("population", {}).get("staleness", (0, 0))
+    status["mean_staleness"] = round(total / count, 1) if count else None
     ids = arrays.get("strategy/ids")
     status["archive_size"] = int((np.asarray(ids) >= 0).sum()) if ids is not None else None
     trials = _trials(run_dir, config)
@@ -89,5 +91,7 @@ def status_table(status: dict[str, Any]) -> str:
         ("distinct parents used", status["distinct_parents"]),
         ("last snapshot", status["last_snapshot"]),
         ("evaluations / s", status["evals_per_second"]),
+        # Async search: evaluations told while a child was out, i.e. how stale its parents were.
+        ("children's staleness (evals)", status["mean_staleness"]),
     ]
     return format_table(("", "value"), rows)

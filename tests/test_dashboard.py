@@ -123,3 +123,23 @@ def test_dashboard_serves_the_study_and_its_plots(finished_run, dashboard):
         assert headers["Content-Type"] == "image/png"
         assert body.startswith(PNG_SIGNATURE)
         assert body == (run_dir / "plots" / name).read_bytes()  # the plot the search drew
+
+
+def test_status_reports_the_finished_run(finished_run):
+    """`evomerge status`: counts from the study, archive and staleness from the last snapshot."""
+    from evomerge.status import run_status, status_table
+
+    run_dir, summary = finished_run
+    status = run_status(run_dir)
+    assert status["state"] == "finished"
+    assert status["evaluations"] == summary["evaluations"] == 60
+    assert status["failed"] == summary["failed"]
+    assert status["best_train"] == summary["best"]["train_score"]
+    assert status["best_member"] == summary["best"]["member_id"]
+    assert 1 <= status["archive_size"] <= 60
+    assert status["last_snapshot"].startswith("step-00000060")
+    # 60 children through 2 workers: some were told after others asked later, none before its ask
+    assert status["mean_staleness"] == round(summary["mean_staleness"], 1) and status["mean_staleness"] >= 0
+    table = status_table(status)
+    for label in ("evaluations", "60 / 60", "archive size", "children's staleness (evals)"):
+        assert label in table

@@ -116,3 +116,47 @@ def test_config_batch_errors_name_the_field_and_the_fix(bad):
         _config(bad)
     message = str(info.value)
     assert "workers.batch" in message and "auto" in message and ">= 1" in message
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _StubWorker:
+    """Takes `evaluate.remote(...)` calls and returns a fresh handle, like a Ray actor would."""
+
+    def __init__(self) -> None:
+        self.calls: list[list] = []
+        self.evaluate = self
+
+    def remote(self, batch, *rest):
+        self.calls.append(batch)
+        return object()
+
+
+def test_queued_batches_go_out_shortly_before_the_running_one_ends(monkeypatch):
+    """Hand-worked: 4 children of 10 ms each are running since t = 100.0 s, so the next batch is
+    due at 100.0 + 0.040 x (1 - 0.25) - 0.003 = 100.027; until then it waits, and `_fill` says when."""
+    from evomerge.engine import dispatch
+
+    clock = _Clock()
+    monkeypatch.setattr(dispatch.time, "monotonic", clock)
+    population = _population(5)
+    _tell_all(population, population.ask_batch(2))  # the initial members: children can be bred now
+    workers = [_StubWorker()]
+    dispatcher = dispatch.Dispatcher(population, workers, batch=4, sync=False, max_retries_per_child=2,
+                                     max_worker_deaths=3)
+    assert dispatcher._fill() is None and len(workers[0].calls) == 2  # nothing measured: both at once
+    dispatcher.inflight.pop(next(iter(dispatcher.inflight)))
+    dispatcher._returned(0)  # the first call came back at t = 100.0; the second is running
+    dispatcher.sizer.observe(_evals(0.010, 4))
+    assert dispatcher._fill() == pytest.approx(100.027) and len(workers[0].calls) == 2
+    clock.now = 100.026
+    assert dispatcher._fill() == pytest.approx(100.027) and len(workers[0].calls) == 2
+    clock.now = 100.027
+    assert dispatcher._fill() is None and len(workers[0].calls) == 3  # due: queued behind the running one
+    assert dispatcher.load == [2]

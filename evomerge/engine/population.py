@@ -72,6 +72,11 @@ class Population:
         self.failed = 0
         self.inflight: dict[int, Candidate] = {}
         self.best: BestMember | None = None
+        # Staleness: how many evaluations were told between a child's ask and its own tell, i.e.
+        # how old the archive it was bred from is by the time it competes (0 in a serial loop).
+        self._asked_at: dict[int, int] = {}
+        self.staleness_total = 0
+        self.staleness_count = 0
 
     @property
     def done(self) -> bool:
@@ -86,6 +91,7 @@ class Population:
         candidate.member_id = self.issued
         self.issued += 1
         self.inflight[candidate.member_id] = candidate
+        self._asked_at[candidate.member_id] = self.told
         return candidate
 
     def ask_batch(self, size: int) -> list[Candidate]:
@@ -101,6 +107,10 @@ class Population:
 
     def tell(self, evaluation: Evaluation) -> EvalRecord:
         candidate = self.inflight.pop(evaluation.member_id)
+        asked_at = self._asked_at.pop(evaluation.member_id, None)  # None: re-sent after a resume
+        if asked_at is not None:
+            self.staleness_total += self.told - asked_at
+            self.staleness_count += 1
         problem = evaluation.error if evaluation.error else check_scores(evaluation.scores, self.strategy.problem.num_datapoints)
         if problem is not None:
             evaluation = Evaluation(evaluation.member_id, None, None, problem, evaluation.seconds)
@@ -136,7 +146,12 @@ class Population:
                 "member_id": self.best.member_id, "train_score": self.best.train_score,
                 "test_score": self.best.test_score},
             "archive": self.strategy.archive_summary(),
+            "mean_staleness": self.mean_staleness,
         }
+
+    @property
+    def mean_staleness(self) -> float | None:
+        return self.staleness_total / self.staleness_count if self.staleness_count else None
 
     # -- snapshots -----------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -155,7 +170,8 @@ class Population:
                     "parents": list(self.best.parents)}
             arrays.update(space.pack([self.best.genome], "best"))
         meta = {"issued": self.issued, "told": self.told, "failed": self.failed, "budget": self.budget,
-                "inflight": inflight, "best": best, "strategy": strategy_meta}
+                "inflight": inflight, "best": best, "strategy": strategy_meta,
+                "staleness": [self.staleness_total, self.staleness_count]}
         return meta, arrays
 
     def load_state_dict(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> list[Candidate]:
@@ -164,6 +180,8 @@ class Population:
         self.strategy.load_state_dict(meta["strategy"],
                                       {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
         self.issued, self.told, self.failed = int(meta["issued"]), int(meta["told"]), int(meta["failed"])
+        self.staleness_total, self.staleness_count = (int(v) for v in meta.get("staleness", (0, 0)))
+        self._asked_at = {}
         space = self.strategy.problem.space
         self.best = None
         if meta.get("best"):

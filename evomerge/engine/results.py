@@ -32,6 +32,7 @@ def finish_run(config: SearchConfig, out_dir: Path, study: optuna.Study, state: 
         "evals_per_second": round(evaluations / wall_seconds, 2) if wall_seconds > 0 else None,
         "steady_evals_per_second": None if steady_rate is None else round(steady_rate, 2),
         "storage": storage, "study_name": study_name, "seed": config.seed, "sync": config.sync,
+        "mean_staleness": _mean_staleness(state[0]),
     }
     if best is not None:
         write_best(out_dir, best, config)
@@ -46,6 +47,12 @@ def finish_run(config: SearchConfig, out_dir: Path, study: optuna.Study, state: 
         print(f"warning: could not draw plots: {exc}", file=sys.stderr)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _mean_staleness(population_meta: dict[str, Any]) -> float | None:
+    """Evaluations told, on average, between a child's ask and its tell (see `Population`)."""
+    total, count = population_meta.get("staleness", (0, 0))
+    return round(total / count, 2) if count else None
 
 
 def write_best(out_dir: Path, best: dict[str, Any], config: SearchConfig) -> None:
