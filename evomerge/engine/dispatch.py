@@ -53,10 +53,6 @@ class BatchSizer:
             self.fixed = int(batch)
         self.recent: deque[float] = deque(maxlen=7)  # mean seconds of one evaluation, per call
 
-    def seconds_per_child(self) -> float | None:
-        """Recent fitness seconds per child (median of the last calls' means); None before any."""
-        return statistics.median(self.recent) if self.recent else None
-
     def observe(self, evaluations: Sequence[Evaluation]) -> None:
         times = [e.seconds for e in evaluations if e.seconds > 0]
         if times:
@@ -67,27 +63,14 @@ class BatchSizer:
         calls (workers x depth) to share them: the last ones are split evenly, not sent to one."""
         if self.fixed is not None:
             return self.fixed
-        seconds = self.seconds_per_child()
-        if seconds is None:
+        if not self.recent:
             return 1  # nothing measured yet: the first results set the pace
+        seconds = statistics.median(self.recent)
         size = min(self.CAP, max(1, int(self.TARGET_SECONDS / seconds))) if seconds > 0 else self.CAP
         return max(1, min(size, math.ceil(unissued / max(1, slots))))
 
 
 class Dispatcher:
-    """Async mode submits each worker's queued batch late: shortly before the batch it is running
-    should end (by the sizer's seconds per child), not the moment the one before returns.
-
-    Every child is bred from the archive as it stands when it is asked and competes when it is
-    told, and the tells in between (its staleness) cost search quality. Queued at once, a batch
-    waits out the whole running batch before it starts, so its children were bred two batches
-    before they are told; queued late they are bred about one batch before, and the worker still
-    finds the next batch waiting. `LATE_LEAD` is how early, as a share of the running batch plus a
-    fixed round trip, so that a worker never idles when the estimate is a little off.
-    """
-
-    LATE_LEAD = (0.25, 0.003)  # (share of the running batch's expected seconds, seconds)
-
     def __init__(self, population: Population, workers: list[Any], batch: int | str, sync: bool,
                  max_retries_per_child: int, max_worker_deaths: int, depth: int = 2) -> None:
         self.population = population
@@ -99,7 +82,6 @@ class Dispatcher:
         # A death fails every call queued on the worker, so allow that many failures per death.
         self.max_failed_calls = max_worker_deaths * depth
         self.load = [0] * len(workers)
-        self.running_since: list[float] = [0.0] * len(workers)  # when each began its oldest call (about)
         self.inflight: dict[Any, tuple[int, list[Candidate]]] = {}
         self.retry: deque[Candidate] = deque()
         self.attempts: dict[int, int] = {}
@@ -183,58 +165,32 @@ class Dispatcher:
         ref = self.workers[worker_index].evaluate.remote([(c.member_id, g) for c, g in zip(batch, genomes)],
                                                          self._elements(), *parents)
         self.inflight[ref] = (worker_index, batch)
-        if self.load[worker_index] == 0:
-            self.running_since[worker_index] = time.monotonic()
         self.load[worker_index] += 1
         return ref
 
-    def _returned(self, worker_index: int) -> None:
-        """A call of this worker came back: the next one queued (if any) is running now."""
-        self.load[worker_index] -= 1
-        self.running_since[worker_index] = time.monotonic()
-
-    def _queue_due(self, worker_index: int) -> float:
-        """When this worker's next queued batch should go out (see the class docstring)."""
-        seconds = self.sizer.seconds_per_child()
-        if seconds is None:
-            return 0.0  # nothing measured yet: queue at once
-        running = next(len(batch) for w, batch in self.inflight.values() if w == worker_index)
-        share, fixed = self.LATE_LEAD
-        return self.running_since[worker_index] + running * seconds * (1.0 - share) - fixed
-
-    def _fill(self) -> float | None:
-        """Submit what is due; returns when the next queued batch falls due (None: none waits,
-        or the strategy has no child to give until results come back)."""
+    def _fill(self) -> None:
         ready = self.ready_workers
-        now = time.monotonic()
-        next_due: float | None = None
         for level in range(self.depth):
             for worker_index in ready:
                 if self.load[worker_index] <= level:
-                    if self.load[worker_index] > 0:
-                        due = self._queue_due(worker_index)
-                        if due > now:
-                            next_due = due if next_due is None else min(next_due, due)
-                            continue
                     unissued = self.population.budget - self.population.issued + len(self.retry)
                     batch = self._next_batch(self.sizer.size(unissued, len(ready) * self.depth))
                     if not batch:
-                        return None
+                        return
                     self._submit(worker_index, batch)
-        return next_due
 
     def _async_step(self, deadline: float) -> list[EvalRecord]:
-        next_due = self._fill()
+        self._fill()
         if not self.inflight and not self.recovering:
             self._raise_stalled()
             return []
-        timeout = max(0.0, min(deadline, next_due if next_due is not None else deadline) - time.monotonic())
+        timeout = max(0.0, deadline - time.monotonic())
         ready, _ = ray.wait([*self.inflight, *self.recovering], num_returns=1, timeout=timeout)
         self._check_pings([ref for ref in ready if ref in self.recovering])
         records: list[EvalRecord] = []
         for ref in (r for r in ready if r in self.inflight):
             worker_index, batch = self.inflight.pop(ref)
-            self._returned(worker_index)
+            self.load[worker_index] -= 1
             try:
                 evaluations, stale = ray.get(ref)
             except WORKER_ERRORS as exc:
