@@ -573,3 +573,28 @@ def test_writer_used_from_another_thread(tmp_path):
     thread.join()
     assert not errors, errors
     assert [t.number for t in study.get_trials()] == list(range(40))  # the main thread's study object
+
+
+def test_records_written_straight_equal_the_frozen_trial_path(db):
+    """`write_records` (COPY straight from the records on PostgreSQL, FrozenTrials elsewhere)
+    stores the rows `write([record_to_trial(r) ...])` stores; only the datetimes differ, one per
+    batch."""
+    url, new_name = db
+    records = _records(60)
+    storage = _storage(url)
+    via_trials = optuna.create_study(storage=storage, study_name=new_name("via-trials"), direction="maximize")
+    RDBBulkWriter(storage, via_trials).write([record_to_trial(r) for r in records])
+    straight = optuna.create_study(storage=storage, study_name=new_name("straight"), direction="maximize")
+    writer = RDBBulkWriter(storage, straight)
+    for start, stop in ((0, 1), (1, 25), (25, 60)):
+        writer.write_records(records[start:stop])
+    a, b = _stored_rows(url, via_trials.study_name), _stored_rows(url, straight.study_name)
+    assert [row[:2] for row in b.pop("trials")] == [row[:2] for row in a.pop("trials")]  # number, state
+    assert len(b["trial_user_attributes"]) > len(records) and len(b["trial_intermediate_values"]) > 0
+    assert b == a
+    fresh = _storage(url)
+    got = optuna.load_study(study_name=straight.study_name, storage=fresh).get_trials()
+    _assert_same_trials(got, optuna.load_study(study_name=via_trials.study_name, storage=fresh).get_trials())
+    assert all(t.datetime_start == t.datetime_complete for t in got)
+    fresh.engine.dispose()
+    storage.engine.dispose()

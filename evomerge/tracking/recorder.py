@@ -16,58 +16,22 @@ from datetime import datetime, timezone
 from typing import Any, Iterable
 
 import optuna
-from optuna.distributions import FloatDistribution, IntDistribution, distribution_to_json
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.storages.journal._file import get_lock_file
-from optuna.trial import FrozenTrial, TrialState, create_trial
+from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.engine.population import EvalRecord
 from evomerge.tracking.rdb_writer import bulk_writer_for
+from evomerge.tracking.trial_record import distribution_for, distribution_json, distribution_key, record_to_trial
 
 _STOP = object()
-
-
-def _distribution(value: float | int) -> Any:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return _int_distribution(max(int(value), 1))
-    if 0.0 <= value <= 1.0:
-        return _UNIT
-    return FloatDistribution(min(value, 0.0), max(value, 1.0))
-
-
-@functools.lru_cache(maxsize=4096)
-def _int_distribution(high: int) -> IntDistribution:
-    return IntDistribution(0, high)
-
-
-_UNIT = FloatDistribution(0.0, 1.0)
-
-
-@functools.lru_cache(maxsize=4096)
-def _distribution_json(distribution: Any) -> str:
-    return distribution_to_json(distribution)
-
-
-def _distribution_key(value: float | int) -> tuple[Any, ...]:
-    """What `_distribution(value)` depends on, cheaper to hash than the distribution itself."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return ("int", max(int(value), 1))
-    if 0.0 <= value <= 1.0:
-        return ("unit",)
-    return ("float", min(value, 0.0), max(value, 1.0))
 
 
 @functools.lru_cache(maxsize=4096)
 def _param_json(name: str, key: tuple[Any, ...]) -> tuple[str, str]:
     """A parameter's name and its `"name":"<distribution JSON>"` member, as JSON text."""
-    if key[0] == "int":
-        distribution: Any = _int_distribution(key[1])
-    elif key[0] == "unit":
-        distribution = _UNIT
-    else:
-        distribution = FloatDistribution(key[1], key[2])
     name_json = json.dumps(name)
-    return name_json, f"{name_json}:{json.dumps(_distribution_json(distribution))}"
+    return name_json, f"{name_json}:{json.dumps(distribution_json(distribution_for(key)))}"
 
 
 def _number(value: float) -> str:
@@ -77,27 +41,6 @@ def _number(value: float) -> str:
 
 def _optional_number(value: float | None) -> str:
     return "null" if value is None else _number(float(value))
-
-
-def _user_attrs(record: EvalRecord) -> dict[str, Any]:
-    attrs: dict[str, Any] = {
-        "member_id": record.member_id, "parents": record.parents, "generation": record.generation,
-        "test_score": record.test_score, "seconds": round(record.seconds, 6), "evaluation": record.number,
-    }
-    if record.failed:
-        attrs["error"] = record.error
-    return attrs
-
-
-def record_to_trial(record: EvalRecord) -> optuna.trial.FrozenTrial:
-    params = {name: int(v) if isinstance(v, int) and not isinstance(v, bool) else float(v)
-              for name, v in record.params.items()}
-    distributions = {name: _distribution(v) for name, v in record.params.items()}
-    attrs = _user_attrs(record)
-    if record.failed:
-        return create_trial(state=TrialState.FAIL, params=params, distributions=distributions, user_attrs=attrs)
-    return create_trial(value=record.train_score, params=params, distributions=distributions, user_attrs=attrs,
-                        intermediate_values=record.intermediate)
 
 
 # Optuna majors whose journal CREATE_TRIAL entry `JournalBulkWriter` writes (tests compare the two).
@@ -162,11 +105,11 @@ class JournalBulkWriter:
             state, value = int(TrialState.COMPLETE), _number(number)
         distributions, params = [], []
         for name, v in record.params.items():
-            name_json, distribution_json = _param_json(name, _distribution_key(v))
+            name_json, member_json = _param_json(name, distribution_key(v))
             internal = float(v)  # what IntDistribution/FloatDistribution.to_internal_repr give
             if math.isnan(internal):
                 raise ValueError(f"`{v}` is invalid value.")
-            distributions.append(distribution_json)
+            distributions.append(member_json)
             params.append(f"{name_json}:{_number(internal)}")
         attrs = (f'{{"member_id":{int(record.member_id)},"parents":[{",".join(str(int(p)) for p in record.parents)}],'
                  f'"generation":{int(record.generation)},"test_score":{_optional_number(record.test_score)},'
@@ -199,7 +142,7 @@ class JournalBulkWriter:
         if trial.datetime_complete:
             entry["datetime_complete"] = trial.datetime_complete.astimezone(timezone.utc).isoformat(
                 timespec="microseconds")
-        entry["distributions"] = {k: _distribution_json(d) for k, d in trial.distributions.items()}
+        entry["distributions"] = {k: distribution_json(d) for k, d in trial.distributions.items()}
         entry["params"] = {k: trial.distributions[k].to_internal_repr(v) for k, v in trial.params.items()}
         entry["user_attrs"] = trial.user_attrs
         entry["system_attrs"] = trial.system_attrs
@@ -265,14 +208,10 @@ class TrialRecorder:
             records = [record for item in batch if item is not _STOP for record in item]
             try:
                 if records and self._error is None:
-                    if isinstance(self._bulk, JournalBulkWriter):
+                    if self._bulk is not None:  # the journal's and RDB's bulk writers
                         self._bulk.write_records(records)
                     else:
-                        trials = [record_to_trial(record) for record in records]
-                        if self._bulk is not None:
-                            self._bulk.write(trials)
-                        else:
-                            self.study.add_trials(trials)
+                        self.study.add_trials([record_to_trial(record) for record in records])
                     self.written += len(records)
             except BaseException as exc:  # keep draining so flush() never deadlocks
                 self._error = exc

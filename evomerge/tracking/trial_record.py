@@ -1,0 +1,63 @@
+"""An evaluation as an Optuna trial: its params' distributions and its user attributes.
+
+Shared by every way the recorder writes (`add_trials`, the journal and RDB bulk writers), so a
+trial reads back the same whichever storage holds it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import optuna
+from optuna.distributions import FloatDistribution, IntDistribution, distribution_to_json
+from optuna.trial import TrialState, create_trial
+
+from evomerge.engine.population import EvalRecord
+
+UNIT = FloatDistribution(0.0, 1.0)
+
+
+def distribution_key(value: float | int) -> tuple[Any, ...]:
+    """What a param's distribution depends on: ints range over [0, value], numbers in [0, 1]
+    over [0, 1], anything else over a range that holds it. Cheap to hash, unlike a distribution."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return ("int", max(int(value), 1))
+    if 0.0 <= value <= 1.0:
+        return ("unit",)
+    return ("float", min(value, 0.0), max(value, 1.0))
+
+
+@functools.lru_cache(maxsize=4096)
+def distribution_for(key: tuple[Any, ...]) -> Any:
+    if key[0] == "int":
+        return IntDistribution(0, key[1])
+    if key[0] == "unit":
+        return UNIT
+    return FloatDistribution(key[1], key[2])
+
+
+@functools.lru_cache(maxsize=4096)
+def distribution_json(distribution: Any) -> str:
+    return distribution_to_json(distribution)
+
+
+def user_attrs(record: EvalRecord) -> dict[str, Any]:
+    attrs: dict[str, Any] = {
+        "member_id": record.member_id, "parents": record.parents, "generation": record.generation,
+        "test_score": record.test_score, "seconds": round(record.seconds, 6), "evaluation": record.number,
+    }
+    if record.failed:
+        attrs["error"] = record.error
+    return attrs
+
+
+def record_to_trial(record: EvalRecord) -> optuna.trial.FrozenTrial:
+    params = {name: int(v) if isinstance(v, int) and not isinstance(v, bool) else float(v)
+              for name, v in record.params.items()}
+    distributions = {name: distribution_for(distribution_key(v)) for name, v in record.params.items()}
+    attrs = user_attrs(record)
+    if record.failed:
+        return create_trial(state=TrialState.FAIL, params=params, distributions=distributions, user_attrs=attrs)
+    return create_trial(value=record.train_score, params=params, distributions=distributions, user_attrs=attrs,
+                        intermediate_values=record.intermediate)
