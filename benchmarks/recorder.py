@@ -1,9 +1,10 @@
 """CPU per recorded trial: the journal file against PostgreSQL (and SQLite), as the search records.
 
 The search is CPU-bound, so what recording costs it is CPU, not wall time (which another job on
-the machine makes noisy anyway): this process's CPU (`record_to_trial` plus the batch writer the
-recorder picks) and, for PostgreSQL, the CPU of the server backends serving this process's
-connections, read from /proc/<pid>/stat (so the server must run on this machine). The
+the machine makes noisy anyway): this process's CPU (the batch writer the recorder picks, given
+the search's records as the recorder gives them) and, for PostgreSQL, the CPU of the server
+backends serving this process's connections, read from /proc/<pid>/stat (so the server must run
+on this machine). The
 "all postgres" column adds the server's background processes (WAL writer, checkpointer,
 autovacuum, ...) and whatever other clients make the server do meanwhile, so it is an upper bound.
 
@@ -32,7 +33,7 @@ from _common import print_section
 from evomerge.engine.population import EvalRecord
 from evomerge.report import format_table
 from evomerge.tracking.rdb_writer import bulk_writer_for
-from evomerge.tracking.recorder import JournalBulkWriter, record_to_trial
+from evomerge.tracking.recorder import JournalBulkWriter
 from evomerge.tracking.storage import open_storage
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -90,14 +91,14 @@ def measure(study: optuna.Study, records: list[EvalRecord], backends: Callable[[
     writer: Any = bulk_writer_for(study) or JournalBulkWriter(study)
     warm_records, timed = records[:warm], records[warm:]
     for batch in batches(warm_records):
-        writer.write([record_to_trial(r) for r in batch])
+        writer.write_records(batch)
     pids = backends() if backends else []
     if backends and not all(Path(f"/proc/{pid}").exists() for pid in pids):
         raise RuntimeError("the PostgreSQL server does not run on this machine, so its CPU cannot be read")
     everything = postgres_pids() if backends else []
     server0, all0, driver0 = proc_cpu(pids), proc_cpu(everything), time.process_time()
     for batch in batches(timed):
-        writer.write([record_to_trial(r) for r in batch])
+        writer.write_records(batch)
     driver = time.process_time() - driver0
     server, all_pg = proc_cpu(pids) - server0, proc_cpu(everything) - all0
     if backends and set(backends()) != set(pids):
