@@ -120,11 +120,14 @@ def test_each_snapshot_is_written_when_the_study_holds_its_evaluations(ray_sessi
         return write(run_dir, step, meta, arrays, keep=keep)
 
     monkeypatch.setattr(search_module.snapshots, "write_snapshot", checked)
-    config = digits_config("snap", budget={"evaluations": 400}, snapshots={"every": 60},
+    config = digits_config("snap", budget={"evaluations": 400}, snapshots={"every": 40},
                            workers={"count": 2, "batch": 4})
-    summary = run_search(config, SearchOptions(out_dir=tmp_path / "run", progress=False, advance_seconds=0.05))
+    summary = run_search(config, SearchOptions(out_dir=tmp_path / "run", progress=False, advance_seconds=0.02))
     assert summary["evaluations"] == 400
-    assert len(seen) >= 4, seen  # several snapshots mid-run, then the final one
+    # Snapshots mid-run, then the final one. A snapshot lands at the end of the stretch queued
+    # behind the one that crossed `every`, so how many fit in 400 depends on the machine's speed.
+    assert len(seen) >= 3, seen
+    assert len({step for step, *_ in seen}) == len(seen), seen  # none written twice (the last, too)
     for step, told, trials, _ in seen:
         assert step == told == trials
     assert any(inflight for *_, inflight in seen[:-1])  # mid-run snapshots held children in flight

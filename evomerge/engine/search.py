@@ -158,6 +158,7 @@ class _Driver:
         self.previous_seconds = previous_seconds
         self.started = time.perf_counter()
         self.last_snapshot_step = self.told
+        self.written_step: int | None = None  # step of the last snapshot this driver wrote
         # Steady-state rate: from the first result to the last, without actor start-up.
         self.first_result: tuple[float, int] | None = None
         self.last_result: tuple[float, int] | None = None
@@ -225,11 +226,13 @@ class _Driver:
             self._record(ray.get(pending))
         self.recorder.flush()
         pop_meta, arrays = ray.get(state)
+        if self.written_step == self.told:  # e.g. the budget ended in the stretch a snapshot took in
+            return pop_meta, arrays
         meta = {"population": pop_meta, "config": self.config.model_dump(mode="json"),
                 "config_hash": self.config.hash(), "elapsed_seconds": self.elapsed()}
         snapshots.write_snapshot(Path(self.options.out_dir), self.told, meta, arrays,
                                  keep=self.config.snapshots.keep)
-        self.last_snapshot_step = self.told
+        self.last_snapshot_step = self.written_step = self.told
         return pop_meta, arrays
 
 
