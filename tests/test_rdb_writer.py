@@ -24,7 +24,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState, create_trial
 
 from evomerge.engine.population import EvalRecord
-from evomerge.tracking import copy_text, rdb_writer
+from evomerge.tracking import copy_text, rdb_schema, rdb_writer
 from evomerge.tracking.rdb_writer import RDBBulkWriter, bulk_writer_for, supports_bulk
 from evomerge.tracking.recorder import record_to_trial
 
@@ -514,15 +514,15 @@ def test_supports_bulk_is_conservative(tmp_path, monkeypatch):
         assert not supports_bulk(other)
     assert bulk_writer_for(optuna.create_study(storage=journal)) is None
 
-    monkeypatch.setattr(rdb_writer, "TESTED_ALEMBIC_REVISIONS", frozenset({"v9.9.9.z"}))
+    monkeypatch.setattr(rdb_schema, "TESTED_ALEMBIC_REVISIONS", frozenset({"v9.9.9.z"}))
     assert not supports_bulk(storage)  # an Optuna with a newer schema
     with pytest.raises(ValueError, match="schema head"):
         RDBBulkWriter(storage, study)
     monkeypatch.undo()
 
-    expected = dict(rdb_writer._EXPECTED_COLUMNS)
-    expected[rdb_writer.models.TrialModel] = expected[rdb_writer.models.TrialModel] | {"new_column"}
-    monkeypatch.setattr(rdb_writer, "_EXPECTED_COLUMNS", expected)
+    expected = dict(rdb_schema._EXPECTED_COLUMNS)
+    expected[rdb_schema.models.TrialModel] = expected[rdb_schema.models.TrialModel] | {"new_column"}
+    monkeypatch.setattr(rdb_schema, "_EXPECTED_COLUMNS", expected)
     assert not supports_bulk(storage)  # ORM models not matching the columns written
     monkeypatch.undo()
 
