@@ -13,6 +13,7 @@ import optuna
 from optuna.trial import TrialState
 
 from evomerge import snapshots
+from evomerge.engine.population import mean_staleness
 from evomerge.errors import EvomergeError, SnapshotError
 from evomerge.report import format_table
 from evomerge.tracking.dashboard import run_storage_url
@@ -33,8 +34,8 @@ def run_status(run_dir: Path) -> dict[str, Any]:
     if path is not None:
         age = time.time() - (path / snapshots.STATE).stat().st_mtime
         status["last_snapshot"] = f"{path.name} ({_age(age)} ago)"
-    total, count = (meta or {}).get("population", {}).get("staleness", (0, 0))
-    status["mean_staleness"] = round(total / count, 1) if count else None
+    staleness = mean_staleness((meta or {}).get("population", {}))
+    status["mean_staleness"] = None if staleness is None else round(staleness, 1)
     ids = arrays.get("strategy/ids")
     status["archive_size"] = int((np.asarray(ids) >= 0).sum()) if ids is not None else None
     trials = _trials(run_dir, config)

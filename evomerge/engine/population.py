@@ -63,6 +63,13 @@ def check_scores(scores: np.ndarray | None, num_datapoints: int) -> str | None:
     return None
 
 
+def mean_staleness(population_meta: dict[str, Any]) -> float | None:
+    """Evaluations told, on average, between a child's ask and its tell, from a snapshot's
+    population state (None before any child came back, or in snapshots older than the count)."""
+    total, count = population_meta.get("staleness", (0, 0))
+    return total / count if count else None
+
+
 class Population:
     def __init__(self, strategy: Strategy, budget: int) -> None:
         self.strategy = strategy
@@ -146,12 +153,7 @@ class Population:
                 "member_id": self.best.member_id, "train_score": self.best.train_score,
                 "test_score": self.best.test_score},
             "archive": self.strategy.archive_summary(),
-            "mean_staleness": self.mean_staleness,
         }
-
-    @property
-    def mean_staleness(self) -> float | None:
-        return self.staleness_total / self.staleness_count if self.staleness_count else None
 
     # -- snapshots -----------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

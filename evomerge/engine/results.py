@@ -12,6 +12,7 @@ import optuna
 from safetensors.numpy import save_file
 
 from evomerge.config import SearchConfig
+from evomerge.engine.population import mean_staleness
 from evomerge.genomes.columns import ColumnGenome, pack_columns
 from evomerge.genomes.elements import pack_elements
 from evomerge.genomes.layerwise import LayerwiseGenome, pack_layerwise
@@ -32,7 +33,7 @@ def finish_run(config: SearchConfig, out_dir: Path, study: optuna.Study, state: 
         "evals_per_second": round(evaluations / wall_seconds, 2) if wall_seconds > 0 else None,
         "steady_evals_per_second": None if steady_rate is None else round(steady_rate, 2),
         "storage": storage, "study_name": study_name, "seed": config.seed, "sync": config.sync,
-        "mean_staleness": _mean_staleness(state[0]),
+        "mean_staleness": _rounded(mean_staleness(state[0]), 2),
     }
     if best is not None:
         write_best(out_dir, best, config)
@@ -49,10 +50,8 @@ def finish_run(config: SearchConfig, out_dir: Path, study: optuna.Study, state: 
     return summary
 
 
-def _mean_staleness(population_meta: dict[str, Any]) -> float | None:
-    """Evaluations told, on average, between a child's ask and its tell (see `Population`)."""
-    total, count = population_meta.get("staleness", (0, 0))
-    return round(total / count, 2) if count else None
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 def write_best(out_dir: Path, best: dict[str, Any], config: SearchConfig) -> None:
