@@ -22,7 +22,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.engine.population import EvalRecord
 from evomerge.tracking.rdb_writer import bulk_writer_for
-from evomerge.tracking.trial_record import distribution_for, distribution_json, distribution_key, record_to_trial
+from evomerge.tracking.trial_record import (distribution_for, distribution_json, distribution_key, record_to_trial,
+                                           user_attrs)
 
 _STOP = object()
 
@@ -37,10 +38,6 @@ def _param_json(name: str, key: tuple[Any, ...]) -> tuple[str, str]:
 def _number(value: float) -> str:
     """A float as `json.dumps` writes it."""
     return repr(value) if math.isfinite(value) else json.dumps(value)
-
-
-def _optional_number(value: float | None) -> str:
-    return "null" if value is None else _number(float(value))
 
 
 # Optuna majors whose journal CREATE_TRIAL entry `JournalBulkWriter` writes (tests compare the two).
@@ -111,16 +108,12 @@ class JournalBulkWriter:
                 raise ValueError(f"`{v}` is invalid value.")
             distributions.append(member_json)
             params.append(f"{name_json}:{_number(internal)}")
-        attrs = (f'{{"member_id":{int(record.member_id)},"parents":[{",".join(str(int(p)) for p in record.parents)}],'
-                 f'"generation":{int(record.generation)},"test_score":{_optional_number(record.test_score)},'
-                 f'"seconds":{_number(round(record.seconds, 6))},"evaluation":{int(record.number)}')
-        if record.failed:
-            attrs += f',"error":{json.dumps(record.error)}'
+        attrs = json.dumps(user_attrs(record), separators=(",", ":"))
         curve = "{}" if record.failed or not record.intermediate else \
             json.dumps(dict(record.intermediate), separators=(",", ":"))
         return (f'{head}"state":{state},"value":{value},"values":null,"datetime_complete":{now},'
                 f'"distributions":{{{",".join(distributions)}}},"params":{{{",".join(params)}}},'
-                f'"user_attrs":{attrs}}},"system_attrs":{{}},"intermediate_values":{curve}}}')
+                f'"user_attrs":{attrs},"system_attrs":{{}},"intermediate_values":{curve}}}')
 
     def _append(self, entries: list[dict[str, Any]]) -> None:
         worker_id = self._storage._replay_result.worker_id
