@@ -138,8 +138,8 @@ def test_status_reports_the_finished_run(finished_run):
     assert status["best_member"] == summary["best"]["member_id"]
     assert 1 <= status["archive_size"] <= 60
     assert status["last_snapshot"].startswith("step-00000060")
-    # 60 children through 2 workers: some were told after others asked later, none before its ask
-    assert status["mean_staleness"] == round(summary["mean_staleness"], 1) and status["mean_staleness"] >= 0
+    # 60 children through 2 workers: each was out while others came back
+    assert status["mean_staleness"] == round(summary["mean_staleness"], 1) and status["mean_staleness"] > 0
     table = status_table(status)
     for label in ("evaluations", "60 / 60", "archive size", "children's staleness (evals)"):
         assert label in table

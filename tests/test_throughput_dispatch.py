@@ -117,3 +117,18 @@ def test_config_batch_errors_name_the_field_and_the_fix(bad):
     message = str(info.value)
     assert "workers.batch" in message and "auto" in message and ">= 1" in message
 
+
+def test_staleness_counts_the_tells_between_a_childs_ask_and_its_own_tell():
+    """Hand-worked: the 2 initial members are asked together and told in order (0 and 1 tells in
+    between); then 3 children asked together and told in reverse (0, 1, 2). Mean 4/5."""
+    from evomerge.engine.population import mean_staleness
+
+    population = _population(1)
+    _tell_all(population, population.ask_batch(2))
+    children = population.ask_batch(3)
+    assert len(children) == 3
+    _tell_all(population, reversed(children))
+    assert (population.staleness_total, population.staleness_count) == (0 + 1 + 0 + 1 + 2, 5)
+    meta, _ = population.state_dict()
+    assert mean_staleness(meta) == pytest.approx(4 / 5)
+    assert mean_staleness({}) is None  # a snapshot from before the count
