@@ -11,8 +11,9 @@ the installed Optuna:
   table's own sequence (what its column default draws) and counts; then one COPY per table, from
   text built in Python. Every statement text is fixed, so nothing is parsed per batch size. The
   search is CPU-bound, and this is what costs its cores least: in batches of 10-100 a search's
-  trial costs about 0.06 ms of the driver's CPU from FrozenTrials (`benchmarks/recorder.py`),
-  0.03 ms straight from the search's records (`write_records`), and 0.1 ms of the server backend's. The server's share is the per-row work of Optuna's schema: two
+  trial costs about 0.06 ms of the driver's CPU from FrozenTrials, 0.03-0.045 ms straight from
+  the search's records (`write_records`), and 0.1 ms of the server backend's
+  (`benchmarks/recorder.py`). The server's share is the per-row work of Optuna's schema: two
   indexes, a sequence default and a foreign-key check for each of a trial's ~11 child rows
   (the foreign-key checks alone are about half of it).
 * Anything else (SQLite; PostgreSQL through another driver, or whose trial ids do not come from
