@@ -57,15 +57,15 @@ def _one_run(config_path: Path, base: SearchConfig, name: str, seed: int, budget
     if (from_scratch and not strategy.supports_scratch) or (not from_scratch and not strategy.supports_seeds):
         need = "seeds" if from_scratch else "a from-scratch problem"
         return {"strategy": name, "seed": seed, "skipped": f"needs {need}"}
-    runs = budget if name != "static" else min(budget, _static_size(base))
     study = f"{base.name}-{name}-seed{seed}"
-    overrides = {"strategy.name": name, "seed": seed, "budget.evaluations": runs,
+    overrides = {"strategy.name": name, "seed": seed, "budget.evaluations": budget,
                  "optuna.storage": storage, "optuna.study_name": study}
     if name != base.strategy.name:
         overrides["strategy.options"] = {}
     config = load_config(config_path, overrides)
     if progress:
-        print(f"== {name}, seed {seed}: {runs} evaluations", file=sys.stderr)
+        # One-shot strategies (static, dam) end when they have nothing new to offer.
+        print(f"== {name}, seed {seed}: up to {budget} evaluations", file=sys.stderr)
     start = time.perf_counter()
     summary = run_search(config, SearchOptions(out_dir=out_dir / "runs" / f"{name}-seed{seed}", address=address,
                                                progress=progress, overwrite=True))
@@ -76,11 +76,6 @@ def _one_run(config_path: Path, base: SearchConfig, name: str, seed: int, budget
     return {"strategy": name, "seed": seed, "evaluations": summary["evaluations"], "failed": summary["failed"],
             "test_score": best.get("test_score"), "train_score": best.get("train_score"),
             "wall_seconds": round(wall, 3), "curve": series["best_test"].tolist(), "study": study}
-
-
-def _static_size(config: SearchConfig) -> int:
-    k = 2 if config.seeds == "task" else len(config.seeds)
-    return k + (1 if k == 2 else 0) + (1 if k >= 2 else 0)
 
 
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

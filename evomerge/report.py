@@ -27,7 +27,7 @@ def summary_table(summary: dict[str, Any]) -> str:
     rows = [
         ("search", summary["name"]),
         ("strategy", summary["strategy"]),
-        ("evaluations", f"{summary['evaluations']} / {summary['budget']}"),
+        ("evaluations", evaluations_cell(summary["evaluations"], summary.get("budget"), summary.get("finished_early"))),
         ("failed", summary["failed"]),
         ("best member", best.get("member_id")),
         ("best train score", best.get("train_score")),
@@ -37,3 +37,9 @@ def summary_table(summary: dict[str, Any]) -> str:
         ("optuna storage", summary["storage"]),
     ]
     return format_table(("", "value"), rows)
+
+
+def evaluations_cell(evaluations: int, budget: int | None, finished_early: bool | None = False) -> str:
+    """"N / budget", and why a finished search stopped short of its budget."""
+    cell = f"{evaluations}" + (f" / {budget}" if budget else "")
+    return cell + (" (strategy finished)" if finished_early else "")

@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 from evomerge import snapshots
 from evomerge.engine.population import mean_staleness
 from evomerge.errors import EvomergeError, SnapshotError
-from evomerge.report import format_table
+from evomerge.report import evaluations_cell, format_table
 from evomerge.tracking.dashboard import run_storage_url
 from evomerge.tracking.storage import open_storage
 
@@ -49,6 +49,7 @@ def run_status(run_dir: Path) -> dict[str, Any]:
     status["best_member"] = None if best is None else best.user_attrs.get("member_id")
     parents = {p for t in trials for p in t.user_attrs.get("parents", [])}
     status["distinct_parents"] = len(parents)
+    status["finished_early"] = bool(summary and summary.get("finished_early"))
     if summary:
         status["evals_per_second"] = summary.get("evals_per_second")
     elif meta:
@@ -83,7 +84,7 @@ def status_table(status: dict[str, Any]) -> str:
     rows = [
         ("run", status["run"]),
         ("state", status["state"]),
-        ("evaluations", f"{status['evaluations']}" + (f" / {budget}" if budget else "")),
+        ("evaluations", evaluations_cell(status["evaluations"], budget, status.get("finished_early"))),
         ("failed", status["failed"]),
         ("best train score", status["best_train"]),
         ("best test score", status["best_test"]),

@@ -23,6 +23,8 @@ def test_compare_writes_all_three_files(ray_session, tmp_path, capsys):
     assert len(runs) == 3 and {r["strategy"] for r in runs} == {"m2n2", "ga", "static"}
     assert all(0.0 < float(r["test_score"]) <= 1.0 for r in runs)
     assert {int(r["evaluations"]) for r in runs if r["strategy"] != "static"} == {24}
+    # static has 4 merges to offer (2 seeds, SLERP, soup) and ends there rather than re-score them
+    assert [int(r["evaluations"]) for r in runs if r["strategy"] == "static"] == [4]
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

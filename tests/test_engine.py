@@ -132,3 +132,23 @@ def test_each_snapshot_is_written_when_the_study_holds_its_evaluations(ray_sessi
         assert step == told == trials
     assert any(inflight for *_, inflight in seen[:-1])  # mid-run snapshots held children in flight
     assert seen[-1][:3] == (400, 400, 400) and seen[-1][3] == 0
+
+
+def test_a_dam_search_ends_when_its_trained_merge_is_back(ray_session, tmp_path, capsys):
+    """DAM has 2 seeds + the uniform merge + steps/eval_every merges to offer; the search stops
+    there rather than re-score its final merge for the rest of the budget, and says so."""
+    from evomerge.engine.search import resume_search
+    from evomerge.status import run_status, status_table
+
+    config = digits_config("dam-early", seeds="task", strategy={"name": "dam", "options": {"steps": 20, "eval_every": 10}},
+                           budget={"evaluations": 200})
+    out = tmp_path / "run"
+    summary = run_search(config, SearchOptions(out_dir=out, progress=False))
+    trials = _trials(summary)
+    assert summary["evaluations"] == len(trials) == 5 and summary["finished_early"]
+    by_member = sorted(trials, key=lambda t: t.user_attrs["member_id"])
+    assert [t.params.get("step") for t in by_member] == [None, None, 0, 10, 20]
+    assert "ends at 5 of 200 evaluations" in capsys.readouterr().err
+    assert "5 / 200 (strategy finished)" in status_table(run_status(out))
+    again = resume_search(out, SearchOptions(out_dir=out, progress=False), budget=400)
+    assert again["evaluations"] == len(_trials(again)) == 5

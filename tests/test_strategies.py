@@ -121,6 +121,26 @@ def test_failed_children_are_survived(name, kind, problem):
         assert 0.0 <= summary["best_train"] <= 1.0
 
 
+@pytest.mark.parametrize("name,kind,problem", CASES)
+def test_a_search_spends_its_budget_or_ends_when_the_strategy_is_exhausted(name, kind, problem):
+    from evomerge.engine.population import Population
+
+    population = Population(build_strategy(name, {}, problem, seed=4), BUDGET)
+    genomes = []
+    while not population.done:
+        batch = population.ask_batch(4)
+        assert batch, "nothing to ask while the population is not done"
+        genomes.extend(_vector(c.genome).tobytes() for c in batch)
+        for candidate in batch:
+            population.tell(_evaluate(candidate))
+    assert population.told == population.issued == len(genomes)
+    if population.strategy.exhausted:  # it ended early, and never re-scored what it had offered
+        assert population.told < BUDGET and population.finished_early
+        assert len(set(genomes)) == len(genomes)
+    else:
+        assert population.told == BUDGET and not population.finished_early
+
+
 def test_every_builtin_strategy_is_covered():
     assert {"m2n2", "ga"} <= set(STRATEGIES.names())
     assert {p.values[0] for p in CASES} == set(STRATEGIES.names())

@@ -68,8 +68,11 @@ class PopulationActor:
             max_worker_deaths=config.workers.max_restarts + 1, depth=config.workers.pipeline,
         )
 
-    def advance(self, max_seconds: float = 0.5) -> list[EvalRecord]:
-        return self.dispatcher.advance(max_seconds)
+    def advance(self, max_seconds: float = 0.5) -> tuple[list[EvalRecord], bool]:
+        """The records of one stretch, and whether the search is over (budget spent, or the
+        strategy finished early)."""
+        records = self.dispatcher.advance(max_seconds)
+        return records, self.population.done
 
     def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         return self.population.state_dict()

@@ -87,10 +87,15 @@ class Population:
 
     @property
     def done(self) -> bool:
-        return self.told >= self.budget
+        return self.told >= self.budget or self.finished_early
+
+    @property
+    def finished_early(self) -> bool:
+        """The strategy has nothing new to offer and every child it offered is back."""
+        return self.strategy.exhausted and not self.inflight and self.told < self.budget
 
     def ask(self) -> Candidate | None:
-        if self.issued >= self.budget:
+        if self.issued >= self.budget or self.strategy.exhausted:
             return None
         candidate = self.strategy.ask()
         if candidate is None:

@@ -163,6 +163,7 @@ class _Driver:
         self.first_result: tuple[float, int] | None = None
         self.last_result: tuple[float, int] | None = None
         self.queued: Any = None  # the advance call the actor runs next (None: nothing queued)
+        self.over = self.told >= config.budget.evaluations  # the actor said the search is done
         self.bar: tqdm | None = None
 
     def steady_rate(self) -> float | None:
@@ -180,7 +181,7 @@ class _Driver:
                         dynamic_ncols=True, desc=self.config.name)
         try:
             self.queued = self._advance()
-            while self.told < budget:
+            while not self.over:
                 if guard.requested:
                     self.bar.close()
                     print(f"interrupted: snapshot at {self.told} evaluations written; "
@@ -188,9 +189,14 @@ class _Driver:
                     self.snapshot(resume=False)
                     raise Interrupted()
                 ref, self.queued = self.queued, self._advance()
-                self._record(ray.get(ref))
-                if self.told // every > self.last_snapshot_step // every and self.told < budget:
+                self._record(*ray.get(ref))
+                if self.told // every > self.last_snapshot_step // every and not self.over:
                     self.snapshot()
+            if self.told < budget:
+                self.bar.total = self.told
+                self.bar.refresh()
+                print(f"strategy {self.config.strategy.name} has nothing new to offer: the search ends at "
+                      f"{self.told} of {budget} evaluations", file=sys.stderr)
         finally:
             self.bar.close()
 
@@ -200,7 +206,8 @@ class _Driver:
         writes snapshots (a snapshot took 55-70 ms on digits, longer than the workers' queues)."""
         return self.population.advance.remote(self.options.advance_seconds)
 
-    def _record(self, records: list[EvalRecord]) -> None:
+    def _record(self, records: list[EvalRecord], over: bool = False) -> None:
+        self.over = self.over or over
         if not records:
             return
         self.recorder.put(r for r in records if r.number >= self.recorded)
@@ -223,7 +230,7 @@ class _Driver:
         state = self.population.state_dict.remote()
         pending, self.queued = self.queued, (self._advance() if resume else None)
         if pending is not None:
-            self._record(ray.get(pending))
+            self._record(*ray.get(pending))
         self.recorder.flush()
         pop_meta, arrays = ray.get(state)
         if self.written_step == self.told:  # e.g. the budget ended in the stretch a snapshot took in

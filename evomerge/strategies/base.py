@@ -132,8 +132,10 @@ class Strategy(ABC):
 
     @property
     def exhausted(self) -> bool:
-        """True when further asks could only repeat what was already proposed (e.g. DAM after
-        training), so a host strategy should stop spending evaluations on it."""
+        """True when further asks could only repeat what was already proposed (DAM after
+        training, the static merges after their plan): a search ends once those children are
+        back instead of spending the rest of its budget re-scoring them, and a host strategy
+        stops giving it turns."""
         return False
 
     # RNG state travels as JSON, never pickled.

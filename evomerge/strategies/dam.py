@@ -13,8 +13,9 @@ KL(merged || seed_i).
 
 Under ask/tell the evaluation budget is spent on the training trajectory: the seeds first
 (parents = ()), then the uniform merge (step 0, the plain average), then the merge after every
-`eval_every` Adam steps; after `steps` the final merge is offered again (`finished` turns True),
-so ask() never returns None and never deadlocks. Training runs inside ask(), single-threaded, with
+`eval_every` Adam steps. Once the final merge (after `steps`) is offered, `exhausted` turns True
+and a standalone search ends when it is back: further asks could only repeat it (they still would,
+for a host that ignores `exhausted`). Training runs inside ask(), single-threaded, with
 a batch order that is a pure function of (seed, step): a resumed search continues bit-identically.
 
 What DAM needs from a fitness task is a `DamModel`: the column layout, each seed's distillation

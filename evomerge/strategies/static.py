@@ -57,9 +57,13 @@ class StaticMerges(Strategy):
         """How many evaluations this strategy has to offer (compare uses it as the budget)."""
         return len(self.plan)
 
+    @property
+    def exhausted(self) -> bool:
+        return self.issued >= len(self.plan)
+
     def ask(self) -> Candidate | None:
         params, genome = self.plan[self.issued % len(self.plan)]
-        self.issued += 1  # past the plan it repeats itself rather than stall a larger budget
+        self.issued += 1  # a host that ignores `exhausted` gets the plan again rather than a stall
         return Candidate(genome=self.space.copy(genome), params=dict(params), parents=(), generation=0)
 
     def tell(self, candidate: Candidate, evaluation: Evaluation) -> None:
