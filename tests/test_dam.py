@@ -213,6 +213,69 @@ def test_snapshot_mid_training_resumes_bit_identically(digits):
         straight.training_curve()))
 
 
+def _background_problem(task, seeds) -> Problem:
+    problem = _problem(task, seeds)
+    problem.background = True  # as the engine sets it in async mode
+    return problem
+
+
+def _ask_waiting(dam, member_id: int):
+    """ask(), waiting out the chunks that train on their thread; also returns how many asks
+    came back None meanwhile."""
+    nones = 0
+    while (candidate := dam.ask()) is None:
+        assert dam.busy, "None from ask() while DAM is not training"
+        nones += 1
+        dam.wait(5.0)
+    candidate.member_id = member_id
+    return candidate, nones
+
+
+def test_background_training_offers_the_inline_merges_bit_for_bit(digits):
+    task, seeds = digits
+    opts = {"steps": 30, "eval_every": 10, "batch_size": 64}
+    inline = _drive(DAM(opts, _problem(task, seeds), seed=2), 0, 6)
+    dam = DAM(opts, _background_problem(task, seeds), seed=2)
+    asked = [_ask_waiting(dam, k) for k in range(6)]
+    assert [c.params for c, _ in asked] == [c.params for c in inline]
+    assert all(np.array_equal(c.genome, d.genome) for (c, _), d in zip(asked, inline))
+    # each of the 3 trained merges came after at least one None; seeds and uniform at once
+    assert [n > 0 for _, n in asked] == [False, False, False, True, True, True]
+    assert dam.exhausted and not dam.busy
+
+
+def test_a_snapshot_while_a_chunk_trains_holds_the_state_before_it(digits):
+    task, seeds = digits
+    opts = {"steps": 30, "eval_every": 10, "batch_size": 64}
+    straight = DAM(opts, _problem(task, seeds), seed=4)
+    expected = _drive(straight, 0, 6)
+    dam = DAM(opts, _background_problem(task, seeds), seed=4)
+    for k in range(4):
+        _ask_waiting(dam, k)  # seeds, uniform, the step-10 merge
+    assert dam.ask() is None and dam.busy  # the chunk to step 20 is training
+    meta, arrays = dam.state_dict()
+    assert meta["step"] == meta["offered_step"] == 10 and len(arrays["curve"]) == 10
+    resumed = DAM(opts, _problem(task, seeds), seed=99)  # inline: trains the chunk again
+    resumed.load_state_dict(json.loads(json.dumps(meta)), arrays)
+    rest = _drive(resumed, 4, 2)
+    assert [c.params for c in rest] == [c.params for c in expected[4:]]
+    assert all(np.array_equal(c.genome, d.genome) for c, d in zip(rest, expected[4:]))
+    dam.wait(30.0)
+    assert not dam.busy and dam.state_dict()[0]["step"] == 10  # until ask() takes the chunk's result
+    taken = dam.ask()
+    assert taken.params == expected[4].params and np.array_equal(taken.genome, expected[4].genome)
+    assert dam.state_dict()[0]["step"] == dam.state_dict()[0]["offered_step"] == 20
+
+
+def test_a_chunk_that_fails_on_its_thread_fails_the_next_ask(digits):
+    task, seeds = digits
+    dam = DAM({"steps": 20, "eval_every": 10, "lr": 1e30}, _background_problem(task, seeds), seed=0)
+    for k in range(3):
+        _ask_waiting(dam, k)
+    with pytest.raises(FloatingPointError, match="lower strategy.options.lr"):
+        _ask_waiting(dam, 3)
+
+
 def test_checkpoint_seeds_get_column_genomes(digits):
     """Over a basis (recipe problem), candidates are column genomes that materialise to the dense run's."""
     task, seeds = digits

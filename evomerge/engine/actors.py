@@ -59,7 +59,9 @@ def start_workers(config: SearchConfig) -> list[Any]:
 class PopulationActor:
     def __init__(self, config_json: dict[str, Any], workers: list[Any]) -> None:
         config = SearchConfig.model_validate(config_json)
-        self.population = build_population(config)
+        problem = build_problem(config)
+        problem.background = not config.sync  # see Problem.background
+        self.population = build_population(config, problem)
         # Workers breed dense children from their lineage: see evomerge/genomes/offspring.py.
         self.population.strategy.problem.space.defer_breeding = config.workers.breed_on_workers
         self.dispatcher = Dispatcher(

@@ -182,6 +182,10 @@ class Dispatcher:
     def _async_step(self, deadline: float) -> list[EvalRecord]:
         self._fill()
         if not self.inflight and not self.recovering:
+            strategy = self.population.strategy
+            if strategy.busy:  # e.g. DAM training its next chunk, with nothing out to wait for
+                strategy.wait(max(0.0, min(0.05, deadline - time.monotonic())))
+                return []
             self._raise_stalled()
             return []
         timeout = max(0.0, deadline - time.monotonic())

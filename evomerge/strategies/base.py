@@ -26,6 +26,10 @@ class Problem:
     space: Any = None  # a genome space (evomerge.genomes.spaces); dense over `initial` by default
     task: Any = field(default=None, repr=False, compare=False)   # fitness task: DAM trains on its forward and data
     basis: Any = field(default=None, repr=False, compare=False)  # the seeds as a Basis when merging checkpoints
+    # The engine's async mode: a strategy may do long work (DAM's training) on a thread and let
+    # ask() return None meanwhile. Off in sync mode, where the order of candidates must not
+    # depend on timing.
+    background: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.space is None:
@@ -129,6 +133,15 @@ class Strategy(ABC):
     def archive_summary(self) -> dict[str, Any]:
         """Small, display-oriented view of the strategy's population (for status tables)."""
         return {}
+
+    @property
+    def busy(self) -> bool:
+        """True while the strategy works in the background and has nothing to ask: the engine
+        waits for it instead of calling a None from ask() with nothing in flight a stall."""
+        return False
+
+    def wait(self, timeout: float) -> None:
+        """Block until the background work is done, or `timeout` seconds have passed."""
 
     @property
     def exhausted(self) -> bool:

@@ -38,6 +38,7 @@ from pydantic import Field
 from evomerge.determinism import deterministic_torch
 from evomerge.genomes.columns import ColumnGenome, ColumnLayout, ColumnSpace, combine, group_views
 from evomerge.strategies import STRATEGIES
+from evomerge.strategies.background import BackgroundJob
 from evomerge.strategies.base import Candidate, Evaluation, Problem, Strategy, StrategyOptions
 
 
@@ -277,7 +278,12 @@ class DAM(Strategy):
         self.optimizer = torch.optim.Adam([self.coeffs], lr=self.options.lr, foreach=False)
         self.batch_seed = int(self.rng.integers(0, 2**63 - 1))
         self.step = 0
+        self.offered_step = 0  # the step of the last merge offered; below `step`: one is due
         self.curve: list[float] = []
+        # Async engine: a chunk trains on a thread (see background.py), and until it is done
+        # snapshots hold the state from before it, which a resume trains again bit-identically.
+        self._job: BackgroundJob | None = None
+        self._before_chunk: tuple[dict[str, Any], dict[str, np.ndarray]] | None = None
         self.seed_candidates: list[Candidate] = []
         self.seed_ids: list[int] = []
         self.uniform_issued = False
@@ -330,14 +336,32 @@ class DAM(Strategy):
         if not self.uniform_issued:
             self.uniform_issued = True
             return self._candidate({"step": 0})
-        chunk = min(self.options.eval_every, self.options.steps - self.step)
-        if chunk > 0:
+        if self._job is not None:
+            if not self._job.done():
+                return None
+            job, self._job, self._before_chunk = self._job, None, None
+            job.result()  # a chunk that failed (e.g. the loss became NaN) fails here, as it would inline
+        elif self.step == self.offered_step and self.step < self.options.steps:
+            chunk = min(self.options.eval_every, self.options.steps - self.step)
+            if self.problem.background:
+                self._before_chunk = self._training_state()
+                self._job = BackgroundJob(lambda: self._train(chunk), name="dam-training")
+                return None
             self._train(chunk)
+        self.offered_step = self.step
         candidate = self._candidate({"step": self.step, "train_loss": self.curve[-1]} if self.curve
                                     else {"step": self.step})
         if self.final_candidate is None and self.step >= self.options.steps:
             self.final_candidate = candidate
         return candidate
+
+    @property
+    def busy(self) -> bool:
+        return self._job is not None and not self._job.done()
+
+    def wait(self, timeout: float) -> None:
+        if self._job is not None:
+            self._job.wait(timeout)
 
     def tell(self, candidate: Candidate, evaluation: Evaluation) -> None:
         self.told += 1
@@ -402,16 +426,11 @@ class DAM(Strategy):
                     self.step += 1
 
     # -- state -------------------------------------------------------------------------------
-    def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        self._parents()
+    def _training_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """What training changes: coefficients, Adam's moments, the step and the loss curve (copies)."""
         state = self.optimizer.state.get(self.coeffs, {})
         zeros = np.zeros(tuple(self.coeffs.shape), dtype=np.float32)
-        meta = {"rng": self._rng_state(), "batch_seed": self.batch_seed, "step": self.step,
-                "adam_step": float(state["step"].item()) if "step" in state else 0.0,
-                "seeds_issued": len(self.seed_candidates), "seed_ids": list(self.seed_ids),
-                "uniform_issued": self.uniform_issued, "told": self.told, "failed": self.failed,
-                "best_train": self.best_train, "final_id": self._final_id(),
-                "final_issued": self.final_candidate is not None, "layout": self.layout.fingerprint()}
+        meta = {"step": self.step, "adam_step": float(state["step"].item()) if "step" in state else 0.0}
         arrays = {
             "coeffs": self.coeffs.detach().numpy().copy(),
             "adam/exp_avg": state["exp_avg"].numpy().copy() if "exp_avg" in state else zeros,
@@ -419,6 +438,18 @@ class DAM(Strategy):
             "curve": np.asarray(self.curve, dtype=np.float64),
         }
         return meta, arrays
+
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        self._parents()
+        before = self._before_chunk  # set while a chunk trains on its thread
+        training_meta, arrays = before if self._job is not None and before is not None else self._training_state()
+        meta = {"rng": self._rng_state(), "batch_seed": self.batch_seed, **training_meta,
+                "offered_step": self.offered_step,
+                "seeds_issued": len(self.seed_candidates), "seed_ids": list(self.seed_ids),
+                "uniform_issued": self.uniform_issued, "told": self.told, "failed": self.failed,
+                "best_train": self.best_train, "final_id": self._final_id(),
+                "final_issued": self.final_candidate is not None, "layout": self.layout.fingerprint()}
+        return meta, dict(arrays)
 
     def load_state_dict(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         if meta["layout"] != self.layout.fingerprint():
@@ -438,6 +469,8 @@ class DAM(Strategy):
         self._set_rng_state(meta["rng"])
         self.batch_seed = int(meta["batch_seed"])
         self.step = int(meta["step"])
+        self.offered_step = int(meta.get("offered_step", self.step))  # older snapshots: always offered
+        self._job = self._before_chunk = None
         self.curve = [float(v) for v in np.asarray(arrays["curve"]).tolist()]
         self.seed_ids = [int(i) for i in meta["seed_ids"]]
         self.seed_candidates = [Candidate(genome=None, member_id=i) for i in self.seed_ids]
