@@ -15,8 +15,10 @@ Under ask/tell the evaluation budget is spent on the training trajectory: the se
 (parents = ()), then the uniform merge (step 0, the plain average), then the merge after every
 `eval_every` Adam steps. Once the final merge (after `steps`) is offered, `exhausted` turns True
 and a standalone search ends when it is back: further asks could only repeat it (they still would,
-for a host that ignores `exhausted`). Training runs inside ask(), single-threaded, with
-a batch order that is a pure function of (seed, step): a resumed search continues bit-identically.
+for a host that ignores `exhausted`). Training is single-threaded, with a batch order that is a
+pure function of (seed, step): a resumed search continues bit-identically. In sync mode it runs
+inside ask(); in async mode each chunk runs on a thread (`background`), ask() returns None until it
+is done, and a snapshot taken meanwhile holds the state from before the chunk.
 
 What DAM needs from a fitness task is a `DamModel`: the column layout, each seed's distillation
 inputs and a differentiable forward. A task can provide one with `task.dam_model(num_seeds)`;
@@ -243,6 +245,9 @@ class DamOptions(StrategyOptions):
     cosine_penalty: float = Field(0.01, ge=0.0, description="lambda on the seeds' coefficient cosine similarity")
     batch_size: int | None = Field(128, ge=1, description="rows per seed per step; None = each seed's full data")
     eval_every: int = Field(10, ge=1, description="Adam steps between candidates sent for evaluation")
+    background: bool = Field(
+        True, description="in an async search, train each chunk on a thread so the population actor keeps "
+        "dispatching; false trains inside ask() (sync mode always does)")
     kl: Literal["forward", "reverse"] = Field(
         "forward", description="forward: KL(seed || merged), as the DAM reference; reverse: KL(merged || seed)")
 
@@ -343,7 +348,7 @@ class DAM(Strategy):
             job.result()  # a chunk that failed (e.g. the loss became NaN) fails here, as it would inline
         elif self.step == self.offered_step and self.step < self.options.steps:
             chunk = min(self.options.eval_every, self.options.steps - self.step)
-            if self.problem.background:
+            if self.problem.background and self.options.background:
                 self._before_chunk = self._training_state()
                 self._job = BackgroundJob(lambda: self._train(chunk), name="dam-training")
                 return None
