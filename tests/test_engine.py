@@ -134,14 +134,16 @@ def test_each_snapshot_is_written_when_the_study_holds_its_evaluations(ray_sessi
     assert seen[-1][:3] == (400, 400, 400) and seen[-1][3] == 0
 
 
-def test_a_dam_search_ends_when_its_trained_merge_is_back(ray_session, tmp_path, capsys):
+@pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
+def test_a_dam_search_ends_when_its_trained_merge_is_back(ray_session, tmp_path, capsys, sync):
     """DAM has 2 seeds + the uniform merge + steps/eval_every merges to offer; the search stops
-    there rather than re-score its final merge for the rest of the budget, and says so."""
+    there rather than re-score its final merge for the rest of the budget, and says so. Async,
+    the chunks train on a thread and the dispatcher waits for them with nothing in flight."""
     from evomerge.engine.search import resume_search
     from evomerge.status import run_status, status_table
 
     config = digits_config("dam-early", seeds="task", strategy={"name": "dam", "options": {"steps": 20, "eval_every": 10}},
-                           budget={"evaluations": 200})
+                           budget={"evaluations": 200}, sync=sync)
     out = tmp_path / "run"
     summary = run_search(config, SearchOptions(out_dir=out, progress=False))
     trials = _trials(summary)
