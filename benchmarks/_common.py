@@ -117,7 +117,8 @@ def run_local_checkpoints(population: str, overrides: dict[str, Any], checkpoint
     """Run the in-process search loop and note best-by-train (train, test) at each checkpoint.
 
     A record's `best_test` is the held-out score of the best-ever-by-training-score member at that
-    moment, which is how the paper's reference code reports test accuracy.
+    moment, which is how the paper's reference code reports test accuracy. A search that ends
+    before a checkpoint (DAM once its trained merge is back) carries its last value there.
     """
     pin_blas_threads(threads)
     from evomerge.engine.local import run_local
@@ -126,16 +127,21 @@ def run_local_checkpoints(population: str, overrides: dict[str, Any], checkpoint
     wanted = set(int(c) for c in checkpoints)
     table: dict[int, dict[str, float | None]] = {}
     failed = 0
+    last: dict[str, float | None] | None = None
 
     def on_record(record) -> None:
-        nonlocal failed
+        nonlocal failed, last
         failed += record.failed
         done = record.number + 1
+        last = {"best_train": record.best_train, "best_test": record.best_test}
         if done in wanted:
-            table[done] = {"best_train": record.best_train, "best_test": record.best_test}
+            table[done] = last
 
     with timer() as t:
         pop = run_local(config, on_record)
+    for point in wanted:
+        if point > pop.told:
+            table[point] = last
     return {
         "population": population, "overrides": dict(overrides), "seed": config.seed,
         "strategy": config.strategy.name, "strategy_options": dict(config.strategy.options),

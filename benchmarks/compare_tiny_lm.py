@@ -9,8 +9,8 @@ by DAM (DAM's merge joins the archive as a new basis element).
 
 Reported: the held-out score (exact match over both skills' test prompts, the task's test_score)
 of the best-by-train member at each checkpoint, mean ± std over seeds. The static strategy has
-only its plan to offer (4 evaluations); past it it would re-evaluate the same merges, so it runs
-for exactly its plan and its value is carried forward. A method that raises, or whose every
+only its plan to offer (4 evaluations) and DAM its training trajectory; their searches end there
+(instead of re-scoring the same merges) and their last value is carried forward. A method that raises, or whose every
 evaluation fails, shows ERROR in the table and the error is printed below it.
 """
 
@@ -44,18 +44,13 @@ LABELS = {"m2n2": "M2N2", "cmaes": "CMA-ES (layerwise)", "dam": "DAM", "static":
 def run_method(population: str, overrides: dict[str, Any], threads: int = 1) -> dict[str, Any]:
     """run_local with the best-by-train (train, test) after every evaluation and the errors seen.
 
-    The static strategy's budget is cut to its plan (`strategy.size`), since past it the plan repeats.
+    The static strategy and DAM end when they have nothing new to offer, before the budget.
     """
     pin_blas_threads(threads)
-    from evomerge.engine.actors import build_population
     from evomerge.engine.local import run_local
 
     config = load_population(population, overrides)
     info: dict[str, Any] = {}
-    if config.strategy.name == "static":
-        size = build_population(config).strategy.size  # cheap: the plan is recipes, no evaluation
-        info["plan_size"] = size
-        config.budget.evaluations = min(config.budget.evaluations, size)
     history: list[tuple[float | None, float | None]] = []
     errors: list[str] = []
     members: list[dict[str, Any]] = []
@@ -151,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         failed = sum(r["failed"] for r in ok)
         if failed:
             note = (note + "; " if note else "") + f"{failed} failed evals"
-        if name == "static":
-            note = (note + "; " if note else "") + f"plan of {ok[0].get('plan_size')} evals, carried forward"
+        if any(r["evaluations"] < r["budget"] for r in ok):
+            note = (note + "; " if note else "") + "ended early (nothing new to offer), carried forward"
         rows.append((LABELS[name], *cells, evals, walls, note))
 
     print_section(f"held-out exact match (add + rev) of the best-by-train member, mean ± std over "
