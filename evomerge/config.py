@@ -48,6 +48,9 @@ class WorkersSpec(_Strict):
                           "sent once per worker); false: the population breeds and ships every child")
     max_restarts: int = Field(3, ge=0, description="deaths in a row before a worker is given up on")
     max_retries_per_child: int = Field(2, ge=0, description="re-sends of a child whose worker died")
+    timeout_seconds: float | None = Field(
+        None, gt=0, description="per child: an evaluation that runs longer is stopped and recorded as FAIL; "
+                                "a worker stuck past it in native code is restarted. None: no limit")
 
     @field_validator("batch", mode="before")
     @classmethod

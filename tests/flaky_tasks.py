@@ -5,8 +5,9 @@ from __future__ import annotations
 import zlib
 
 import numpy as np
+from pydantic import Field
 
-from fitness.digits import DigitsTask
+from fitness.digits import DigitsOptions, DigitsTask
 
 
 def _bucket(params: np.ndarray) -> int:
@@ -56,3 +57,32 @@ class KillerDigits(DigitsTask):
         if zlib.crc32(np.ascontiguousarray(params, dtype=np.float32).tobytes()) % 25 == 0:
             os._exit(1)
         return super().evaluate(params)
+
+
+class HangOptions(DigitsOptions):
+    log: str = Field(description="file that gets one line (the genome's crc) per hang, for the test to count")
+    every: int = Field(25, ge=1, description="hang on about 1 in `every` candidates")
+
+
+class HangingDigits(DigitsTask):
+    """Hangs (sleeps an hour) on about 1 in `every` candidates, writing the genome's crc to `log` first."""
+
+    Options = HangOptions
+    stuck = False  # True: hang where the worker's alarm cannot reach it, as native code would
+
+    def evaluate(self, params: np.ndarray) -> np.ndarray:
+        import signal
+        import time
+
+        crc = zlib.crc32(np.ascontiguousarray(params, dtype=np.float32).tobytes())
+        if crc % self.options.every == 0:
+            with open(self.options.log, "a") as f:
+                f.write(f"{crc}\n")
+            if self.stuck:
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+            time.sleep(3600)
+        return super().evaluate(params)
+
+
+class StuckDigits(HangingDigits):
+    stuck = True

@@ -68,6 +68,7 @@ class PopulationActor:
             self.population, workers, batch=config.workers.batch, sync=config.sync,
             max_retries_per_child=config.workers.max_retries_per_child,
             max_worker_deaths=config.workers.max_restarts + 1, depth=config.workers.pipeline,
+            timeout=config.workers.timeout_seconds,
         )
 
     def advance(self, max_seconds: float = 0.5) -> tuple[list[EvalRecord], bool]:

@@ -4,7 +4,11 @@ Asynchronous by default (steady state): each worker keeps `depth` batches queued
 the next batch the moment it finishes one instead of waiting for a round trip through the
 population. In sync mode children go out in rounds and are told in id order, so a fixed seed
 reproduces the search exactly. A worker that dies mid-batch is restarted by Ray; its children go
-out again, and a child that has killed its worker too often is recorded as failed.
+out again, and a child that has killed its worker too often is recorded as failed. With
+`workers.timeout_seconds`, a worker whose call outlives its children's limits (plus a grace: the
+worker's own alarm should have stopped them, see timeouts.py) is killed the same way; its queued
+calls go out again free, and the stuck call's children go out alone, so that a child that hangs
+takes no other child down with it.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import ray
 from ray.exceptions import RayActorError
 
 from evomerge.engine.population import EvalRecord, Population
+from evomerge.engine.timeouts import grace
 from evomerge.genomes.offspring import ParentMirror, realise
 from evomerge.strategies.base import Candidate, Evaluation
 
@@ -72,7 +77,8 @@ class BatchSizer:
 
 class Dispatcher:
     def __init__(self, population: Population, workers: list[Any], batch: int | str, sync: bool,
-                 max_retries_per_child: int, max_worker_deaths: int, depth: int = 2) -> None:
+                 max_retries_per_child: int, max_worker_deaths: int, depth: int = 2,
+                 timeout: float | None = None, grace_seconds: float | None = None) -> None:
         self.population = population
         self.workers = list(workers)
         self.sizer = BatchSizer(batch, sync)
@@ -91,6 +97,14 @@ class Dispatcher:
         # otherwise its re-sent children would burn their retries against a restarting actor.
         self.recovering: dict[Any, int] = {}
         self._elements_ref: tuple[int, list[Any]] | None = None
+        # Hang detection: each worker's calls in order, and since when its oldest one has run.
+        self.timeout = timeout
+        self.grace = grace(timeout) if timeout is not None and grace_seconds is None else grace_seconds
+        self.calls: list[deque[Any]] = [deque() for _ in workers]
+        self.head_since: dict[int, float] = {}
+        self.hung: set[Any] = set()  # calls the worker was killed for
+        self.queued_behind: set[Any] = set()  # calls that died with a hung one, through no fault of theirs
+        self.suspects: set[int] = set()  # children of a hung call: they go out alone
         self.mirror = ParentMirror(len(workers))  # which archive members each worker holds
 
     # -- public ----------------------------------------------------------------------------
@@ -143,6 +157,8 @@ class Dispatcher:
     def _next_batch(self, size: int) -> list[Candidate]:
         batch: list[Candidate] = []
         while len(batch) < size and self.retry:
+            if self.retry[0].member_id in self.suspects:
+                return batch or [self.retry.popleft()]  # a child that may hang goes alone
             batch.append(self.retry.popleft())
         if len(batch) < size:
             batch.extend(self.population.ask_batch(size - len(batch)))
@@ -166,7 +182,53 @@ class Dispatcher:
                                                          self._elements(), *parents)
         self.inflight[ref] = (worker_index, batch)
         self.load[worker_index] += 1
+        self.calls[worker_index].append(ref)
+        if len(self.calls[worker_index]) == 1:
+            self.head_since[worker_index] = time.monotonic()
         return ref
+
+    def _finish(self, ref: Any) -> tuple[int, list[Candidate]]:
+        """Take a call that came back (or failed) off the books; the worker's next call starts now."""
+        worker_index, batch = self.inflight.pop(ref)
+        self.load[worker_index] -= 1
+        calls = self.calls[worker_index]
+        calls.remove(ref)
+        if calls:
+            self.head_since[worker_index] = time.monotonic()
+        else:
+            self.head_since.pop(worker_index, None)
+        return worker_index, batch
+
+    # -- hung workers ----------------------------------------------------------------------
+    def _limit(self, ref: Any) -> float:
+        assert self.timeout is not None
+        assert self.grace is not None
+        return self.timeout * len(self.inflight[ref][1]) + self.grace
+
+    def _until_hang(self) -> float | None:
+        """Seconds until the first worker call outlives its limit (None: no limit is set)."""
+        if self.timeout is None:
+            return None
+        now = time.monotonic()
+        waits = [since + self._limit(self.calls[w][0]) - now for w, since in self.head_since.items()
+                 if self.calls[w][0] not in self.hung]
+        return min(waits) if waits else None
+
+    def _stop_hung(self) -> None:
+        """Kill every worker whose oldest call has outlived its limit; Ray restarts it."""
+        if self.timeout is None:
+            return
+        now = time.monotonic()
+        for worker_index, since in list(self.head_since.items()):
+            head = self.calls[worker_index][0]
+            if head not in self.hung and now - since > self._limit(head):
+                self._kill(worker_index)
+
+    def _kill(self, worker_index: int) -> None:
+        calls = list(self.calls[worker_index])
+        self.hung.add(calls[0])
+        self.queued_behind.update(calls[1:])
+        ray.kill(self.workers[worker_index], no_restart=False)
 
     def _fill(self) -> None:
         ready = self.ready_workers
@@ -189,23 +251,27 @@ class Dispatcher:
             self._raise_stalled()
             return []
         timeout = max(0.0, deadline - time.monotonic())
+        hang = self._until_hang()
+        if hang is not None:
+            timeout = min(timeout, max(0.0, hang) + 0.01)
         ready, _ = ray.wait([*self.inflight, *self.recovering], num_returns=1, timeout=timeout)
         self._check_pings([ref for ref in ready if ref in self.recovering])
         records: list[EvalRecord] = []
         for ref in (r for r in ready if r in self.inflight):
-            worker_index, batch = self.inflight.pop(ref)
-            self.load[worker_index] -= 1
+            worker_index, batch = self._finish(ref)
             try:
                 evaluations, stale = ray.get(ref)
             except WORKER_ERRORS as exc:
-                failed, again = self._handle_death(worker_index, batch, exc)
+                failed, again = self._handle_death(worker_index, batch, exc, ref)
                 self.retry.extend(again)
                 evaluations = failed
             else:
                 self.failed_calls[worker_index] = 0
                 self.sizer.observe(evaluations)
                 self.retry.extend(self._stale(worker_index, batch, stale))
+            self.suspects.difference_update(e.member_id for e in evaluations)
             records.extend(self.population.tell(e) for e in evaluations)
+        self._stop_hung()
         return records
 
     def _stale(self, worker_index: int, batch: list[Candidate], stale: list[int]) -> list[Candidate]:
@@ -221,10 +287,17 @@ class Dispatcher:
             candidate.genome = realise(candidate.genome)
         return again
 
-    def _handle_death(self, worker_index: int, batch: list[Candidate],
-                      exc: BaseException) -> tuple[list[Evaluation], list[Candidate]]:
+    def _handle_death(self, worker_index: int, batch: list[Candidate], exc: BaseException,
+                      ref: Any = None) -> tuple[list[Evaluation], list[Candidate]]:
         """Count the death; return the children that have used up their retries (as failures)
         and those that should go out again."""
+        hung = ref in self.hung
+        self.hung.discard(ref)
+        if ref in self.queued_behind:  # killed for the call ahead of it: goes out again, free
+            self.queued_behind.discard(ref)
+            batch, innocent = [], batch
+        else:
+            innocent = []
         self.mirror.forget(worker_index)
         self.failed_calls[worker_index] += 1
         if self.failed_calls[worker_index] > self.max_failed_calls:
@@ -235,13 +308,17 @@ class Dispatcher:
             raise RuntimeError(f"every fitness worker has died (last error: {exc}); "
                                "check the worker logs and memory, or lower workers.count") from exc
         failed: list[Evaluation] = []
-        again: list[Candidate] = []
+        again: list[Candidate] = list(innocent)
         for candidate in batch:
             tries = self.attempts.get(candidate.member_id, 0) + 1
             self.attempts[candidate.member_id] = tries
+            if hung:
+                self.suspects.add(candidate.member_id)
             if tries > self.max_retries:
-                failed.append(Evaluation(candidate.member_id, None, None,
-                                         f"worker died {tries} times evaluating this child ({type(exc).__name__})"))
+                why = (f"worker was stuck past workers.timeout_seconds={self.timeout:g} s and restarted "
+                       f"{tries} times evaluating this child" if hung else
+                       f"worker died {tries} times evaluating this child ({type(exc).__name__})")
+                failed.append(Evaluation(candidate.member_id, None, None, why))
             else:
                 again.append(candidate)
         return failed, again
@@ -266,18 +343,33 @@ class Dispatcher:
             if not live:
                 raise RuntimeError("every fitness worker has died; check the worker logs and memory")
             todo = sorted(pending.values(), key=lambda c: c.member_id)
-            chunks = [todo[k::len(live)] for k in range(len(live))]
+            alone = [c for c in todo if c.member_id in self.suspects]
+            if alone:  # children of a stuck call go out one per worker before the rest
+                chunks = [[c] for c in alone[:len(live)]]
+            else:
+                chunks = [todo[k::len(live)] for k in range(len(live))]
             refs = [self._submit(w, chunk) for w, chunk in zip(live, chunks) if chunk]
             for ref in refs:
-                worker_index, batch = self.inflight.pop(ref)
-                self.load[worker_index] -= 1
+                self._wait_within_limit(ref)
+                worker_index, batch = self._finish(ref)
                 try:
                     evaluations, stale = ray.get(ref)
                     self.failed_calls[worker_index] = 0
                     self._stale(worker_index, batch, stale)  # they stay pending: sent again below
                 except WORKER_ERRORS as exc:
-                    evaluations, _ = self._handle_death(worker_index, batch, exc)
+                    evaluations, _ = self._handle_death(worker_index, batch, exc, ref)
                 for evaluation in evaluations:
                     results[evaluation.member_id] = evaluation
                     pending.pop(evaluation.member_id)
+        self.suspects.difference_update(results)
         return [self.population.tell(results[k]) for k in sorted(results)]
+
+    def _wait_within_limit(self, ref: Any) -> None:
+        """Sync mode: wait for a call, killing its worker if it outlives its limit."""
+        if self.timeout is None:
+            return
+        worker_index = self.inflight[ref][0]
+        left = self.head_since[worker_index] + self._limit(ref) - time.monotonic()
+        ready, _ = ray.wait([ref], timeout=max(0.0, left))
+        if not ready:
+            self._kill(worker_index)

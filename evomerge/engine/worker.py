@@ -16,6 +16,7 @@ import torch
 
 from evomerge.config import SearchConfig
 from evomerge.engine.basis_spec import build_basis, genome_kind
+from evomerge.engine.timeouts import Alarm, EvaluationTimeout
 from evomerge.genomes.columns import ColumnGenome
 from evomerge.genomes.layerwise import LayerwiseGenome
 from evomerge.genomes.offspring import Lineage, ParentCache, StaleParents, realise
@@ -34,6 +35,7 @@ class FitnessWorker:
         self.basis = build_basis(config, self.task) if genome_kind(config) == "recipe" else None
         self._buffer: torch.Tensor | None = None
         self.parents = ParentCache()  # archive members sent to this worker, to breed children from
+        self.timeout = config.workers.timeout_seconds
 
     def pid(self) -> int:
         return os.getpid()
@@ -104,11 +106,14 @@ class FitnessWorker:
     def evaluate_one(self, member_id: int, genome: Any) -> Evaluation:
         start = time.perf_counter()
         try:
-            params = self.materialise(genome)
-            scores = np.asarray(self.task.evaluate(params), dtype=np.float32)
-            test = self.task.test_score(params)
+            with Alarm(self.timeout):
+                params = self.materialise(genome)
+                scores = np.asarray(self.task.evaluate(params), dtype=np.float32)
+                test = self.task.test_score(params)
             return Evaluation(member_id, scores, None if test is None else float(test), None,
                               time.perf_counter() - start)
+        except EvaluationTimeout as exc:
+            return Evaluation(member_id, None, None, f"stopped: {exc}", time.perf_counter() - start)
         except Exception as exc:  # a fitness task may fail in any way; the search must go on
             detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
             return Evaluation(member_id, None, None, f"fitness task raised {detail}", time.perf_counter() - start)
