@@ -17,7 +17,7 @@ from conftest import digits_config
 from evomerge.engine.actors import build_population, start_workers
 from evomerge.engine.dispatch import Dispatcher
 from evomerge.engine.search import SearchOptions, run_search
-from evomerge.engine.timeouts import Alarm, EvaluationTimeout
+from evomerge.engine.timeouts import Alarm, EvaluationTimeout, HangWatch
 from evomerge.tracking.storage import open_storage
 
 
@@ -44,6 +44,28 @@ def test_the_alarm_is_off_outside_the_main_thread_and_after_its_block():
     with Alarm(0.05):
         pass
     time.sleep(0.2)  # the timer was cleared on leaving the block: nothing rings here
+
+
+def test_hang_watch_by_hand():
+    """Limits are timeout x children + grace, counted from when a call became its worker's oldest."""
+    assert HangWatch(1, None).until_hang() is None and HangWatch(1, None).overdue() == []
+    watch = HangWatch(2, timeout=2.0, grace_seconds=5.0)
+    watch.started(0, "a", 3)  # limit 2 x 3 + 5 = 11 s
+    watch.started(0, "b", 1)  # queued behind a: limit 7 s once a is done
+    watch.started(1, "c", 1)  # limit 7 s
+    now = time.monotonic()
+    watch.head_since[0], watch.head_since[1] = now - 10.0, now - 8.0  # a has 1 s left, c is 1 s over
+    assert watch.until_hang() == pytest.approx(-1.0, abs=0.5)
+    assert watch.overdue() == [1] and watch.overdue() == []  # marked once
+    assert watch.verdict("c") == (True, False) and watch.verdict("c") == (False, False)
+    watch.finished(1, "c")
+    assert watch.until_hang() == pytest.approx(1.0, abs=0.5)  # only a is timed now
+    watch.finished(0, "a")  # b is the oldest now, and its clock starts
+    assert watch.head_since[0] >= now and watch.until_hang() == pytest.approx(7.0, abs=0.5)
+    watch.started(0, "d", 2)
+    watch.head_since[0] = now - 8.0  # b overdue, with d queued behind it
+    assert watch.overdue() == [0]
+    assert watch.verdict("b") == (True, False) and watch.verdict("d") == (False, True)
 
 
 def _hang_config(name, tmp_path, task, every, **overrides):

@@ -23,7 +23,7 @@ import ray
 from ray.exceptions import RayActorError
 
 from evomerge.engine.population import EvalRecord, Population
-from evomerge.engine.timeouts import grace
+from evomerge.engine.timeouts import HangWatch
 from evomerge.genomes.offspring import ParentMirror, realise
 from evomerge.strategies.base import Candidate, Evaluation
 
@@ -97,14 +97,7 @@ class Dispatcher:
         # otherwise its re-sent children would burn their retries against a restarting actor.
         self.recovering: dict[Any, int] = {}
         self._elements_ref: tuple[int, list[Any]] | None = None
-        # Hang detection: each worker's calls in order, and since when its oldest one has run.
-        self.timeout = timeout
-        self.grace = grace(timeout) if timeout is not None and grace_seconds is None else grace_seconds
-        self.calls: list[deque[Any]] = [deque() for _ in workers]
-        self.head_since: dict[int, float] = {}
-        self.hung: set[Any] = set()  # calls the worker was killed for
-        self.queued_behind: set[Any] = set()  # calls that died with a hung one, through no fault of theirs
-        self.suspects: set[int] = set()  # children of a hung call: they go out alone
+        self.hangs = HangWatch(len(workers), timeout, grace_seconds)  # workers.timeout_seconds
         self.mirror = ParentMirror(len(workers))  # which archive members each worker holds
 
     # -- public ----------------------------------------------------------------------------
@@ -157,7 +150,7 @@ class Dispatcher:
     def _next_batch(self, size: int) -> list[Candidate]:
         batch: list[Candidate] = []
         while len(batch) < size and self.retry:
-            if self.retry[0].member_id in self.suspects:
+            if self.retry[0].member_id in self.hangs.suspects:
                 return batch or [self.retry.popleft()]  # a child that may hang goes alone
             batch.append(self.retry.popleft())
         if len(batch) < size:
@@ -182,53 +175,20 @@ class Dispatcher:
                                                          self._elements(), *parents)
         self.inflight[ref] = (worker_index, batch)
         self.load[worker_index] += 1
-        self.calls[worker_index].append(ref)
-        if len(self.calls[worker_index]) == 1:
-            self.head_since[worker_index] = time.monotonic()
+        self.hangs.started(worker_index, ref, len(batch))
         return ref
 
     def _finish(self, ref: Any) -> tuple[int, list[Candidate]]:
-        """Take a call that came back (or failed) off the books; the worker's next call starts now."""
+        """Take a call that came back (or failed) off the books."""
         worker_index, batch = self.inflight.pop(ref)
         self.load[worker_index] -= 1
-        calls = self.calls[worker_index]
-        calls.remove(ref)
-        if calls:
-            self.head_since[worker_index] = time.monotonic()
-        else:
-            self.head_since.pop(worker_index, None)
+        self.hangs.finished(worker_index, ref)
         return worker_index, batch
-
-    # -- hung workers ----------------------------------------------------------------------
-    def _limit(self, ref: Any) -> float:
-        assert self.timeout is not None
-        assert self.grace is not None
-        return self.timeout * len(self.inflight[ref][1]) + self.grace
-
-    def _until_hang(self) -> float | None:
-        """Seconds until the first worker call outlives its limit (None: no limit is set)."""
-        if self.timeout is None:
-            return None
-        now = time.monotonic()
-        waits = [since + self._limit(self.calls[w][0]) - now for w, since in self.head_since.items()
-                 if self.calls[w][0] not in self.hung]
-        return min(waits) if waits else None
 
     def _stop_hung(self) -> None:
         """Kill every worker whose oldest call has outlived its limit; Ray restarts it."""
-        if self.timeout is None:
-            return
-        now = time.monotonic()
-        for worker_index, since in list(self.head_since.items()):
-            head = self.calls[worker_index][0]
-            if head not in self.hung and now - since > self._limit(head):
-                self._kill(worker_index)
-
-    def _kill(self, worker_index: int) -> None:
-        calls = list(self.calls[worker_index])
-        self.hung.add(calls[0])
-        self.queued_behind.update(calls[1:])
-        ray.kill(self.workers[worker_index], no_restart=False)
+        for worker_index in self.hangs.overdue():
+            ray.kill(self.workers[worker_index], no_restart=False)
 
     def _fill(self) -> None:
         ready = self.ready_workers
@@ -251,7 +211,7 @@ class Dispatcher:
             self._raise_stalled()
             return []
         timeout = max(0.0, deadline - time.monotonic())
-        hang = self._until_hang()
+        hang = self.hangs.until_hang()
         if hang is not None:
             timeout = min(timeout, max(0.0, hang) + 0.01)
         ready, _ = ray.wait([*self.inflight, *self.recovering], num_returns=1, timeout=timeout)
@@ -269,7 +229,7 @@ class Dispatcher:
                 self.failed_calls[worker_index] = 0
                 self.sizer.observe(evaluations)
                 self.retry.extend(self._stale(worker_index, batch, stale))
-            self.suspects.difference_update(e.member_id for e in evaluations)
+            self.hangs.suspects.difference_update(e.member_id for e in evaluations)
             records.extend(self.population.tell(e) for e in evaluations)
         self._stop_hung()
         return records
@@ -291,13 +251,8 @@ class Dispatcher:
                       ref: Any = None) -> tuple[list[Evaluation], list[Candidate]]:
         """Count the death; return the children that have used up their retries (as failures)
         and those that should go out again."""
-        hung = ref in self.hung
-        self.hung.discard(ref)
-        if ref in self.queued_behind:  # killed for the call ahead of it: goes out again, free
-            self.queued_behind.discard(ref)
-            batch, innocent = [], batch
-        else:
-            innocent = []
+        hung, behind = self.hangs.verdict(ref)
+        batch, innocent = ([], batch) if behind else (batch, [])  # behind a hung call: out again, free
         self.mirror.forget(worker_index)
         self.failed_calls[worker_index] += 1
         if self.failed_calls[worker_index] > self.max_failed_calls:
@@ -313,9 +268,9 @@ class Dispatcher:
             tries = self.attempts.get(candidate.member_id, 0) + 1
             self.attempts[candidate.member_id] = tries
             if hung:
-                self.suspects.add(candidate.member_id)
+                self.hangs.suspects.add(candidate.member_id)
             if tries > self.max_retries:
-                why = (f"worker was stuck past workers.timeout_seconds={self.timeout:g} s and restarted "
+                why = (f"worker was stuck past workers.timeout_seconds={self.hangs.timeout:g} s and restarted "
                        f"{tries} times evaluating this child" if hung else
                        f"worker died {tries} times evaluating this child ({type(exc).__name__})")
                 failed.append(Evaluation(candidate.member_id, None, None, why))
@@ -343,7 +298,7 @@ class Dispatcher:
             if not live:
                 raise RuntimeError("every fitness worker has died; check the worker logs and memory")
             todo = sorted(pending.values(), key=lambda c: c.member_id)
-            alone = [c for c in todo if c.member_id in self.suspects]
+            alone = [c for c in todo if c.member_id in self.hangs.suspects]
             if alone:  # children of a stuck call go out one per worker before the rest
                 chunks = [[c] for c in alone[:len(live)]]
             else:
@@ -361,15 +316,12 @@ class Dispatcher:
                 for evaluation in evaluations:
                     results[evaluation.member_id] = evaluation
                     pending.pop(evaluation.member_id)
-        self.suspects.difference_update(results)
+        self.hangs.suspects.difference_update(results)
         return [self.population.tell(results[k]) for k in sorted(results)]
 
     def _wait_within_limit(self, ref: Any) -> None:
         """Sync mode: wait for a call, killing its worker if it outlives its limit."""
-        if self.timeout is None:
-            return
-        worker_index = self.inflight[ref][0]
-        left = self.head_since[worker_index] + self._limit(ref) - time.monotonic()
-        ready, _ = ray.wait([ref], timeout=max(0.0, left))
-        if not ready:
-            self._kill(worker_index)
+        left = self.hangs.until_hang()
+        while left is not None and not ray.wait([ref], timeout=max(0.0, left) + 0.01)[0]:
+            self._stop_hung()
+            left = self.hangs.until_hang()

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
+from collections import deque
 from types import FrameType, TracebackType
+from typing import Any
 
 
 class EvaluationTimeout(BaseException):
@@ -57,3 +60,68 @@ class Alarm:
                 signal.setitimer(signal.ITIMER_REAL, 0)
             finally:  # even if the alarm rang just now, in here
                 signal.signal(signal.SIGALRM, self._previous)  # type: ignore[arg-type]
+
+
+class HangWatch:
+    """The dispatcher's side: each worker's calls in flight, in order, and since when the oldest
+    has run (a worker runs its calls one at a time, so only the oldest can be stuck).
+
+    A call may run `timeout` seconds per child plus the grace. The worker of a call that runs longer
+    is killed (by the dispatcher). The calls queued behind the stuck one died through no fault
+    of their own, and the stuck call's children become suspects, which go out alone.
+    """
+
+    def __init__(self, workers: int, timeout: float | None, grace_seconds: float | None = None) -> None:
+        self.timeout = timeout
+        self.grace = grace(timeout) if timeout is not None and grace_seconds is None else grace_seconds
+        self.calls: list[deque[tuple[Any, int]]] = [deque() for _ in range(workers)]  # (ref, children)
+        self.head_since: dict[int, float] = {}
+        self.hung: set[Any] = set()  # calls whose worker was killed for them
+        self.queued_behind: set[Any] = set()  # calls that died with a hung one
+        self.suspects: set[int] = set()  # member ids: children of a hung call
+
+    def started(self, worker: int, ref: Any, children: int) -> None:
+        self.calls[worker].append((ref, children))
+        if len(self.calls[worker]) == 1:
+            self.head_since[worker] = time.monotonic()
+
+    def finished(self, worker: int, ref: Any) -> None:
+        """A call came back or failed; the worker's next call starts now."""
+        calls = self.calls[worker]
+        calls.remove(next(c for c in calls if c[0] is ref))
+        if calls:
+            self.head_since[worker] = time.monotonic()
+        else:
+            self.head_since.pop(worker, None)
+
+    def _overdue_in(self, worker: int, now: float) -> float | None:
+        ref, children = self.calls[worker][0]
+        if self.timeout is None or self.grace is None or ref in self.hung:
+            return None
+        return self.head_since[worker] + self.timeout * children + self.grace - now
+
+    def until_hang(self) -> float | None:
+        """Seconds until the first call outlives its limit; None without a limit."""
+        now = time.monotonic()
+        waits = [w for w in (self._overdue_in(worker, now) for worker in self.head_since) if w is not None]
+        return min(waits) if waits else None
+
+    def overdue(self) -> list[int]:
+        """Workers whose oldest call has outlived its limit, each marked killed: its caller kills it."""
+        now = time.monotonic()
+        stuck = [worker for worker in self.head_since if (left := self._overdue_in(worker, now)) is not None and left < 0]
+        for worker in stuck:
+            self.killed(worker)
+        return stuck
+
+    def killed(self, worker: int) -> None:
+        refs = [ref for ref, _ in self.calls[worker]]
+        self.hung.add(refs[0])
+        self.queued_behind.update(refs[1:])
+
+    def verdict(self, ref: Any) -> tuple[bool, bool]:
+        """For a call that failed: (its worker was killed for it, it died behind a hung call)."""
+        hung, behind = ref in self.hung, ref in self.queued_behind
+        self.hung.discard(ref)
+        self.queued_behind.discard(ref)
+        return hung, behind
