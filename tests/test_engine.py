@@ -142,8 +142,8 @@ def test_a_dam_search_ends_when_its_trained_merge_is_back(ray_session, tmp_path,
     from evomerge.engine.search import resume_search
     from evomerge.status import run_status, status_table
 
-    config = digits_config("dam-early", seeds="task", strategy={"name": "dam", "options": {"steps": 20, "eval_every": 10}},
-                           budget={"evaluations": 200}, sync=sync)
+    dam = {"name": "dam", "options": {"steps": 20, "eval_every": 10}}
+    config = digits_config("dam-early", seeds="task", strategy=dam, budget={"evaluations": 200}, sync=sync)
     out = tmp_path / "run"
     summary = run_search(config, SearchOptions(out_dir=out, progress=False))
     trials = _trials(summary)

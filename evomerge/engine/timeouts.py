@@ -109,7 +109,8 @@ class HangWatch:
     def overdue(self) -> list[int]:
         """Workers whose oldest call has outlived its limit, each marked killed: its caller kills it."""
         now = time.monotonic()
-        stuck = [worker for worker in self.head_since if (left := self._overdue_in(worker, now)) is not None and left < 0]
+        lefts = {worker: self._overdue_in(worker, now) for worker in self.head_since}
+        stuck = [worker for worker, left in lefts.items() if left is not None and left < 0]
         for worker in stuck:
             self.killed(worker)
         return stuck
