@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,7 @@ def run_status(run_dir: Path) -> dict[str, Any]:
     status["evaluations"] = len(trials)
     status["budget"] = config.get("budget", {}).get("evaluations")
     status["failed"] = sum(t.state == TrialState.FAIL for t in trials)
+    status["failure_reasons"] = failure_reasons(trials)
     best = max(complete, key=lambda t: t.value, default=None)
     status["best_train"] = None if best is None else best.value
     status["best_test"] = None if best is None else best.user_attrs.get("test_score")
@@ -59,6 +62,19 @@ def run_status(run_dir: Path) -> dict[str, Any]:
     else:
         status["evals_per_second"] = None
     return status
+
+
+def failure_reasons(trials: list[optuna.trial.FrozenTrial], top: int = 3) -> list[tuple[str, int]]:
+    """The commonest kinds of failure, most frequent first: a task's exception without its
+    message, other errors with their numbers blanked (which datapoint, how many tries)."""
+    kinds: Counter[str] = Counter()
+    for trial in trials:
+        if trial.state == TrialState.FAIL:
+            error = str(trial.user_attrs.get("error") or "no error recorded")
+            if error.startswith("fitness task raised "):
+                error = error.split(":", 1)[0]
+            kinds[re.sub(r"\d+(\.\d+)?", "N", error)] += 1
+    return kinds.most_common(top)
 
 
 def _trials(run_dir: Path, config: dict[str, Any]) -> list[optuna.trial.FrozenTrial]:
@@ -86,6 +102,7 @@ def status_table(status: dict[str, Any]) -> str:
         ("state", status["state"]),
         ("evaluations", evaluations_cell(status["evaluations"], budget, status.get("finished_early"))),
         ("failed", status["failed"]),
+        ("commonest failures", "; ".join(f"{n} x {kind}" for kind, n in status.get("failure_reasons") or []) or None),
         ("best train score", status["best_train"]),
         ("best test score", status["best_test"]),
         ("best member", status["best_member"]),

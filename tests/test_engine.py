@@ -83,6 +83,14 @@ def test_failing_fitness_becomes_fail_trials(ray_session, tmp_path):
     assert any("simulated fitness crash" in e for e in errors)
     assert any("NaN" in e for e in errors)
     assert all(t.value is None for t in failed)
+    # `evomerge status` groups them: the exception's type, the NaN message without its numbers
+    from evomerge.status import failure_reasons, run_status, status_table
+
+    reasons = dict(failure_reasons(trials))
+    crashes = sum("simulated fitness crash" in t.user_attrs["error"] for t in failed)
+    assert reasons["fitness task raised RuntimeError"] == crashes
+    assert reasons["fitness returned NaN/inf for N of N datapoints (first at N)"] == len(failed) - crashes
+    assert f"{crashes} x fitness task raised RuntimeError" in status_table(run_status(tmp_path / "run"))
 
 
 def test_sqlite_storage(ray_session, tmp_path):
