@@ -172,7 +172,7 @@ def test_loss_decreases_and_dam_beats_the_plain_average(digits):
     task, seeds = digits
     dam = DAM({"steps": 100, "eval_every": 50}, _problem(task, seeds), seed=0)
     candidates = _drive(dam, 0, 5, task)
-    assert [c.params.get("step") for c in candidates[2:]] == [0, 50, 100] and dam.finished
+    assert [c.params.get("step") for c in candidates[2:]] == [0, 50, 100] and dam.exhausted
     curve = dam.training_curve()
     assert len(curve) == 100 and all(math.isfinite(v) for v in curve)
     assert np.mean(curve[-5:]) < 0.5 * np.mean(curve[:5])

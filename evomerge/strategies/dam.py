@@ -319,11 +319,6 @@ class DAM(Strategy):
         return self.final_id
 
     @property
-    def finished(self) -> bool:
-        """True once training is done and its final merge has been offered: later asks repeat it."""
-        return self.uniform_issued and self.step >= self.options.steps
-
-    @property
     def exhausted(self) -> bool:
         return self.final_candidate is not None
 

@@ -53,11 +53,6 @@ class StaticMerges(Strategy):
         return (np.mean(np.stack(self.space.seeds).astype(np.float64), axis=0)).astype(np.float32)
 
     @property
-    def size(self) -> int:
-        """How many evaluations this strategy has to offer (compare uses it as the budget)."""
-        return len(self.plan)
-
-    @property
     def exhausted(self) -> bool:
         return self.issued >= len(self.plan)
 
