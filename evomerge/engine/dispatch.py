@@ -229,7 +229,8 @@ class Dispatcher:
                 self.failed_calls[worker_index] = 0
                 self.sizer.observe(evaluations)
                 self.retry.extend(self._stale(worker_index, batch, stale))
-            self.hangs.suspects.difference_update(e.member_id for e in evaluations)
+            if self.hangs.suspects:
+                self.hangs.suspects.difference_update(e.member_id for e in evaluations)
             records.extend(self.population.tell(e) for e in evaluations)
         self._stop_hung()
         return records

@@ -102,20 +102,24 @@ class HangWatch:
 
     def until_hang(self) -> float | None:
         """Seconds until the first call outlives its limit; None without a limit."""
+        if self.timeout is None:
+            return None
         now = time.monotonic()
         waits = [w for w in (self._overdue_in(worker, now) for worker in self.head_since) if w is not None]
         return min(waits) if waits else None
 
     def overdue(self) -> list[int]:
         """Workers whose oldest call has outlived its limit, each marked killed: its caller kills it."""
+        if self.timeout is None:
+            return []
         now = time.monotonic()
         lefts = {worker: self._overdue_in(worker, now) for worker in self.head_since}
         stuck = [worker for worker, left in lefts.items() if left is not None and left < 0]
         for worker in stuck:
-            self.killed(worker)
+            self._killed(worker)
         return stuck
 
-    def killed(self, worker: int) -> None:
+    def _killed(self, worker: int) -> None:
         refs = [ref for ref, _ in self.calls[worker]]
         self.hung.add(refs[0])
         self.queued_behind.update(refs[1:])

@@ -136,8 +136,8 @@ class Strategy(ABC):
 
     @property
     def busy(self) -> bool:
-        """True while the strategy works in the background and has nothing to ask: the engine
-        waits for it instead of calling a None from ask() with nothing in flight a stall."""
+        """True while the strategy works in the background and has nothing to ask. With nothing
+        in flight, the engine then waits for it, where a None from ask() would be a stall."""
         return False
 
     def wait(self, timeout: float) -> None:

@@ -441,8 +441,8 @@ class DAM(Strategy):
 
     def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         self._parents()
-        before = self._before_chunk  # set while a chunk trains on its thread
-        training_meta, arrays = before if self._job is not None and before is not None else self._training_state()
+        # While a chunk trains on its thread (until ask() takes it), the state from before it.
+        training_meta, arrays = self._before_chunk or self._training_state()
         meta = {"rng": self._rng_state(), "batch_seed": self.batch_seed, **training_meta,
                 "offered_step": self.offered_step,
                 "seeds_issued": len(self.seed_candidates), "seed_ids": list(self.seed_ids),
