@@ -249,7 +249,10 @@ def start_ray(num_cpus: int = 2, object_store_mb: int = 200) -> bool:
 
     import ray
 
+    from evomerge.engine.raysession import quiet_token_auth_notice
+
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    quiet_token_auth_notice()
     if ray.is_initialized():
         return False
     ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=object_store_mb * 1024**2,

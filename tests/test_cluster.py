@@ -211,3 +211,25 @@ def test_cluster_yaml_local_provider_example():
     with pytest.raises(Exception, match="available_node_types is not supported"):
         prepare_config({**cfg, "available_node_types": {"x": {"node_config": {}, "resources": {}}},
                         "head_node_type": "x"})
+
+
+def test_token_auth_notice_is_dropped_and_other_warnings_are_kept() -> None:
+    import logging
+
+    from evomerge.engine.raysession import TOKEN_AUTH_LOGGER, quiet_token_auth_notice
+
+    quiet_token_auth_notice()
+    quiet_token_auth_notice()  # idempotent: one filter, however many searches start
+    token_logger = logging.getLogger(TOKEN_AUTH_LOGGER)
+    assert sum(type(f).__name__ == "_DropTokenAuthNotice" for f in token_logger.filters) == 1
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append  # type: ignore[method-assign]
+    token_logger.addHandler(handler)  # Ray's loggers do not propagate to pytest's capture
+    try:
+        token_logger.warning("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled")
+        token_logger.warning("Token authentication is disabled for this Ray cluster. Anyone with access ...")
+    finally:
+        token_logger.removeHandler(handler)
+    messages = [r.getMessage() for r in seen]
+    assert messages == ["Token authentication is disabled for this Ray cluster. Anyone with access ..."]

@@ -11,9 +11,27 @@ from evomerge.config import SearchConfig
 from evomerge.errors import ConfigError
 
 
+class _DropTokenAuthNotice(logging.Filter):
+    """Ray announces on every start that token authentication is on and how to turn it off. It
+    stays on (the safe default); the notice only repeated itself in every search's output."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled")
+
+
+TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def quiet_token_auth_notice() -> None:
+    token_logger = logging.getLogger(TOKEN_AUTH_LOGGER)
+    if not any(isinstance(f, _DropTokenAuthNotice) for f in token_logger.filters):
+        token_logger.addFilter(_DropTokenAuthNotice())
+
+
 def connect(config: SearchConfig, address: str | None = None) -> bool:
     """Make sure Ray is up; returns True when this call started it (so the caller shuts it down)."""
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    quiet_token_auth_notice()
     address = address or config.ray.address
     started = False
     if not ray.is_initialized():
