@@ -28,6 +28,7 @@ test-slow: $(STAMP)
 # Long (an hour or more on 2 cores); each script prints ratios measured in its own run.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/staleness.py
 	$(BIN)/python benchmarks/recorder.py
 	$(BIN)/python benchmarks/materialise.py
 	$(BIN)/python benchmarks/digits_paper.py
