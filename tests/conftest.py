@@ -18,6 +18,9 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 def ray_session():
     import ray
 
+    from evomerge.engine.raysession import quiet_token_auth_notice
+
+    quiet_token_auth_notice()
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024 * 1024,
                  logging_level="WARNING", runtime_env={"env_vars": {"PYTHONPATH": str(TESTS_DIR)}})
