@@ -14,7 +14,9 @@ wall time is printed too. Optuna recording (journal file) is on, as in a real se
 On Linux the steady-state CPU time of every process of the embedded Ray session (driver,
 population actor, workers, raylet) is printed per evaluation for the digits runs: on 2 cores the
 workers share them with everything else, so this is where the 2-worker scaling goes.
-From that table it prints the ratio these CPU costs allow, to set beside the measured one.
+From that table it prints the ratio these CPU costs allow, to set beside the measured one, and
+the throughput at which the population actor (the one process a cluster does not multiply) would
+fill a core of its own.
 `--batch` overrides `workers.batch` for every engine run (default: the configs' own);
 `--population-breeds` sets `workers.breed_on_workers: false`, the ablation of worker-side breeding.
 """
@@ -250,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
         if worker_one and total_two:
             print(f"ratio these CPU costs allow (2 x worker CPU with 1 worker / total CPU with 2): "
                   f"{2 * worker_one / total_two:.2f}")
+        actor = two["cpu_ms_per_eval"].get("PopulationActor", 0.0)
+        if actor:  # the one process that does not scale out: a cluster's limit with this fitness
+            print(f"the population actor alone would saturate its core at about {1e3 / actor:,.0f} evals/s "
+                  f"(about {worker_one / actor:.0f} workers of this fitness)")
     scaling = sum(b["rate"] for _, b in pairs) / sum(a["rate"] for a, _ in pairs)
     vs_local = sum(a["rate"] for a, _ in pairs) / len(pairs) / local["rate"]
     print("\n2 workers / 1 worker, pair by pair: " + ", ".join(f"{b['rate'] / a['rate']:.2f}" for a, b in pairs))
