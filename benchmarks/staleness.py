@@ -6,10 +6,10 @@ evaluations are told in between (the staleness `evomerge status` shows). Its siz
 `workers.count` x `workers.pipeline` x `workers.batch`, and bigger calls cost the population
 actor less CPU per evaluation, so this is the price on the other side of that trade.
 
-The engine's timing would blur the comparison, so the search runs here in one process: ask until
-K children are queued, score the oldest, tell it, repeat. K = 1 is the serial search. Searches on
-digits from scratch sometimes stall far below the rest, so every K runs the same seeds and the
-per-seed results are printed sorted, beside the mean.
+The engine's timing would blur the comparison, so the search runs here in one process
+(`run_local(..., in_flight=K)`): ask until K children are queued, score the oldest, tell it,
+repeat. K = 1 is the serial search. Searches on digits from scratch sometimes stall far below the
+rest, so every K runs the same seeds and the per-seed results are printed sorted, beside the mean.
 
     python benchmarks/staleness.py                    # 10k evaluations, 12 seeds, K = 1, 48, 200
     python benchmarks/staleness.py --quick            # 3k evaluations, 4 seeds
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from collections import deque
 
 from _common import Job, fmt_mean_std, load_population, pin_blas_threads, print_section, run_jobs, write_json
 
@@ -28,24 +27,12 @@ from evomerge.report import format_table
 
 
 def search_with_in_flight(in_flight: int, seed: int, evaluations: int) -> dict[str, float]:
-    """Best member (by train score) of a digits-scratch search that keeps `in_flight` children
-    asked but not yet told, told oldest first."""
+    """Best member (by train score) of a digits-scratch search with `in_flight` children out."""
     pin_blas_threads(1)
-    from evomerge.engine.actors import build_population
-    from evomerge.engine.worker import FitnessWorker
+    from evomerge.engine.local import run_local
 
     config = load_population("digits-scratch", {"budget.evaluations": evaluations, "seed": seed})
-    population = build_population(config)
-    worker = FitnessWorker(config.model_dump(mode="json"), 0)
-    queue: deque = deque()
-    while not population.done:
-        while len(queue) < in_flight:
-            candidate = population.ask()
-            if candidate is None:  # the initial members must come back first
-                break
-            queue.append(candidate)
-        child = queue.popleft()
-        population.tell(worker.evaluate_one(child.member_id, child.genome))
+    population = run_local(config, in_flight=in_flight)
     best = population.best
     assert best is not None
     mean_staleness = population.staleness_total / max(1, population.staleness_count)

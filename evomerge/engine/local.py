@@ -1,28 +1,41 @@
 """The search loop without Ray: one process, strictly sequential.
 
 Used by benchmarks as the reference point for engine overhead, and handy for debugging a task.
+`in_flight` > 1 keeps that many children asked but not yet told (told oldest first): an async
+search's staleness without its timing, for measuring what staleness costs.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Callable
 
 from evomerge.config import SearchConfig
 from evomerge.engine.actors import build_population
 from evomerge.engine.population import EvalRecord, Population
 from evomerge.engine.worker import FitnessWorker
+from evomerge.strategies.base import Candidate
 
 
-def run_local(config: SearchConfig, on_record: Callable[[EvalRecord], None] | None = None) -> Population:
+def run_local(config: SearchConfig, on_record: Callable[[EvalRecord], None] | None = None,
+              in_flight: int = 1) -> Population:
+    if in_flight < 1:
+        raise ValueError(f"in_flight must be >= 1 (1 is the serial search), got {in_flight}")
     population = build_population(config)
     worker = FitnessWorker(config.model_dump(mode="json"), 0)
+    queue: deque[Candidate] = deque()
     while not population.done:
-        candidate = population.ask()
-        if candidate is None:
+        while len(queue) < in_flight:
+            candidate = population.ask()
+            if candidate is None:  # e.g. the initial members must come back first
+                break
+            queue.append(candidate)
+        if not queue:
             raise RuntimeError("the strategy produced no candidate while nothing is in flight")
+        child = queue.popleft()
         if population.basis_elements:
             worker.sync_elements(population.basis_elements)
-        record = population.tell(worker.evaluate_one(candidate.member_id, candidate.genome))
+        record = population.tell(worker.evaluate_one(child.member_id, child.genome))
         if on_record is not None:
             on_record(record)
     return population
