@@ -22,13 +22,14 @@ from evomerge.strategies.m2n2 import M2N2
 
 
 class _Vector:
-    """A stand-in merged model: anything with materialise(basis) can join."""
+    """A stand-in merged model: anything with materialise(basis, out=None) can join."""
 
     def __init__(self, values: np.ndarray) -> None:
         self.values = values
 
-    def materialise(self, basis: Basis) -> torch.Tensor:
-        return torch.from_numpy(self.values.copy())
+    def materialise(self, basis: Basis, out: torch.Tensor | None = None) -> torch.Tensor:
+        values = torch.from_numpy(self.values.copy())
+        return values if out is None else out.copy_(values)
 
 
 @pytest.mark.parametrize("max_boundaries", [1 << 16, 16])  # every index, and a coarse grid

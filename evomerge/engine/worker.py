@@ -89,7 +89,7 @@ class FitnessWorker:
         if len(elements) < len(self.basis.extra):
             self.basis.drop_extra()
         for genome in elements[len(self.basis.extra):]:
-            self.basis.add_element(genome.materialise(self.basis))
+            self.basis.add_element(genome.materialise(self.basis, out=self.basis.new_buffer()))
 
     def materialise(self, genome: Any) -> np.ndarray:
         genome = realise(genome)  # a child not bred yet (e.g. restored from a snapshot)

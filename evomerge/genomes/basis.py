@@ -38,8 +38,25 @@ class Basis:
         self.pieces = pieces
         self.size = size
         self.num_seeds = num_seeds
-        self.extra: list[torch.Tensor] = []  # flat float32 vectors of the added elements
+        self.extra: list[torch.Tensor] = []  # flat vectors of the added elements, in the seeds' dtype
         self._starts = np.array([p.start for p in pieces], dtype=np.int64)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The seeds' dtype: that of most of their elements (a bf16 model may carry a float32 buffer).
+
+        Merge buffers, bound models, added elements and exports are kept in it (DESIGN: "the
+        seeds' dtype end to end"); arithmetic is float32 per chunk.
+        """
+        counts: dict[torch.dtype, int] = {}
+        for piece in self.pieces:
+            dt = piece.views[0].dtype
+            counts[dt] = counts.get(dt, 0) + piece.stop - piece.start
+        return max(counts, key=counts.__getitem__) if counts else torch.float32
+
+    def new_buffer(self, device: str | torch.device = "cpu") -> torch.Tensor:
+        """An uninitialised flat vector in the seeds' dtype: what a merge is materialised into."""
+        return torch.empty(self.size, dtype=self.dtype, device=device)
 
     @property
     def num_elements(self) -> int:
@@ -48,9 +65,10 @@ class Basis:
     def add_element(self, vector: torch.Tensor) -> int:
         """Append a materialised model as a new element; returns its index among the elements.
 
-        The basis keeps `vector` itself (no model-sized copy): pass a tensor nobody writes to again.
+        The basis keeps `vector` itself when it is already in the seeds' dtype (no model-sized
+        copy): pass a tensor nobody writes to again. Others are cast to that dtype once.
         """
-        vector = vector.detach().to(torch.float32).reshape(-1)
+        vector = vector.detach().to(self.dtype).reshape(-1)
         if vector.numel() != self.size:
             raise ValueError(f"a new basis element needs {self.size} values, got {vector.numel()}")
         if not bool(torch.isfinite(vector).all()):
@@ -91,8 +109,14 @@ class Basis:
         return PrefixGram.from_chunks(grid, self.values)
 
     def materialise(self, recipe: Recipe, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Weights of `recipe` in `out` (default: a new float32 vector; any floating dtype and device)."""
         if out is None:
             out = torch.empty(self.size, dtype=torch.float32)
+        if out.dim() != 1 or out.numel() != self.size or not out.is_floating_point():
+            raise ValueError(f"materialise needs a flat floating buffer of {self.size} values, "
+                             f"got {tuple(out.shape)} {out.dtype}")
+        scratch = None if out.dtype == torch.float32 else torch.empty(min(CHUNK, self.size), dtype=torch.float32,
+                                                                        device=out.device)
         breaks, coeffs = recipe.breaks, recipe.coeffs
         if int(breaks[-1]) != self.size:
             raise ValueError(f"recipe covers {int(breaks[-1])} parameters but the basis has {self.size}")
@@ -106,25 +130,48 @@ class Basis:
             while position < piece.stop:
                 end = min(int(breaks[seg + 1]), piece.stop)
                 lo, hi = position - piece.start, end - piece.start
-                _combine(out[position:end], [v[lo:hi] for v in views], coeffs[seg])
+                _combine(out[position:end], [v[lo:hi] for v in views], coeffs[seg], scratch)
                 position, seg = end, seg + 1
         return out
 
 
-def _combine(out: torch.Tensor, sources: list[torch.Tensor], row: np.ndarray) -> None:
+def _combine(out: torch.Tensor, sources: list[torch.Tensor], row: np.ndarray,
+             scratch: torch.Tensor | None = None) -> None:
+    """out = sum_k row[k] * sources[k], a chunk at a time, accumulated in float32.
+
+    `out` may be bf16/fp16 (the seeds' dtype: then each chunk is summed in `scratch`, float32, and
+    rounded once) and may live on another device than the sources (host seeds streamed to a GPU
+    buffer chunk by chunk). A lone coefficient of exactly 1 copies bits, so a seed materialises
+    to itself.
+    """
     active = [(src, float(c)) for src, c in zip(sources, row) if c != 0.0]
     n = out.numel()
+    exact = out.dtype == torch.float32
+    device = out.device
+    if len(active) == 1 and active[0][1] == 1.0 and active[0][0].dtype == out.dtype:
+        out.copy_(active[0][0], non_blocking=True)
+        return
     for lo in range(0, n, CHUNK):
         hi = min(n, lo + CHUNK)
         chunk = out[lo:hi]
         if not active:
             chunk.zero_()
             continue
+        acc = chunk if exact else _scratch(scratch, hi - lo, device)
         first, c0 = active[0]
-        if first.dtype == torch.float32:
-            torch.mul(first[lo:hi], c0, out=chunk)
+        src = first[lo:hi].to(device, non_blocking=True)
+        if src.dtype == torch.float32:
+            torch.mul(src, c0, out=acc)
         else:  # upcast before multiplying, so bf16/fp16 seeds are combined in float32
-            chunk.copy_(first[lo:hi])
-            chunk.mul_(c0)
-        for src, c in active[1:]:
-            chunk.add_(src[lo:hi], alpha=c)
+            acc.copy_(src)
+            acc.mul_(c0)
+        for other, c in active[1:]:
+            acc.add_(other[lo:hi].to(device, non_blocking=True), alpha=c)
+        if not exact:
+            chunk.copy_(acc)
+
+
+def _scratch(scratch: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
+    if scratch is None or scratch.numel() < n or scratch.device != device:
+        return torch.empty(n, dtype=torch.float32, device=device)
+    return scratch[:n]

@@ -206,7 +206,11 @@ class ColumnGenome:
                 and np.array_equal(self.coeffs, other.coeffs))
 
     def materialise(self, basis: Any, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The merged flat float32 vector from a `Basis` (memory-mapped checkpoints or in-memory seeds)."""
+        """The merged flat vector from a `Basis` (memory-mapped checkpoints or in-memory seeds).
+
+        Float32 by default; into a bf16/fp16 `out` each group is summed in float32 first (one
+        tensor's worth of scratch) and rounded once, so the seeds' dtype costs no precision.
+        """
         if basis.size != self.layout.size:
             raise ValueError(f"column genome covers {self.layout.size} parameters but the basis has {basis.size}")
         if basis.num_seeds != self.num_seeds:
@@ -218,7 +222,12 @@ class ColumnGenome:
         with torch.no_grad():
             for i, group in enumerate(self.layout.groups):
                 target = out[group.offset:group.stop].view(group.shape)
-                combine(group, coeffs[:, self.layout.coeff_slice(i)], group_views(basis, group), out=target)
+                acc = target if out.dtype == torch.float32 else torch.empty(group.shape, dtype=torch.float32,
+                                                                            device=out.device)
+                views = [v.to(out.device) for v in group_views(basis, group)]
+                combine(group, coeffs[:, self.layout.coeff_slice(i)].to(out.device), views, out=acc)
+                if acc is not target:
+                    target.copy_(acc)
         return out
 
     def materialise_dense(self, seeds: Sequence[np.ndarray]) -> np.ndarray:

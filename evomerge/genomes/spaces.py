@@ -121,7 +121,7 @@ class RecipeSpace:
         if basis.num_elements != self.num_elements:
             raise ValueError(f"basis has {basis.num_elements} elements but the Gram matrices cover "
                              f"{self.num_elements}; they must grow together")
-        index = basis.add_element(genome.materialise(basis))
+        index = basis.add_element(genome.materialise(basis, out=basis.new_buffer()))
         try:
             self.gram = self.gram.with_element(basis.values)
         except BaseException:
