@@ -148,12 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--quiet", action="store_true")
     compare.set_defaults(func=_compare)
 
-    from evomerge.fixtures import tiny_lm
+    from evomerge.fixtures import synthetic_llama, tiny_lm
 
     fixtures = sub.add_parser("fixtures", help="make small local artefacts (tiny models and their task data)")
     fixture_sub = fixtures.add_subparsers(dest="fixture", required=True)
     tiny = fixture_sub.add_parser("tiny-lm", help="train a tiny Llama base + add/rev experts on the CPU (~1.5-3 min)")
     tiny_lm.add_arguments(tiny).set_defaults(func=tiny_lm.run)
+    synth = fixture_sub.add_parser("synthetic-llama",
+                                   help="write a large synthetic Llama base + experts (sharded, bf16), no download")
+    synthetic_llama.add_arguments(synth).set_defaults(func=synthetic_llama.run)
 
     dash = sub.add_parser("dashboard", help="serve optuna-dashboard for a run")
     dash.add_argument("run", help="run folder, e.g. runs/digits-scratch")
