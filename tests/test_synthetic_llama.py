@@ -237,3 +237,13 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "--shard-size" in err and "2GiB" in err
+
+
+def test_other_dtypes_are_written_as_asked(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    folders = make_synthetic_llama(tmp_path / "fp16", experts=1, dtype="fp16", **SMALL)
+    for folder in folders.values():
+        assert _config(folder)["dtype"] == "float16"
+        assert {e.dtype for entries in _headers(folder).values() for e in entries.values()} == {"F16"}
+    assert AutoModelForCausalLM.from_pretrained(folders["expert_1"], local_files_only=True).dtype == torch.float16
