@@ -7,6 +7,7 @@ the per-datapoint score matrix, not on a single number.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,6 +28,21 @@ class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+@dataclass(frozen=True)
+class TaskContext:
+    """What the engine knows that a task's options do not: the seeds, and where the task runs.
+
+    A checkpoint task takes its architecture, tensor names and dtype from the seeds (their layout),
+    so it needs no weights of its own; a worker also says which GPU Ray gave it and how many cores.
+    """
+
+    seeds: tuple[str, ...] = ()
+    layout: Any = None  # evomerge.models.Layout of the seeds (names, shapes, dtypes, offsets)
+    num_cpus: float | None = None
+    num_gpus: float = 0.0
+    role: str = "worker"  # "worker" scores candidates; "population" and "driver" only read sizes
+
+
 class FitnessTask(ABC):
     """Subclass, set `Options` to a pydantic model, and register with `@TASKS.register(name)`."""
 
@@ -38,6 +54,11 @@ class FitnessTask(ABC):
         else:
             self.options = self.Options.model_validate(options or {})
         self.seed = seed
+        self.context = TaskContext(role="driver")
+
+    def attach(self, context: TaskContext) -> None:
+        """Called by the engine before any evaluation; a task that needs none of it ignores it."""
+        self.context = context
 
     @property
     @abstractmethod
@@ -71,5 +92,9 @@ class FitnessTask(ABC):
         raise NotImplementedError(f"fitness task {type(self).__name__} does not make its own seeds")
 
 
-def build_task(name: str, options: dict[str, Any], seed: int = 0) -> FitnessTask:
-    return TASKS.get(name)(options, seed=seed)
+def build_task(name: str, options: dict[str, Any], seed: int = 0,
+               context: TaskContext | None = None) -> FitnessTask:
+    task = TASKS.get(name)(options, seed=seed)
+    if context is not None:
+        task.attach(context)
+    return task

@@ -16,10 +16,9 @@ import numpy as np
 from fitness.lm_data import Example, resolve
 
 
-def load_causal_lm(path: str, trust_remote_code: bool = False):
-    """float32, eval mode, no grads, tokenizer padding on the left (generation appends on the right)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """Padding on the left (generation appends on the right); the EOS token pads when there is no pad."""
+    from transformers import AutoTokenizer
 
     folder = str(resolve(path, kind="dir"))
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -28,6 +27,16 @@ def load_causal_lm(path: str, trust_remote_code: bool = False):
         if tokenizer.eos_token_id is None:
             raise ValueError(f"{folder}: the tokenizer has neither a pad nor an eos token; batching needs one")
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(path: str, trust_remote_code: bool = False):
+    """float32, eval mode, no grads, with `load_tokenizer`'s tokenizer: the reference the tasks are tested against."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = str(resolve(path, kind="dir"))
+    tokenizer = load_tokenizer(folder, trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=trust_remote_code)
     model.eval()
     model.requires_grad_(False)

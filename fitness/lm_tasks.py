@@ -1,14 +1,15 @@
 """Causal-LM fitness tasks over prompt/answer JSONL: exact match by greedy generation, and answer likelihood.
 
-A candidate arrives as one flat float32 vector in the checkpoint layout of `evomerge.models`
-(every floating tensor of the checkpoint, in file order). The task builds the model once and, per
-evaluation, points every parameter at its slice of that vector: no weights are copied, and a
-worker can score thousands of merges with one model object.
+The architecture, tokenizer and chat template come from the first seed (or `fitness.options.model`);
+no weights are read. On first use the task builds a weightless skeleton and binds each parameter,
+by name, to a view of one flat buffer in the seeds' dtype on the worker's device (`fitness/lm_binding.py`).
+The worker materialises every candidate straight into that buffer, so the model's weights change in
+place; other inputs (a numpy vector, in tests and tools) are copied into it.
 
 Per-datapoint scores are 1/0, which is what M2N2's niches are built from. Listing several data
 files (one per skill) makes the fitness cover all skills, datapoints in file order.
 
-Non-finite candidates (NaN/inf anywhere in the vector) score 0 on every datapoint instead of
+Non-finite candidates (NaN/inf anywhere in the weights) score 0 on every datapoint instead of
 raising: a wild merge is a bad candidate, not a failed evaluation.
 """
 
@@ -24,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from evomerge.tasks import TASKS, FitnessTask
 from fitness.lm_data import Example, read_all, read_examples, resolve
 from fitness.lm_scoring import (
-    answer_likelihood_scores, exact_match_scores, load_causal_lm, normalize_answer, torch_threads,
+    answer_likelihood_scores, exact_match_scores, load_causal_lm, load_tokenizer, normalize_answer, torch_threads,
 )
 
 __all__ = [
@@ -59,19 +60,30 @@ def flat_params_of(path: str | Path) -> np.ndarray:
 class LMTaskOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="HF folder giving the architecture and tokenizer (e.g. models/tiny-lm/base)")
+    model: str | None = Field(
+        None, description="HF folder giving the architecture, tokenizer and chat template; default: the first "
+                          "seed. Its weights are never read")
     data: list[str] = Field(min_length=1, description="training JSONL files; scores are per line, files in order")
     test_data: list[str] = Field(default_factory=list, description="held-out JSONL files for test_score")
     max_new_tokens: int = Field(8, ge=1)
     batch_size: int = Field(64, ge=1)
     normalize: Literal["none", "strip", "lower"] = Field(
         "strip", description="answer normalisation before comparing: none, strip whitespace, or strip + lowercase")
+    chat_template: bool = Field(False, description="wrap each prompt as a user message in the tokenizer's chat "
+                                                   "template (instruct checkpoints)")
     trust_remote_code: bool = False
     limit: int | None = Field(None, ge=1, description="use only the first N lines of each file")
     include_eos: bool = Field(True, description="likelihood task: the answer must also be followed by EOS")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype the candidates are merged into and scored in; auto: the seeds' own")
+    device: str = Field("auto", description="auto (the worker's GPU when workers.num_gpus > 0, else the CPU), "
+                                            "cpu, cuda or cuda:N")
+    seeds_on: Literal["auto", "device", "host"] = Field(
+        "auto", description="on a GPU: keep the seeds resident on it (device), or in host memory and stream "
+                            "them (host); auto: device when the memory plan fits")
     threads: int | None = Field(
-        1, ge=1, description="torch threads while scoring (restored after); small models on shared cores "
-                             "run many times faster on 1 than on 2 contended threads; null leaves torch's setting")
+        None, ge=1, description="torch threads while scoring on the CPU (restored after); default: the worker's "
+                                "workers.num_cpus, or torch's own setting outside a worker")
 
 
 class _LMTask(FitnessTask):
@@ -80,32 +92,38 @@ class _LMTask(FitnessTask):
     def __init__(self, options: dict[str, Any] | BaseModel | None = None, seed: int = 0) -> None:
         super().__init__(options, seed=seed)
         opts: LMTaskOptions = self.options  # type: ignore[assignment]
-        self.model_dir = resolve(opts.model, kind="dir")
-        self.model, self.tokenizer = load_causal_lm(str(self.model_dir), opts.trust_remote_code)
-        self.layout = _layout_of(self.model_dir)
-        self._bind_plan = self._plan_binding()
+        self.model_dir = resolve(opts.model, kind="dir") if opts.model else None
         self.train_examples = read_all(opts.data, opts.limit)
         self.test_examples = read_all(opts.test_data, opts.limit) if opts.test_data else []
-        self._flat = None  # keeps the vector the parameters currently view alive
+        self._layout = None
+        self._model = None  # built on first use: the population actor and the driver never build one
+        self._tokenizer = None
+        self._flat = None  # the candidate buffer every parameter views
+        self._plan = None
 
-    def _plan_binding(self) -> list[tuple[Any, int, int, tuple[int, ...]]]:
-        """(parameter, offset, numel, shape) per layout tensor; every model parameter must be covered."""
-        params = dict(self.model.named_parameters(remove_duplicate=False))
-        plan, covered = [], set()
-        for spec in self.layout.tensors:
-            if spec.name not in params:
-                raise ValueError(f"checkpoint tensor {spec.name!r} is not a parameter of the "
-                                 f"{type(self.model).__name__} built from {self.model_dir}")
-            param = params[spec.name]
-            if tuple(param.shape) != tuple(spec.shape):
-                raise ValueError(f"{spec.name}: layout shape {tuple(spec.shape)} != model shape {tuple(param.shape)}")
-            plan.append((param, spec.offset, spec.numel, tuple(spec.shape)))
-            covered.add(id(param))
-        # Tied weights (lm_head = embedding) share one Parameter object, so covering one covers both.
-        missing = [n for n, p in params.items() if id(p) not in covered]
-        if missing:
-            raise ValueError(f"model parameters absent from the checkpoint layout: {missing[:5]}")
-        return plan
+    # -- what the engine tells us ------------------------------------------------------------
+    def attach(self, context) -> None:
+        if self._model is not None:
+            raise RuntimeError("attach the task before its first evaluation")
+        super().attach(context)
+        if context.layout is not None:
+            self._layout = context.layout
+        if self.model_dir is None and context.seeds:
+            self.model_dir = resolve(context.seeds[0], kind="dir")
+
+    @property
+    def source(self) -> Path:
+        if self.model_dir is None:
+            raise ValueError("fitness.options.model is not set and the search has no checkpoint seeds; set "
+                             "fitness.options.model to an HF folder (its config and tokenizer are used)")
+        return self.model_dir
+
+    @property
+    def layout(self):
+        """The seeds' layout when the engine attached one, else that of `model`'s own checkpoint."""
+        if self._layout is None:
+            self._layout = _layout_of(self.source)
+        return self._layout
 
     @property
     def dimension(self) -> int:
@@ -115,59 +133,116 @@ class _LMTask(FitnessTask):
     def num_datapoints(self) -> int:
         return len(self.train_examples)
 
-    def _bind(self, params: np.ndarray) -> bool:
-        """Point every parameter at its slice of `params`; False (nothing bound) if it is not finite."""
+    # -- the model, built once on first use ---------------------------------------------------
+    @property
+    def model(self):
+        self._ensure_model()
+        return self._model
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(str(self.source), self.options.trust_remote_code)
+        return self._tokenizer
+
+    @property
+    def device(self):
+        from evomerge.devices import resolve_device
+
+        return resolve_device(self.options.device, self.context.num_gpus)
+
+    @property
+    def dtype(self):
+        from evomerge.devices import majority_dtype, resolve_dtype
+
+        return resolve_dtype(self.options.dtype, majority_dtype((t.numel, t.dtype) for t in self.layout.tensors))
+
+    def candidate_buffer(self):
+        """The flat tensor the model's parameters view: materialise a candidate here, then evaluate it."""
+        self._ensure_model()
+        return self._flat
+
+    def _ensure_model(self) -> None:
+        if self._model is not None:
+            return
         import torch
 
-        arr = np.asarray(params)
-        if arr.ndim != 1 or arr.shape[0] != self.dimension:
-            raise ValueError(f"expected a flat vector of {self.dimension} parameters (the layout of "
-                             f"{self.model_dir}), got shape {arr.shape}")
-        if not np.isfinite(arr).all():
+        from fitness.lm_binding import bind, build_skeleton, move_buffers, plan_binding
+
+        device, dtype = self.device, self.dtype
+        model = build_skeleton(self.source, dtype, self.options.trust_remote_code)
+        plan = plan_binding(model, self.layout, str(self.source))
+        flat = torch.zeros(self.layout.size, dtype=dtype, device=device)
+        move_buffers(model, device)
+        bind(plan, flat)
+        self._model, self._plan, self._flat = model, plan, flat
+
+    def _threads(self) -> int | None:
+        if self.options.threads is not None:
+            return self.options.threads
+        cpus = self.context.num_cpus
+        return max(1, int(cpus)) if cpus and self._flat is not None and self._flat.device.type == "cpu" else None
+
+    def _bind(self, params) -> bool:
+        """Make the model's weights `params`; False (scores of 0) if they are not all finite."""
+        import torch
+
+        from fitness.lm_binding import all_finite, copy_buffers
+
+        self._ensure_model()
+        flat = self._flat
+        if params is not flat:
+            if isinstance(params, torch.Tensor):
+                src = params.detach().reshape(-1) if params.dim() == 1 else params
+            else:
+                arr = np.asarray(params)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)  # read-only arrays (Ray, mmap): only read
+                    src = torch.from_numpy(arr if arr.dtype != np.float64 else arr.astype(np.float32))
+            if src.dim() != 1 or src.shape[0] != self.dimension:
+                raise ValueError(f"expected a flat vector of {self.dimension} parameters (the seeds' layout), "
+                                 f"got shape {tuple(src.shape)}")
+            flat.copy_(src)
+        if not all_finite(flat):
             return False
-        # float32 contiguous input (the normal case) is used as is; anything else costs one copy.
-        arr = np.ascontiguousarray(arr, dtype=np.float32)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # read-only arrays (Ray, mmap): we never write
-            flat = torch.from_numpy(arr)
-        for param, offset, numel, shape in self._bind_plan:
-            param.data = flat[offset:offset + numel].view(shape)
-        self._flat = arr
+        copy_buffers(self._plan, flat)
         return True
 
     def _scores(self, examples: list[Example]) -> np.ndarray:
         raise NotImplementedError
 
-    def evaluate(self, params: np.ndarray) -> np.ndarray:
+    def evaluate(self, params) -> np.ndarray:
         if not self._bind(params):
             return self._nonfinite(len(self.train_examples))
-        with torch_threads(self.options.threads):
+        with torch_threads(self._threads()):
             return self._scores(self.train_examples)
 
-    def test_score(self, params: np.ndarray) -> float | None:
+    def test_score(self, params) -> float | None:
         if not self.test_examples:
             return None
         if not self._bind(params):
             self._nonfinite(len(self.test_examples))
             return 0.0
-        with torch_threads(self.options.threads):
+        with torch_threads(self._threads()):
             return float(self._scores(self.test_examples).mean())
 
     def _nonfinite(self, n: int) -> np.ndarray:
         return np.zeros(n, dtype=np.float32)
 
     def export(self, params: np.ndarray, out_dir: Path) -> list[Path]:
-        """A HF folder (config and tokenizer of `model`, these weights) that `from_pretrained` opens."""
+        """A HF folder (config and tokenizer of the source folder, these weights by name) that `from_pretrained` opens."""
         import torch
+
+        from evomerge.models import save_model_folder
+        from evomerge.models.save import HF_NAMES
 
         arr = np.ascontiguousarray(params, dtype=np.float32)
         if arr.shape != (self.dimension,):
             raise ValueError(f"expected {self.dimension} parameters, got shape {arr.shape}")
-        tensors = {spec.name: torch.from_numpy(arr[spec.offset:spec.offset + spec.numel].reshape(spec.shape).copy())
+        flat = torch.from_numpy(arr)
+        tensors = {spec.name: flat[spec.offset:spec.offset + spec.numel].view(spec.shape)
                    for spec in self.layout.tensors}
-        from evomerge.models import save_model_folder
-
-        out = save_model_folder(tensors, Path(out_dir), source=self.model_dir)
+        out = save_model_folder(tensors, Path(out_dir), source=self.source, dtype=HF_NAMES[self.dtype])
         return sorted(p for p in Path(out).iterdir() if p.is_file())
 
 
@@ -183,7 +258,7 @@ class LMExactMatchTask(_LMTask):
         o: LMTaskOptions = self.options  # type: ignore[assignment]
         scores, self.last_answers = exact_match_scores(self.model, self.tokenizer, examples,
                                                        max_new_tokens=o.max_new_tokens, batch_size=o.batch_size,
-                                                       normalize=o.normalize)
+                                                       normalize=o.normalize, chat_template=o.chat_template)
         return scores
 
     def _nonfinite(self, n: int) -> np.ndarray:
@@ -202,7 +277,8 @@ class LMAnswerLikelihoodTask(_LMTask):
     def _scores(self, examples: list[Example]) -> np.ndarray:
         o: LMTaskOptions = self.options  # type: ignore[assignment]
         hits, self.last_logprobs = answer_likelihood_scores(self.model, self.tokenizer, examples,
-                                                            batch_size=o.batch_size, include_eos=o.include_eos)
+                                                            batch_size=o.batch_size, include_eos=o.include_eos,
+                                                            chat_template=o.chat_template)
         return hits
 
     def _nonfinite(self, n: int) -> np.ndarray:

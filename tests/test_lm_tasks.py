@@ -178,20 +178,23 @@ def test_flat_params_equal_direct_load(tiny):
         np.testing.assert_allclose(lps, want_lps, rtol=1e-6, atol=1e-6)
 
 
-def test_parameters_are_views_into_the_flat_vector(tiny):
+def test_parameters_are_views_into_the_candidate_buffer(tiny):
     task = LMAnswerLikelihoodTask(_options(tiny))
     flat_a = flat_params_of(tiny / "models" / "expert_add")
     flat_b = flat_params_of(tiny / "models" / "expert_rev")
+    buffer = task.candidate_buffer()
     model_id = id(task.model)
     _, lp_a = task.evaluate_detailed(flat_a)
     for spec in task.layout.tensors:
         param = task.model.get_parameter(spec.name)
-        assert param.data_ptr() == flat_a.ctypes.data + 4 * spec.offset, spec.name  # no copy
-    _, lp_b = task.evaluate_detailed(flat_b)
+        assert param.data_ptr() == buffer.data_ptr() + 4 * spec.offset, spec.name  # a view, by name
+    # Writing a candidate into the buffer is what changes the model: no rebinding, no copy.
+    buffer.copy_(torch.from_numpy(flat_b))
+    _, lp_b = task.evaluate_detailed(buffer)
     assert id(task.model) == model_id and not np.allclose(lp_a, lp_b)
     _, lp_a_again = task.evaluate_detailed(flat_a)
     np.testing.assert_array_equal(lp_a, lp_a_again)
-    # Read-only input (as Ray hands arrays to workers) is used as is, without a warning.
+    # Read-only input (as Ray hands arrays to workers) is copied in, without a warning.
     frozen = flat_b.copy()
     frozen.setflags(write=False)
     _, lp_frozen = task.evaluate_detailed(frozen)

@@ -13,16 +13,19 @@ from evomerge.engine.population import EvalRecord, Population
 from evomerge.engine.worker import FitnessWorker
 from evomerge.strategies import build_strategy
 from evomerge.strategies.base import Problem
-from evomerge.engine.basis_spec import build_basis, genome_kind
+from evomerge.engine.basis_spec import build_basis, genome_kind, task_context
 from evomerge.errors import ConfigError
 from evomerge.genomes.spaces import RecipeSpace
 from evomerge.tasks import build_task
 
 
 def build_problem(config: SearchConfig) -> Problem:
-    """Describe the search space; the task is loaded here only to learn sizes and make seeds."""
+    """Describe the search space. The task is built only to learn sizes and make seeds: a checkpoint
+    task reads its dimension from the seeds' layout and its datapoints from its data files, and
+    builds no model here."""
     task = build_task(config.fitness.task, config.fitness.options, seed=config.seed)
     basis = build_basis(config, task)
+    task.attach(task_context(config, basis, "population"))
     if basis is not None and basis.size != task.dimension:
         raise ConfigError(f"the seeds have {basis.size} parameters but fitness task {config.fitness.task!r} "
                           f"reads {task.dimension}; point the task at the same architecture as the seeds")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 
+from typing import Any
+
 from evomerge.config import SearchConfig
 from evomerge.genomes.basis import Basis, Piece
-from evomerge.tasks import FitnessTask, build_task
+from evomerge.tasks import FitnessTask, TaskContext, build_task
 
 
 def genome_kind(config: SearchConfig) -> str:
@@ -40,3 +42,21 @@ def checkpoint_basis(paths: list[str], allow_pickle: bool = False) -> Basis:
     basis.checkpoints = checkpoints  # type: ignore[attr-defined]
     return basis
 
+
+
+def seeds_layout(paths: list[str], allow_pickle: bool = False) -> Any:
+    """The seeds' layout from their headers alone (nothing is read or checked: the driver did that)."""
+    from evomerge.models import build_layout, open_checkpoint
+
+    with open_checkpoint(paths[0], allow_pickle=allow_pickle) as ckpt:
+        return build_layout(ckpt)
+
+
+def task_context(config: SearchConfig, basis: Basis | None, role: str) -> TaskContext:
+    """What a task is told in each process: the seeds it is bound to (by name) and the worker's resources."""
+    seeds = tuple(config.seeds) if isinstance(config.seeds, list) else ()
+    layout = getattr(basis, "layout", None)
+    if layout is None and seeds:
+        layout = seeds_layout(list(seeds), config.allow_pickle)
+    return TaskContext(seeds=seeds, layout=layout, num_cpus=config.workers.num_cpus,
+                       num_gpus=config.workers.num_gpus if role == "worker" else 0.0, role=role)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from evomerge.config import SearchConfig
-from evomerge.engine.basis_spec import build_basis, genome_kind
+from evomerge.engine.basis_spec import build_basis, genome_kind, task_context
 from evomerge.engine.timeouts import Alarm, EvaluationTimeout
 from evomerge.genomes.columns import ColumnGenome
 from evomerge.genomes.layerwise import LayerwiseGenome
@@ -33,6 +33,8 @@ class FitnessWorker:
         self.task: FitnessTask = build_task(config.fitness.task, config.fitness.options,
                                             seed=config.seed * 1000 + index)
         self.basis = build_basis(config, self.task) if genome_kind(config) == "recipe" else None
+        self.task.attach(task_context(config, self.basis, "worker"))
+        self._seeds_on = config.fitness.options.get("seeds_on", "auto")
         self._buffer: torch.Tensor | None = None
         self.parents = ParentCache()  # archive members sent to this worker, to breed children from
         self.timeout = config.workers.timeout_seconds
@@ -96,12 +98,32 @@ class FitnessWorker:
         if isinstance(genome, (Recipe, ColumnGenome, LayerwiseGenome)):
             if self.basis is None:
                 raise ValueError("received a merge genome but this search has no seeds")
-            if self._buffer is None:
-                self._buffer = torch.empty(self.basis.size, dtype=torch.float32)
+            bound = self._candidate_buffer()
             if isinstance(genome, Recipe):
-                return self.basis.materialise(genome, out=self._buffer).numpy()
-            return genome.materialise(self.basis, out=self._buffer).numpy()
+                out = self.basis.materialise(genome, out=bound)
+            else:
+                out = genome.materialise(self.basis, out=bound)
+            # A task that owns a bound buffer scores it in place; others read a float32 vector.
+            return out if hasattr(self.task, "candidate_buffer") else out.numpy()
         return np.asarray(genome)
+
+    def _candidate_buffer(self) -> torch.Tensor:
+        """The task's own bound buffer (its model's weights view it), else a reused float32 vector."""
+        if self._buffer is None:
+            getter = getattr(self.task, "candidate_buffer", None)
+            self._buffer = getter() if getter is not None else torch.empty(self.basis.size, dtype=torch.float32)
+            if self._buffer.device.type != "cpu" and self.basis is not None:
+                self._place_seeds(self._buffer.device)
+        return self._buffer
+
+    def _place_seeds(self, device: torch.device) -> None:
+        """On a GPU: the seeds resident in device memory when they fit (else pinned host, streamed)."""
+        from evomerge.devices import resolve_seeds_on
+
+        need = self.basis.seed_bytes() * 1.05 + (256 << 20)
+        free, _ = torch.cuda.mem_get_info(device)
+        where = resolve_seeds_on(self._seeds_on, device, fits_on_device=need < free)
+        self.basis.place(device if where == "device" else None)
 
     def evaluate_one(self, member_id: int, genome: Any) -> Evaluation:
         start = time.perf_counter()

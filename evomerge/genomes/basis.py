@@ -58,6 +58,22 @@ class Basis:
         """An uninitialised flat vector in the seeds' dtype: what a merge is materialised into."""
         return torch.empty(self.size, dtype=self.dtype, device=device)
 
+    def seed_bytes(self) -> int:
+        """Bytes of all seeds as stored (K models of F each for checkpoint seeds)."""
+        return sum(v.numel() * v.element_size() for piece in self.pieces for v in piece.views)
+
+    def place(self, device: str | torch.device | None) -> None:
+        """Seeds resident on `device` (a GPU: materialising reads them at device bandwidth), or, with
+        None, copied into pinned host memory so that chunks stream to a GPU buffer asynchronously.
+
+        Replaces each view tensor by tensor, so the peak is the placed seeds plus one tensor.
+        """
+        for piece in self.pieces:
+            if device is None:
+                piece.views = [v if v.is_pinned() else v.pin_memory() for v in piece.views]
+            else:
+                piece.views = [v.to(device) for v in piece.views]
+
     @property
     def num_elements(self) -> int:
         return self.num_seeds + len(self.extra)
