@@ -10,7 +10,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
 from evomerge.config import SearchConfig
-from evomerge.engine.basis_spec import build_basis
+from evomerge.engine.basis_spec import build_basis, task_context
 from evomerge.errors import EvomergeError
 from evomerge.genomes.columns import unpack_columns
 from evomerge.genomes.layerwise import unpack_layerwise
@@ -30,7 +30,8 @@ def export_best(run_dir: Path, out_dir: Path) -> list[Path]:
     except (SafetensorError, OSError) as exc:
         raise EvomergeError(f"{best_path} is unreadable ({exc}); re-run `evomerge resume {run_dir}` to rewrite it")
     config = SearchConfig.model_validate(json.loads(config_path.read_text()))
-    task = build_task(config.fitness.task, config.fitness.options, seed=config.seed)
+    task = build_task(config.fitness.task, config.fitness.options, seed=config.seed,
+                      context=task_context(config, None, "driver"))
     params = best_params(arrays, config, task, str(best_path))
     written = task.export(params, out_dir)
     meta = {"source_run": str(run_dir), **json.loads((run_dir / "best.json").read_text())}
@@ -48,7 +49,7 @@ def best_params(arrays: dict[str, np.ndarray], config: SearchConfig, task: Fitne
         kind, genome = "column genome", unpack_columns(arrays, "columns")[0]
     else:
         kind, genome = "recipe", unpack_recipes(arrays, "recipe")[0]
-    basis = build_basis(config, task)
+    basis = build_basis(config, task, check_finite=False)  # the search checked the seeds
     if basis is None or genome is None:
         raise EvomergeError(f"{source} holds a {kind} but the run has no seeds to materialise it from")
     if isinstance(genome, Recipe):

@@ -209,3 +209,27 @@ def test_on_a_gpu_the_buffer_model_and_scores_are_on_the_device(made):
     cpu = checkpoint_basis(seeds).materialise(recipe, out=torch.empty(basis.size, dtype=torch.bfloat16))
     assert torch.equal(buffer.cpu(), cpu)
     assert np.isfinite(lps).all()
+
+
+def test_the_population_actor_builds_no_model(made, monkeypatch):
+    """The actor's own constructor, run in-process: sizes come from the layout and the data files."""
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.config import config_from_dict
+    from evomerge.engine.actors import PopulationActor
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the population actor loaded a model")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+    builds = lm_binding.SKELETON_BUILDS
+    config = config_from_dict({
+        "name": "pop", "seed": 0, "seeds": [str(made["expert_1"]), str(made["expert_2"])],
+        "fitness": {"task": "lm_answer_likelihood", "options": {"data": [str(made["data"])]}},
+        "strategy": {"name": "m2n2", "options": {"mutation_sigma": 0.0}}, "budget": {"evaluations": 4},
+    })
+    actor = PopulationActor(config.model_dump(mode="json"), [])
+    problem = actor.population.strategy.problem
+    assert problem.dimension == checkpoint_basis(list(config.seeds)).size
+    assert problem.num_datapoints == len(PROMPTS)
+    assert lm_binding.SKELETON_BUILDS == builds and problem.task._model is None

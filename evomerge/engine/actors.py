@@ -15,23 +15,27 @@ from evomerge.strategies import build_strategy
 from evomerge.strategies.base import Problem
 from evomerge.engine.basis_spec import build_basis, genome_kind, task_context
 from evomerge.errors import ConfigError
+from evomerge.genomes.recipe import PrefixGram
 from evomerge.genomes.spaces import RecipeSpace
 from evomerge.tasks import build_task
 
 
-def build_problem(config: SearchConfig) -> Problem:
+def build_problem(config: SearchConfig, gram: PrefixGram | None = None, seeds_checked: bool = False) -> Problem:
     """Describe the search space. The task is built only to learn sizes and make seeds: a checkpoint
     task reads its dimension from the seeds' layout and its datapoints from its data files, and
-    builds no model here."""
+    builds no model here. `gram` is the seeds' prefix Gram when the driver has it (cached in the
+    run folder); `seeds_checked` when the driver already ran the finite check."""
     task = build_task(config.fitness.task, config.fitness.options, seed=config.seed)
-    basis = build_basis(config, task)
+    basis = build_basis(config, task, check_finite=not seeds_checked)
     task.attach(task_context(config, basis, "population"))
     if basis is not None and basis.size != task.dimension:
         raise ConfigError(f"the seeds have {basis.size} parameters but fitness task {config.fitness.task!r} "
                           f"reads {task.dimension}; point the task at the same architecture as the seeds")
     if genome_kind(config) == "recipe":
         assert basis is not None
-        space = RecipeSpace(basis.prefix_gram(config.genome.max_boundaries), basis)
+        if gram is None or gram.size != basis.size or gram.num_seeds != basis.num_seeds:
+            gram = basis.prefix_gram(config.genome.max_boundaries)
+        space = RecipeSpace(gram, basis)
         problem = Problem(dimension=task.dimension, num_datapoints=task.num_datapoints, space=space)
     else:
         initial = [] if basis is None else [basis.values(0, basis.size)[k].astype(np.float32)
@@ -47,7 +51,7 @@ def build_population(config: SearchConfig, problem: Problem | None = None) -> Po
     return Population(strategy, config.budget.evaluations)
 
 
-def start_workers(config: SearchConfig) -> list[Any]:
+def start_workers(config: SearchConfig, seeds_checked: bool = False) -> list[Any]:
     spec = config.workers
     # Ray restarts a dead worker without limit; the dispatcher decides when one is hopeless
     # (workers.max_restarts deaths in a row) and re-sends its children itself, so that a child
@@ -56,13 +60,14 @@ def start_workers(config: SearchConfig) -> list[Any]:
         num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, max_restarts=-1, max_task_retries=0,
     )
     config_json = config.model_dump(mode="json")
-    return [actor.remote(config_json, i) for i in range(spec.count)]
+    return [actor.remote(config_json, i, seeds_checked) for i in range(spec.count)]
 
 
 class PopulationActor:
-    def __init__(self, config_json: dict[str, Any], workers: list[Any]) -> None:
+    def __init__(self, config_json: dict[str, Any], workers: list[Any], gram: PrefixGram | None = None,
+                 seeds_checked: bool = False) -> None:
         config = SearchConfig.model_validate(config_json)
-        problem = build_problem(config)
+        problem = build_problem(config, gram, seeds_checked)
         problem.background = not config.sync  # see Problem.background
         self.population = build_population(config, problem)
         # Workers breed dense children from their lineage: see evomerge/genomes/offspring.py.

@@ -16,7 +16,7 @@ def genome_kind(config: SearchConfig) -> str:
     return "recipe" if isinstance(config.seeds, list) and config.seeds else "dense"
 
 
-def build_basis(config: SearchConfig, task: FitnessTask) -> Basis | None:
+def build_basis(config: SearchConfig, task: FitnessTask, check_finite: bool = True) -> Basis | None:
     """None for a from-scratch search; task-made seeds in memory; checkpoints memory-mapped.
 
     Task seeds are always made with the search's seed: a worker's own task instance is seeded
@@ -28,13 +28,14 @@ def build_basis(config: SearchConfig, task: FitnessTask) -> Basis | None:
         return Basis.from_arrays(task.make_seeds())
     if not config.seeds:
         return None
-    return checkpoint_basis(config.seeds, allow_pickle=config.allow_pickle)
+    return checkpoint_basis(config.seeds, allow_pickle=config.allow_pickle, check_finite=check_finite)
 
 
-def checkpoint_basis(paths: list[str], allow_pickle: bool = False) -> Basis:
+def checkpoint_basis(paths: list[str], allow_pickle: bool = False, check_finite: bool = True) -> Basis:
+    """The seeds memory-mapped; `check_finite=False` where the driver already checked them (workers, export)."""
     from evomerge.models import open_seeds
 
-    checkpoints, layout = open_seeds(paths, allow_pickle=allow_pickle)
+    checkpoints, layout = open_seeds(paths, allow_pickle=allow_pickle, check_finite=check_finite)
     pieces = [Piece(spec.offset, spec.offset + spec.numel, [c.view(spec.name).reshape(-1) for c in checkpoints])
               for spec in layout.tensors]
     basis = Basis(pieces, layout.size, len(checkpoints))

@@ -21,6 +21,7 @@ from evomerge import snapshots
 from evomerge.config import SearchConfig, config_from_dict
 from evomerge.engine import raysession
 from evomerge.engine.actors import RemotePopulation, start_workers
+from evomerge.engine.seed_cache import prepare_seeds
 from evomerge.engine.population import EvalRecord
 from evomerge.engine.interrupts import Interrupted, InterruptGuard
 from evomerge.engine.results import finish_run
@@ -113,6 +114,8 @@ def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "
 
 def _execute(config: SearchConfig, options: SearchOptions, restore: _Restore | None) -> dict[str, Any]:
     out_dir = Path(options.out_dir)
+    # Before Ray starts: a broken seed is refused in seconds, and the Gram is read from the cache.
+    gram, checked = prepare_seeds(config, out_dir)
     started_ray = raysession.connect(config, options.address)
     url = storage_url(config.optuna.storage, out_dir)
     study_name = config.optuna.study_name or config.name
@@ -122,8 +125,8 @@ def _execute(config: SearchConfig, options: SearchOptions, restore: _Restore | N
             "config_hash": config.hash(), "strategy": config.strategy.name, "fitness": config.fitness.task})
     else:
         recorder = TrialRecorder(storage, study_name, create=False)
-    workers = start_workers(config)
-    population = RemotePopulation.remote(config.model_dump(mode="json"), workers)
+    workers = start_workers(config, seeds_checked=checked)
+    population = RemotePopulation.remote(config.model_dump(mode="json"), workers, gram, checked)
     previous_seconds = 0.0
     if restore is not None:
         ray.get(population.load_state_dict.remote(restore.meta["population"], restore.arrays))

@@ -26,13 +26,15 @@ from evomerge.tasks import FitnessTask, build_task
 
 
 class FitnessWorker:
-    def __init__(self, config_json: dict[str, Any], index: int = 0) -> None:
+    def __init__(self, config_json: dict[str, Any], index: int = 0, seeds_checked: bool = False) -> None:
         config = SearchConfig.model_validate(config_json)
         self.index = index
         # Per-worker seeding: reproducible, yet no two workers share a random stream.
         self.task: FitnessTask = build_task(config.fitness.task, config.fitness.options,
                                             seed=config.seed * 1000 + index)
-        self.basis = build_basis(config, self.task) if genome_kind(config) == "recipe" else None
+        # The driver checks the seeds once per search; a worker (and its restarts) reads none of them.
+        self.basis = (build_basis(config, self.task, check_finite=not seeds_checked)
+                      if genome_kind(config) == "recipe" else None)
         self.task.attach(task_context(config, self.basis, "worker"))
         self._seeds_on = config.fitness.options.get("seeds_on", "auto")
         self._buffer: torch.Tensor | None = None
