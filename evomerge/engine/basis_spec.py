@@ -29,10 +29,12 @@ def build_basis(config: SearchConfig, task: FitnessTask) -> Basis | None:
     return checkpoint_basis(config.seeds, allow_pickle=config.allow_pickle)
 
 
-def checkpoint_basis(paths: list[str], allow_pickle: bool = False) -> Basis:
+def checkpoint_basis(paths: list[str], allow_pickle: bool = False, check_finite: bool = True) -> Basis:
+    """The seeds memory-mapped, as one basis; `check_finite=False` skips the NaN/inf scan (a full read
+    of every seed), for callers whose seeds a search already checked (export)."""
     from evomerge.models import open_seeds
 
-    checkpoints, layout = open_seeds(paths, allow_pickle=allow_pickle)
+    checkpoints, layout = open_seeds(paths, allow_pickle=allow_pickle, check_finite=check_finite)
     pieces = [Piece(spec.offset, spec.offset + spec.numel, [c.view(spec.name).reshape(-1) for c in checkpoints])
               for spec in layout.tensors]
     basis = Basis(pieces, layout.size, len(checkpoints))
