@@ -59,7 +59,7 @@ def _recipe(seed: Path) -> Recipe:
     return Recipe(np.array([0, split, layout.size], dtype=np.int64), COEFFS.copy())
 
 
-def _run(folder: Path, seed_paths: list[Path], base: Path, recipe: Recipe, **options) -> Path:
+def _run(folder: Path, seed_paths: list[Path], base: Path, recipe, **options) -> Path:
     """A run folder as a finished search leaves it (config.json, best.safetensors, best.json)."""
     folder.mkdir(parents=True)
     config = SearchConfig.model_validate({
@@ -268,3 +268,32 @@ def test_non_floating_tensors_come_from_the_first_seed(seeds, tmp_path, monkeypa
     export_best(run, tmp_path / "out")
     got = _weights(tmp_path / "out")["extra.position_ids"]
     assert got.dtype == torch.int64 and torch.equal(got, torch.arange(5))
+
+
+def test_export_progress_bar_counts_merge_and_write(exported, tmp_path, monkeypatch, capsys):
+    run, _, _ = exported
+    _no_task(monkeypatch)
+    export_best(run, tmp_path / "out", progress=True)
+    err = capsys.readouterr().err
+    assert "export: merging" in err and "export: writing" in err
+
+
+def test_layerwise_ties_genome_exports_what_it_materialises(seeds, tmp_path, monkeypatch):
+    """A non-linear genome: materialised into the one bf16 buffer; tensors of another dtype are cast back."""
+    from evomerge.genomes.layerwise import LayerwiseGenome
+
+    experts = [seeds["expert_1"], seeds["expert_2"]]
+    split = _recipe(experts[0]).breaks
+    genome = LayerwiseGenome("ties", weights=np.array([[1.0, 0.6], [1.0, 0.9]]),
+                             densities=np.array([[1.0, 0.5], [1.0, 0.7]]), base=0, boundaries=split)
+    run = _run(tmp_path / "run", experts, seeds["base"], genome)
+    _no_task(monkeypatch)
+    export_best(run, tmp_path / "out")
+    basis = checkpoint_basis([str(p) for p in experts])
+    want = genome.materialise(basis, out=basis.new_buffer())
+    written = _weights(tmp_path / "out")
+    assert set(written) == set(basis.layout.names())
+    for spec in basis.layout.tensors:
+        got = written[spec.name]
+        assert got.dtype == (torch.float32 if spec.dtype == "F32" else torch.bfloat16), spec.name
+        assert torch.equal(got, want[spec.offset:spec.end].view(spec.shape).to(got.dtype)), spec.name
