@@ -66,7 +66,7 @@ def _print_outcome(summary: dict[str, Any], out_dir: Path) -> None:
 def _export(args: argparse.Namespace) -> int:
     from evomerge.export import export_best
 
-    for path in export_best(Path(args.run), Path(args.out)):
+    for path in export_best(Path(args.run), Path(args.out), dtype=args.dtype, progress=sys.stderr.isatty()):
         print(f"wrote {path}")
     return 0
 
@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write a run's best member in its loadable form")
     export.add_argument("run", help="run folder")
     export.add_argument("out", help="output folder")
+    export.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                        help="dtype of the written weights; auto (default): as the seeds are")
     export.set_defaults(func=_export)
 
     merge = sub.add_parser("merge", help="one-shot static merge from a mergekit-style YAML")

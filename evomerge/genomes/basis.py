@@ -131,25 +131,41 @@ class Basis:
         if out.dim() != 1 or out.numel() != self.size or not out.is_floating_point():
             raise ValueError(f"materialise needs a flat floating buffer of {self.size} values, "
                              f"got {tuple(out.shape)} {out.dtype}")
-        scratch = None if out.dtype == torch.float32 else torch.empty(min(CHUNK, self.size), dtype=torch.float32,
-                                                                        device=out.device)
+        return self.materialise_span(recipe, 0, self.size, out)
+
+    def materialise_span(self, recipe: Recipe, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """Weights of `recipe` on [start, stop) of the flat layout, into `out` (stop - start values).
+
+        Bit for bit the same values `materialise` writes there; lets a caller fill one tensor at a
+        time (an export's progress), or fill a tensor of another dtype than the seeds' on its own.
+        """
+        if not 0 <= start <= stop <= self.size:
+            raise ValueError(f"span [{start}, {stop}) is outside the basis of {self.size} values")
+        if out.dim() != 1 or out.numel() != stop - start or not out.is_floating_point():
+            raise ValueError(f"materialise_span needs a flat floating buffer of {stop - start} values, "
+                             f"got {tuple(out.shape)} {out.dtype}")
         breaks, coeffs = recipe.breaks, recipe.coeffs
         if int(breaks[-1]) != self.size:
             raise ValueError(f"recipe covers {int(breaks[-1])} parameters but the basis has {self.size}")
         if coeffs.shape[1] > self.num_elements:
             raise ValueError(f"recipe uses {coeffs.shape[1]} basis elements but this basis has "
                              f"{self.num_elements}; the added elements were not sent here")
-        for piece in self.pieces:
-            seg = int(np.searchsorted(breaks, piece.start, side="right")) - 1
-            position = piece.start
+        scratch = None if out.dtype == torch.float32 else torch.empty(min(CHUNK, max(stop - start, 1)),
+                                                                        dtype=torch.float32, device=out.device)
+        i = max(int(np.searchsorted(self._starts, start, side="right")) - 1, 0)
+        while i < len(self.pieces) and self.pieces[i].start < stop:
+            piece = self.pieces[i]
+            lo_p, hi_p = max(start, piece.start), min(stop, piece.stop)
+            seg = int(np.searchsorted(breaks, lo_p, side="right")) - 1
+            position = lo_p
             views = self._element_views(piece)
-            while position < piece.stop:
-                end = min(int(breaks[seg + 1]), piece.stop)
+            while position < hi_p:
+                end = min(int(breaks[seg + 1]), hi_p)
                 lo, hi = position - piece.start, end - piece.start
-                _combine(out[position:end], [v[lo:hi] for v in views], coeffs[seg], scratch)
+                _combine(out[position - start:end - start], [v[lo:hi] for v in views], coeffs[seg], scratch)
                 position, seg = end, seg + 1
+            i += 1
         return out
-
 
 def _combine(out: torch.Tensor, sources: list[torch.Tensor], row: np.ndarray,
              scratch: torch.Tensor | None = None) -> None:

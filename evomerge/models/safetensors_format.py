@@ -13,7 +13,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 
@@ -116,12 +116,14 @@ def stored_nbytes(t: torch.Tensor, cast: torch.dtype | None = None) -> int:
 
 
 def write_file(path: Path, tensors: Iterable[tuple[str, torch.Tensor]],
-               metadata: Mapping[str, str] | None = None, cast: torch.dtype | None = None) -> int:
+               metadata: Mapping[str, str] | None = None, cast: torch.dtype | None = None,
+               progress: Callable[[int], None] | None = None) -> int:
     """Stream tensors into one safetensors file and fsync it; returns the data size in bytes.
 
     Casting happens one tensor at a time while writing, so peak memory is one tensor, not a model.
     Tensors go in descending element size, then name, so every tensor is naturally aligned
-    after the 8-byte-padded header (the order the reference writer uses too).
+    after the 8-byte-padded header (the order the reference writer uses too). `progress(nbytes)`
+    is called after each tensor is written.
     """
     def size(t: torch.Tensor) -> int:
         return torch.empty((), dtype=stored_dtype(t, cast)).element_size()
@@ -143,6 +145,8 @@ def write_file(path: Path, tensors: Iterable[tuple[str, torch.Tensor]],
             if t.numel():
                 t = t.detach().to("cpu", stored_dtype(t, cast)).contiguous().reshape(-1)
                 f.write(t.view(torch.uint8).numpy().data)
+                if progress is not None:
+                    progress(t.numel() * t.element_size())
         f.flush()
         os.fsync(f.fileno())
     return offset
