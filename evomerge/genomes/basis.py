@@ -16,6 +16,9 @@ import torch
 from evomerge.genomes.recipe import PrefixGram, Recipe, default_grid
 
 CHUNK = 1 << 20  # elements per fused step: large enough that per-op overhead vanishes (measured)
+# On a GPU each step is a few kernel launches; 16M elements (64 MB of float32 scratch) keep
+# launches to a few hundred per 7B merge, where 1M-element steps would cost thousands.
+DEVICE_CHUNK = 1 << 24
 
 
 @dataclass
@@ -150,7 +153,8 @@ class Basis:
         if coeffs.shape[1] > self.num_elements:
             raise ValueError(f"recipe uses {coeffs.shape[1]} basis elements but this basis has "
                              f"{self.num_elements}; the added elements were not sent here")
-        scratch = None if out.dtype == torch.float32 else torch.empty(min(CHUNK, max(stop - start, 1)),
+        step = DEVICE_CHUNK if out.device.type == "cuda" else CHUNK
+        scratch = None if out.dtype == torch.float32 else torch.empty(min(step, max(stop - start, 1)),
                                                                         dtype=torch.float32, device=out.device)
         i = max(int(np.searchsorted(self._starts, start, side="right")) - 1, 0)
         while i < len(self.pieces) and self.pieces[i].start < stop:
@@ -162,13 +166,14 @@ class Basis:
             while position < hi_p:
                 end = min(int(breaks[seg + 1]), hi_p)
                 lo, hi = position - piece.start, end - piece.start
-                _combine(out[position - start:end - start], [v[lo:hi] for v in views], coeffs[seg], scratch)
+                _combine(out[position - start:end - start], [v[lo:hi] for v in views], coeffs[seg], scratch, step)
                 position, seg = end, seg + 1
             i += 1
         return out
 
+
 def _combine(out: torch.Tensor, sources: list[torch.Tensor], row: np.ndarray,
-             scratch: torch.Tensor | None = None) -> None:
+             scratch: torch.Tensor | None = None, step: int = CHUNK) -> None:
     """out = sum_k row[k] * sources[k], a chunk at a time, accumulated in float32.
 
     `out` may be bf16/fp16 (the seeds' dtype: then each chunk is summed in `scratch`, float32, and
@@ -183,8 +188,8 @@ def _combine(out: torch.Tensor, sources: list[torch.Tensor], row: np.ndarray,
     if len(active) == 1 and active[0][1] == 1.0 and active[0][0].dtype == out.dtype:
         out.copy_(active[0][0], non_blocking=True)
         return
-    for lo in range(0, n, CHUNK):
-        hi = min(n, lo + CHUNK)
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
         chunk = out[lo:hi]
         if not active:
             chunk.zero_()
