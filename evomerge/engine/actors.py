@@ -41,7 +41,7 @@ def build_problem(config: SearchConfig) -> Problem:
 def build_population(config: SearchConfig, problem: Problem | None = None) -> Population:
     problem = problem or build_problem(config)
     strategy = build_strategy(config.strategy.name, config.strategy.options, problem, config.seed)
-    return Population(strategy, config.budget.evaluations)
+    return Population(strategy, config.budget.evaluations, test_every=config.fitness.test_every)
 
 
 def start_workers(config: SearchConfig) -> list[Any]:
