@@ -27,8 +27,8 @@ class FitnessSpec(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
     test_every: Literal["best", "all"] = Field(
         "best", description="which children get the held-out test score (task.test_score): 'best' only a "
-                            "child that becomes the new best by mean train score (on an LLM the test costs "
-                            "about as much as the training pass); 'all' every child. Selection never reads it")
+                            "child that becomes the new best by mean train score (on an LLM the test can take "
+                            "close to half of each evaluation); 'all' every child. Selection never reads it")
 
 
 class StrategySpec(_Strict):
