@@ -13,6 +13,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import to_jsonable_python
 
 from evomerge.errors import ConfigError
 
@@ -24,6 +25,10 @@ class _Strict(BaseModel):
 class FitnessSpec(_Strict):
     task: str = Field(description="registered fitness task name, or 'package.module:Class'")
     options: dict[str, Any] = Field(default_factory=dict)
+    test_every: Literal["best", "all"] = Field(
+        "best", description="which children get the held-out test score (task.test_score): 'best' only a "
+                            "child that becomes the new best by mean train score (on an LLM the test can take "
+                            "close to half of each evaluation); 'all' every child. Selection never reads it")
 
 
 class StrategySpec(_Strict):
@@ -117,6 +122,7 @@ class SearchConfig(_Strict):
         for volatile in ("budget", "ray", "optuna", "snapshots"):
             data.pop(volatile)
         data["workers"] = {"batch": self.workers.batch, "count": self.workers.count} if self.sync else {}
+        data["fitness"].pop("test_every")  # which test scores are measured; selection never reads them
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -202,6 +208,27 @@ def _allowed_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     if isinstance(current, type) and issubclass(current, BaseModel):
         return list(current.model_fields)
     return []
+
+
+MISSING: Any = object()  # a field a config dict does not have
+
+
+def submodel(model: type[BaseModel] | None, key: str) -> type[BaseModel] | None:
+    """The model of field `key` of `model` when that field is a section (None otherwise)."""
+    if model is None or key not in model.model_fields:
+        return None
+    return _unwrap_model(model.model_fields[key].annotation)
+
+
+def field_default_json(model: type[BaseModel] | None, key: str) -> Any:
+    """Field `key`'s default as `model_dump(mode="json")` writes it; `MISSING` when the field
+    is required or `model` has no such field."""
+    if model is None or key not in model.model_fields or model.model_fields[key].is_required():
+        return MISSING
+    value = model.model_fields[key].get_default(call_default_factory=True)
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    return to_jsonable_python(value)
 
 
 def _unwrap_model(annotation: Any) -> Any:

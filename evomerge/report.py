@@ -31,12 +31,18 @@ def summary_table(summary: dict[str, Any]) -> str:
         ("failed", summary["failed"]),
         ("best member", best.get("member_id")),
         ("best train score", best.get("train_score")),
-        ("best test score", best.get("test_score")),
+        ("best test score", held_out_cell(best.get("test_score"), bool(best))),
         ("wall seconds", summary["wall_seconds"]),
         ("evaluations / s", summary.get("evals_per_second")),
         ("optuna storage", summary["storage"]),
     ]
     return format_table(("", "value"), rows)
+
+
+def held_out_cell(score: float | None, has_best: bool) -> Any:
+    """A best member's held-out score; "not measured" when it has none (with `fitness.test_every:
+    best` a member is tested only when it becomes the best; some tasks have no test set)."""
+    return "not measured" if score is None and has_best else score
 
 
 def evaluations_cell(evaluations: int, budget: int | None, finished_early: bool | None = False) -> str:

@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 from evomerge import snapshots
 from evomerge.engine.population import mean_staleness
 from evomerge.errors import EvomergeError, SnapshotError
-from evomerge.report import evaluations_cell, format_table
+from evomerge.report import evaluations_cell, format_table, held_out_cell
 from evomerge.tracking.dashboard import run_storage_url
 from evomerge.tracking.storage import open_storage
 
@@ -104,7 +104,7 @@ def status_table(status: dict[str, Any]) -> str:
         ("failed", status["failed"]),
         ("commonest failures", "; ".join(f"{n} x {kind}" for kind, n in status.get("failure_reasons") or []) or None),
         ("best train score", status["best_train"]),
-        ("best test score", status["best_test"]),
+        ("best test score", held_out_cell(status["best_test"], status["best_train"] is not None)),
         ("best member", status["best_member"]),
         ("archive size", status["archive_size"]),
         ("distinct parents used", status["distinct_parents"]),

@@ -188,11 +188,11 @@ class _StaleOnce:
     def __init__(self, worker: FitnessWorker, after: int) -> None:
         self.worker, self.after, self.calls, self.stale = worker, after, 0, 0
 
-    def evaluate(self, batch, elements=None, *parents):
+    def evaluate(self, batch, elements=None, *parents, test_above=None):
         self.calls += 1
         if self.calls == self.after:
             self.worker.parents = ParentCache()
-        evaluations, stale = self.worker.evaluate(batch, elements, *parents)
+        evaluations, stale = self.worker.evaluate(batch, elements, *parents, test_above=test_above)
         self.stale += len(stale)
         return evaluations, stale
 

@@ -48,7 +48,7 @@ def build_problem(config: SearchConfig, gram: PrefixGram | None = None, seeds_ch
 def build_population(config: SearchConfig, problem: Problem | None = None) -> Population:
     problem = problem or build_problem(config)
     strategy = build_strategy(config.strategy.name, config.strategy.options, problem, config.seed)
-    return Population(strategy, config.budget.evaluations)
+    return Population(strategy, config.budget.evaluations, test_every=config.fitness.test_every)
 
 
 def start_workers(config: SearchConfig, seeds_checked: bool = False) -> list[Any]:

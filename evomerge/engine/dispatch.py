@@ -171,8 +171,10 @@ class Dispatcher:
 
     def _submit(self, worker_index: int, batch: list[Candidate]) -> Any:
         genomes, parents = self.mirror.wire(worker_index, [c.genome for c in batch])
+        # The best's train score now: a child told later is judged against this or a higher one.
         ref = self.workers[worker_index].evaluate.remote([(c.member_id, g) for c, g in zip(batch, genomes)],
-                                                         self._elements(), *parents)
+                                                         self._elements(), *parents,
+                                                         test_above=self.population.test_threshold())
         self.inflight[ref] = (worker_index, batch)
         self.load[worker_index] += 1
         self.hangs.started(worker_index, ref, len(batch))

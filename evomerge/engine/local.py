@@ -35,7 +35,9 @@ def run_local(config: SearchConfig, on_record: Callable[[EvalRecord], None] | No
         child = queue.popleft()
         if population.basis_elements:
             worker.sync_elements(population.basis_elements)
-        record = population.tell(worker.evaluate_one(child.member_id, child.genome))
+        # Told right after it is scored: the threshold is the very best it is judged against.
+        record = population.tell(worker.evaluate_one(child.member_id, child.genome,
+                                                     test_above=population.test_threshold()))
         if on_record is not None:
             on_record(record)
     return population

@@ -71,9 +71,12 @@ def mean_staleness(population_meta: dict[str, Any]) -> float | None:
 
 
 class Population:
-    def __init__(self, strategy: Strategy, budget: int) -> None:
+    def __init__(self, strategy: Strategy, budget: int, test_every: str = "best") -> None:
+        if test_every not in ("best", "all"):
+            raise ValueError(f"test_every must be 'best' or 'all', got {test_every!r}")
         self.strategy = strategy
         self.budget = budget
+        self.test_every = test_every  # fitness.test_every: which children get the held-out test
         self.issued = 0
         self.told = 0
         self.failed = 0
@@ -93,6 +96,16 @@ class Population:
     def finished_early(self) -> bool:
         """The strategy has nothing new to offer and every child it offered is back."""
         return self.strategy.exhausted and not self.inflight and self.told < self.budget
+
+    def test_threshold(self) -> float | None:
+        """The mean train score a child must beat for its held-out test score to be computed:
+        the best member's (-inf before there is one), since only a child that beats it becomes
+        the new best; None with `test_every: all` (test every child). `best` only ever rises (a
+        child replaces it only by beating it, a resume restores it), so a threshold read when a
+        child is sent is never above the one it is judged against when it comes back."""
+        if self.test_every == "all":
+            return None
+        return -math.inf if self.best is None else self.best.train_score
 
     def ask(self) -> Candidate | None:
         if self.issued >= self.budget or self.strategy.exhausted:

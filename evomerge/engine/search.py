@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from pydantic import BaseModel
 from tqdm import tqdm
 
 from evomerge import snapshots
-from evomerge.config import SearchConfig, config_from_dict
+from evomerge.config import MISSING, SearchConfig, config_from_dict, field_default_json, submodel
 from evomerge.engine import raysession
 from evomerge.engine.actors import RemotePopulation, start_workers
 from evomerge.engine.seed_cache import prepare_seeds
@@ -97,16 +98,23 @@ def resume_search(run_dir: Path, options: SearchOptions, budget: int | None = No
     return _execute(config, options, restore=_Restore(meta, arrays, path))
 
 
-def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted names of fields that differ (the budget may change freely on resume)."""
+def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "",
+                       model: type[BaseModel] | None = SearchConfig) -> list[str]:
+    """Dotted names of fields that differ (the budget may change freely on resume). A field that
+    one side lacks and `model` defines counts as its default: a run folder written before the
+    field existed (e.g. `fitness.test_every`) resumes without --force."""
     fields = []
     for key in sorted(set(old) | set(new)):
         name = f"{prefix}{key}"
         if name in ("budget", "budget.evaluations"):
             continue
-        a, b = old.get(key), new.get(key)
+        a, b = old.get(key, MISSING), new.get(key, MISSING)
+        if a is MISSING or b is MISSING:
+            default = field_default_json(model, key)
+            a, b = (default if v is MISSING else v for v in (a, b))
+        a, b = (None if v is MISSING else v for v in (a, b))
         if isinstance(a, dict) and isinstance(b, dict):
-            fields.extend(config_differences(a, b, prefix=f"{name}."))
+            fields.extend(config_differences(a, b, prefix=f"{name}.", model=submodel(model, key)))
         elif a != b:
             fields.append(f"{name} ({a!r} -> {b!r})")
     return fields

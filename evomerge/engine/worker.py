@@ -45,9 +45,14 @@ class FitnessWorker:
         return os.getpid()
 
     def evaluate(self, batch: list[tuple[int, Any]], elements: Any = None,
-                 *parents: tuple[int, int, np.ndarray]) -> tuple[list[Evaluation], list[int]]:
+                 *parents: tuple[int, int, np.ndarray],
+                 test_above: float | None = None) -> tuple[list[Evaluation], list[int]]:
         """Scores for the batch, and the member ids of children whose parents this worker does
         not hold (it restarted, or calls crossed): the dispatcher sends those again, whole.
+
+        `test_above`: the held-out test score is computed only for a child whose mean train score
+        is above it (the population's best when the batch was sent, `fitness.test_every: best`);
+        None computes it for every child.
 
         `parents` are (slot, member id, genome) entries for the cache, one argument each: Ray
         inlines an argument under 100 KB in the call, and sends a bigger one (a list of several
@@ -70,7 +75,7 @@ class FitnessWorker:
                     evaluations.append(Evaluation(member_id, None, None, f"breeding the child failed: {exc!r}",
                                                   time.perf_counter() - start))
                     continue
-            evaluation = self.evaluate_one(member_id, genome)
+            evaluation = self.evaluate_one(member_id, genome, test_above=test_above)
             evaluation.seconds = time.perf_counter() - start  # breeding is this worker's work too
             evaluations.append(evaluation)
         return evaluations, stale
@@ -127,15 +132,23 @@ class FitnessWorker:
         where = resolve_seeds_on(self._seeds_on, device, fits_on_device=need < free)
         self.basis.place(device if where == "device" else None)
 
-    def evaluate_one(self, member_id: int, genome: Any) -> Evaluation:
+    def evaluate_one(self, member_id: int, genome: Any, test_above: float | None = None) -> Evaluation:
+        """Score one genome; the test score only when the train mean is strictly above
+        `test_above` (None: always). The population's best only rises and a child must beat it
+        strictly, so a threshold taken when the child was sent never skips a child that becomes
+        the new best when it is told; at worst it tests one that is beaten meanwhile."""
         start = time.perf_counter()
         try:
             with Alarm(self.timeout):
                 params = self.materialise(genome)
                 scores = np.asarray(self.task.evaluate(params), dtype=np.float32)
-                test = self.task.test_score(params)
-            return Evaluation(member_id, scores, None if test is None else float(test), None,
-                              time.perf_counter() - start)
+                evaluation = Evaluation(member_id, scores)
+                # The same mean the population compares with its best (it travels with the scores).
+                if test_above is None or evaluation.train_score > test_above:  # NaN: not tested
+                    test = self.task.test_score(params)
+                    evaluation.test_score = None if test is None else float(test)
+            evaluation.seconds = time.perf_counter() - start
+            return evaluation
         except EvaluationTimeout as exc:
             return Evaluation(member_id, None, None, f"stopped: {exc}", time.perf_counter() - start)
         except Exception as exc:  # a fitness task may fail in any way; the search must go on
