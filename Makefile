@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-slow bench clean
+.PHONY: venv demo test test-slow bench gpu-check clean
 
 venv: $(STAMP)
 
@@ -37,6 +37,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/tiny_lm.py
 	$(BIN)/python benchmarks/compare_tiny_lm.py
 	$(BIN)/python benchmarks/guided_dam.py
+	$(BIN)/python benchmarks/llm_scale.py
+
+# On a machine with a GPU (torch + transformers are enough; no Ray, Optuna or pydantic).
+gpu-check:
+	python3 benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) runs
