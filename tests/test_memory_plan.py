@@ -20,8 +20,7 @@ MiB = 1024 * 1024
 
 
 def lm_config(tmp_path, options=None, workers=None, strategy=None, **extra) -> SearchConfig:
-    """A config over two (empty) seed folders; plugin options are not validated, so the LM options
-    can carry the dtype/device/seeds_on keys the plan reads."""
+    """A config over two (empty) seed folders (plugin options are not validated)."""
     seeds = []
     for name in ("s0", "s1"):
         (tmp_path / name).mkdir(exist_ok=True)
@@ -50,11 +49,10 @@ def test_cpu_plan_in_bf16_hand_worked(tmp_path):
     plan = plan_memory(config, sizes(), allowance_bytes=100)
     assert plan.run_dtype == "bfloat16" and plan.model_bytes == F_BF16 == 3_000_000
     assert plan.driver.host == 0 and plan.driver.device == 0
-    assert plan.population.host == F_BF16  # the LM task's model, loaded to learn sizes
-    # task model (until the first bind) + merge buffer + activations
-    assert plan.worker.host == F_BF16 + F_BF16 + 100 == 6_000_100
+    assert plan.population.host == 0  # the LM task it builds is a weightless skeleton
+    assert plan.worker.host == F_BF16 + 100 == 3_000_100  # merge buffer + activations
     assert plan.worker.device == 0
-    assert plan.host_total == 3_000_000 + 2 * 6_000_100 == 15_000_200
+    assert plan.host_total == 2 * 3_000_100 == 6_000_200
     assert plan.page_cache_bytes == 2 * F_BF16 == 6_000_000  # seeds: once per node, in no process
     table = plan.table()
     assert "driver" in table and "population actor" in table and "worker 0" in table and "worker 1" in table
@@ -62,16 +60,16 @@ def test_cpu_plan_in_bf16_hand_worked(tmp_path):
 
 
 def test_without_a_dtype_option_the_buffer_is_float32(tmp_path):
-    """Tasks without `dtype` (today's LM tasks) materialise into float32; elements stay in the seeds' dtype."""
+    """Tasks without `dtype` (digits) materialise into float32; elements stay in the seeds' dtype."""
     guide = {"from": "dam", "every": 5, "max_elements": 3}
     config = lm_config(tmp_path, strategy={"name": "m2n2", "options": {"guide": guide}})
     plan = plan_memory(config, sizes(), allowance_bytes=0)
     assert plan.run_dtype == "float32" and plan.model_bytes == F_F32
     assert plan.num_elements == 3
-    # worker: float32 task model + float32 buffer + 3 bf16 elements
-    assert plan.worker.host == F_F32 + F_F32 + 3 * F_BF16 == 21_000_000
-    # population: float32 task model + 3 elements + DAM's float32 copies of 2 bf16 seeds + its merge
-    assert plan.population.host == F_F32 + 3 * F_BF16 + 2 * F_F32 + F_F32 == 33_000_000
+    # worker: float32 buffer + 3 bf16 elements
+    assert plan.worker.host == F_F32 + 3 * F_BF16 == 15_000_000
+    # population: 3 elements + DAM's bound model, float32 copies of 2 bf16 seeds and its merge
+    assert plan.population.host == 3 * F_BF16 + F_F32 + 2 * F_F32 + F_F32 == 33_000_000
 
 
 def test_host_refusal_names_the_options(tmp_path):
@@ -98,7 +96,7 @@ def test_gpu_plan_seeds_on_device_when_they_fit(tmp_path):
     plan = plan_memory(config, sizes(), gpu_bytes=20_000_000, allowance_bytes=0)
     assert plan.on_gpu and plan.seeds_on == "device" and plan.workers_per_gpu == 2
     assert plan.worker.device == 3 * F_BF16 == 9_000_000 and plan.device_per_gpu == 18_000_000
-    assert plan.worker.host == F_BF16  # only the task model, at load
+    assert plan.worker.host == 0
     check(plan, free_host_bytes=10**12, gpu_bytes=20_000_000)
     assert "GPU (2 per GPU, seeds on device)" in plan.table()
 
@@ -108,7 +106,7 @@ def test_gpu_plan_auto_falls_back_to_pinned_host_seeds(tmp_path):
     plan = plan_memory(config, sizes(), gpu_bytes=10_000_000, allowance_bytes=0)
     assert plan.seeds_on == "host"
     assert plan.worker.device == F_BF16 and plan.device_per_gpu == 6_000_000
-    assert plan.worker.host == F_BF16 + 2 * F_BF16  # task model + pinned seeds, per worker
+    assert plan.worker.host == 2 * F_BF16  # the seeds, pinned, per worker
     check(plan, free_host_bytes=10**12, gpu_bytes=10_000_000)
 
 

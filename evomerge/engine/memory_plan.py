@@ -3,25 +3,25 @@ worker starts, so a search that cannot fit stops with the option to change inste
 killed by the OOM killer an hour in.
 
 Units. F is one copy of the model in the run dtype: layout numel × bytes of the run dtype. The
-run dtype is `fitness.options.dtype` when the task has that option (auto = the seeds' dtype),
-else float32 (what the worker's merge buffer is without it). Elements the guide adds to the basis
-are held in the seeds' dtype (`Basis.add_element` keeps them so), which is F when the two agree.
+run dtype is `fitness.options.dtype` when the task has that option (auto = the seeds' dtype, as
+evomerge/devices.py resolves it), else float32 (the worker's own merge buffer for tasks without a
+bound buffer, e.g. digits). Seeds and the elements a guide adds to the basis are held in the
+seeds' dtype (`Basis.place`, `Basis.new_buffer`), which is F when the two agree.
 
-Where the model bytes live (see evomerge/engine/worker.py, actors.py, genomes/spaces.py):
+Where the model bytes live (evomerge/engine/worker.py, actors.py, genomes/spaces.py, basis.py):
 
 * driver: no model bytes during the search (it records trials; the export of the best member
   runs after the workers are gone).
-* population actor: the fitness task it builds to learn sizes (LM tasks load the `model` folder:
-  one model, kept), one buffer per guide element (RecipeSpace.add_element materialises each), and
-  for DAM (standalone or as guide) float32 copies of the seeds it trains against when they are
-  not float32 already, plus one float32 merged model for the forward pass.
-* worker on CPU: one merge buffer of F, the task's model (LM tasks load it once; it is released
-  at the first evaluation, when the parameters are bound to the buffer, so it counts at the
-  start), one buffer per guide element (each worker rebuilds them), and ACTIVATION_ALLOWANCE for
-  scoring activations.
-* worker on GPU: on the device, the buffer F, activations, and with `seeds_on: device` the K seeds
-  (K×F) and the elements; with `seeds_on: host` the seeds sit in pinned host memory (K×F per
-  worker, not shareable page cache). `auto` picks the device when everything fits on one GPU.
+* population actor: no model bytes for M2N2 over recipes (the LM task it builds to learn sizes
+  is a weightless skeleton until bound); one buffer per guide element (RecipeSpace.add_element
+  materialises each); for DAM (standalone or as guide) the task's bound model F, float32 copies
+  of the seeds when they are not float32, and one float32 merge.
+* worker on CPU: the merge buffer F (the task's bound buffer), one buffer per guide element (each
+  worker rebuilds them) and ACTIVATION_ALLOWANCE for scoring activations.
+* worker on GPU: on the device the buffer F, activations, and with `seeds_on: device` the K seeds;
+  with `seeds_on: host` the seeds are copied to pinned host memory (per worker, not shareable page
+  cache). `auto` picks the device when everything fits on one GPU (the worker itself decides on
+  its GPU's free memory at start). Guide elements stay on the host.
 * seeds: memory-mapped safetensors are page cache, shared by every process on a node; counted
   once per node and shown on their own line, not in any process (the check does not require
   them to fit: pages that do not fit are read again from disk). Pickle seeds (allow_pickle) are
@@ -203,8 +203,6 @@ def plan_memory(config: Any, sizes: ModelSizes, *, gpu_bytes: int | None = None,
     f32 = n * 4
     seed_dtype_bytes = n * DTYPE_BYTES.get(sizes.seeds_dtype, 4)
     num_elements, guide_from = _guide_elements(config)
-    # The LM tasks load their `model` folder once per process (float32 unless the task has a dtype option).
-    task_model = f if "model" in options and dtype_option else (f32 if "model" in options else 0)
     notes: list[str] = []
 
     spec = config.workers
@@ -216,12 +214,13 @@ def plan_memory(config: Any, sizes: ModelSizes, *, gpu_bytes: int | None = None,
 
     # population actor
     pop = ProcessMemory("population actor")
-    pop.parts.append(Part("task model", host=task_model))
     if num_elements:
         pop.parts.append(Part(f"{num_elements} guide elements", host=num_elements * seed_dtype_bytes))
     if config.strategy.name == "dam" or guide_from == "dam":
         copies = 0 if sizes.seeds_dtype == "float32" else k * f32
-        pop.parts.append(Part("DAM float32 seeds + merge", host=copies + f32))
+        # DAM trains against the task's model (its bound buffer, F), float32 copies of the seeds
+        # it trains against when they are not float32 already, and one float32 merge per step.
+        pop.parts.append(Part("DAM: task model, float32 seeds + merge", host=f + copies + f32))
     if dense:
         pop.parts.append(Part("seeds as dense float32 members", host=k * f32))
         notes.append("dense genomes over checkpoint seeds: every archive member is a float32 model "
@@ -231,7 +230,6 @@ def plan_memory(config: Any, sizes: ModelSizes, *, gpu_bytes: int | None = None,
 
     # one worker
     worker = ProcessMemory("worker")
-    worker.parts.append(Part("task model (until first bind)", host=task_model))
     seeds_on = None
     if not on_gpu:
         worker.parts.append(Part("merge buffer", host=f))
@@ -239,11 +237,12 @@ def plan_memory(config: Any, sizes: ModelSizes, *, gpu_bytes: int | None = None,
             worker.parts.append(Part(f"{num_elements} guide elements", host=num_elements * seed_dtype_bytes))
         worker.parts.append(Part("activations", host=allowance_bytes))
     else:
-        base_device = f + allowance_bytes
-        on_device = base_device + k * f + num_elements * f
+        # The worker's rule (FitnessWorker._place_seeds): resident when the K seeds fit beside the buffer.
+        seeds_bytes = k * sizes.seed_bytes
         wanted = str(options.get("seeds_on") or "auto")
         if wanted == "auto":
-            seeds_on = "device" if gpu_bytes is None or on_device * per_gpu <= gpu_bytes else "host"
+            fits = gpu_bytes is None or per_gpu * (f + allowance_bytes + seeds_bytes) <= gpu_bytes
+            seeds_on = "device" if fits else "host"
             if gpu_bytes is None:
                 notes.append("GPU memory unknown here: auto assumed the seeds go to the device")
         else:
@@ -251,13 +250,11 @@ def plan_memory(config: Any, sizes: ModelSizes, *, gpu_bytes: int | None = None,
         worker.parts.append(Part("merge buffer", device=f))
         worker.parts.append(Part("activations", device=allowance_bytes))
         if seeds_on == "device":
-            worker.parts.append(Part(f"{k} seeds", device=k * f))
-            if num_elements:
-                worker.parts.append(Part(f"{num_elements} guide elements", device=num_elements * f))
+            worker.parts.append(Part(f"{k} seeds", device=seeds_bytes))
         else:
-            worker.parts.append(Part(f"{k} seeds, pinned", host=k * f))
-            if num_elements:
-                worker.parts.append(Part(f"{num_elements} guide elements", host=num_elements * seed_dtype_bytes))
+            worker.parts.append(Part(f"{k} seeds, pinned", host=seeds_bytes))
+        if num_elements:  # Basis.new_buffer: elements stay on the host, in the seeds' dtype
+            worker.parts.append(Part(f"{num_elements} guide elements", host=num_elements * seed_dtype_bytes))
     if unmapped_seeds:
         worker.parts.append(Part("pickle seeds, loaded", host=unmapped_seeds))
 
