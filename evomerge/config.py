@@ -56,6 +56,9 @@ class WorkersSpec(_Strict):
     timeout_seconds: float | None = Field(
         None, gt=0, description="per child: an evaluation that runs longer is stopped and recorded as FAIL; "
                                 "a worker stuck past it in native code is restarted. None: no limit")
+    memory_check: bool = Field(
+        True, description="print the memory plan before the workers start and stop when it does not fit "
+                          "the node's available memory or a GPU; false: print nothing, start anyway")
 
     @field_validator("batch", mode="before")
     @classmethod

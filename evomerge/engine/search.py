@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from evomerge import snapshots
 from evomerge.config import MISSING, SearchConfig, config_from_dict, field_default_json, submodel
-from evomerge.engine import raysession
+from evomerge.engine import memory_plan, raysession
 from evomerge.engine.actors import RemotePopulation, start_workers
 from evomerge.engine.seed_cache import prepare_seeds
 from evomerge.engine.population import EvalRecord
@@ -98,6 +98,10 @@ def resume_search(run_dir: Path, options: SearchOptions, budget: int | None = No
     return _execute(config, options, restore=_Restore(meta, arrays, path))
 
 
+# Fields that change nothing about the search: a resume may flip them.
+RESUME_FREE = ("workers.memory_check",)
+
+
 def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "",
                        model: type[BaseModel] | None = SearchConfig) -> list[str]:
     """Dotted names of fields that differ (the budget may change freely on resume). A field that
@@ -106,7 +110,7 @@ def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "
     fields = []
     for key in sorted(set(old) | set(new)):
         name = f"{prefix}{key}"
-        if name in ("budget", "budget.evaluations"):
+        if name in ("budget", "budget.evaluations") or name in RESUME_FREE:
             continue
         a, b = old.get(key, MISSING), new.get(key, MISSING)
         if a is MISSING or b is MISSING:
@@ -122,9 +126,15 @@ def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "
 
 def _execute(config: SearchConfig, options: SearchOptions, restore: _Restore | None) -> dict[str, Any]:
     out_dir = Path(options.out_dir)
-    # Before Ray starts: a broken seed is refused in seconds, and the Gram is read from the cache.
-    gram, checked = prepare_seeds(config, out_dir)
     started_ray = raysession.connect(config, options.address)
+    try:  # before any worker starts: a search that cannot fit stops here, naming the option
+        memory_plan.check_before_start(config, local=_single_node())
+        # One pass over the seeds (finite check, prefix Gram), or none when the run folder has it.
+        gram, checked = prepare_seeds(config, out_dir)
+    except BaseException:
+        if started_ray:
+            ray.shutdown()
+        raise
     url = storage_url(config.optuna.storage, out_dir)
     study_name = config.optuna.study_name or config.name
     storage = open_storage(url)
@@ -155,6 +165,13 @@ def _execute(config: SearchConfig, options: SearchOptions, restore: _Restore | N
                          evaluations=run.told, failed=run.failed, wall_seconds=run.elapsed(),
                          steady_rate=run.steady_rate())
     return summary
+
+
+def _single_node() -> bool:
+    try:
+        return len([n for n in ray.nodes() if n.get("Alive")]) <= 1
+    except Exception:
+        return True
 
 
 class _Driver:

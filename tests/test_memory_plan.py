@@ -1,0 +1,198 @@
+"""The memory plan: hand-worked bytes per process, refusals that name the option, GPU planning
+(GPU sizes passed in; no GPU needed), and a search that cannot fit stopping before any worker."""
+
+from __future__ import annotations
+
+import pytest
+
+from evomerge.config import SearchConfig, config_from_dict
+from evomerge.engine import memory_plan
+from evomerge.engine.memory_plan import ModelSizes, check, plan_memory
+from evomerge.errors import ConfigError
+from evomerge.models import from_specs
+
+# Two tensors in bf16: 1000x1000 + 500x1000 = 1,500,000 parameters, 3,000,000 bytes per seed.
+LAYOUT = from_specs([("a.weight", (1000, 1000), "BF16"), ("b.weight", (500, 1000), "BF16")])
+N = 1_500_000
+F_BF16 = 2 * N
+F_F32 = 4 * N
+MiB = 1024 * 1024
+
+
+def lm_config(tmp_path, options=None, workers=None, strategy=None, **extra) -> SearchConfig:
+    """A config over two (empty) seed folders (plugin options are not validated)."""
+    seeds = []
+    for name in ("s0", "s1"):
+        (tmp_path / name).mkdir(exist_ok=True)
+        seeds.append(str(tmp_path / name))
+    return SearchConfig.model_validate({
+        "name": "plan", "seeds": seeds,
+        "fitness": {"task": "lm_exact_match", "options": {"model": "base", **(options or {})}},
+        "strategy": strategy or {"name": "m2n2", "options": {}},
+        "budget": {"evaluations": 10}, "workers": {"count": 2, **(workers or {})}, **extra,
+    })
+
+
+def sizes(num_seeds: int = 2) -> ModelSizes:
+    return ModelSizes.from_layout(LAYOUT, num_seeds)
+
+
+def test_sizes_come_from_the_layout():
+    s = sizes()
+    assert (s.numel, s.seeds_dtype, s.num_seeds, s.seed_bytes) == (N, "bfloat16", 2, F_BF16)
+    mixed = ModelSizes.from_layout(from_specs([("w", (100, 10), "BF16"), ("norm", (10,), "F32")]), 3)
+    assert mixed.seeds_dtype == "bfloat16" and mixed.seed_bytes == 1000 * 2 + 10 * 4
+
+
+def test_cpu_plan_in_bf16_hand_worked(tmp_path):
+    config = lm_config(tmp_path, {"dtype": "auto"})  # auto = the seeds' dtype
+    plan = plan_memory(config, sizes(), allowance_bytes=100)
+    assert plan.run_dtype == "bfloat16" and plan.model_bytes == F_BF16 == 3_000_000
+    assert plan.driver.host == 0 and plan.driver.device == 0
+    assert plan.population.host == 0  # the LM task it builds is a weightless skeleton
+    assert plan.worker.host == F_BF16 + 100 == 3_000_100  # merge buffer + activations
+    assert plan.worker.device == 0
+    assert plan.host_total == 2 * 3_000_100 == 6_000_200
+    assert plan.page_cache_bytes == 2 * F_BF16 == 6_000_000  # seeds: once per node, in no process
+    table = plan.table()
+    assert "driver" in table and "population actor" in table and "worker 0" in table and "worker 1" in table
+    assert "F = 3.0 MB" in table and "2.00F" in table and "page cache" in table
+
+
+def test_without_a_dtype_option_the_buffer_is_float32(tmp_path):
+    """Tasks without `dtype` (digits) materialise into float32; elements stay in the seeds' dtype."""
+    guide = {"from": "dam", "every": 5, "max_elements": 3}
+    config = lm_config(tmp_path, strategy={"name": "m2n2", "options": {"guide": guide}})
+    plan = plan_memory(config, sizes(), allowance_bytes=0)
+    assert plan.run_dtype == "float32" and plan.model_bytes == F_F32
+    assert plan.num_elements == 3
+    # worker: float32 buffer + 3 bf16 elements
+    assert plan.worker.host == F_F32 + 3 * F_BF16 == 15_000_000
+    # population: 3 elements + DAM's bound model, float32 copies of 2 bf16 seeds and its merge
+    assert plan.population.host == 3 * F_BF16 + F_F32 + 2 * F_F32 + F_F32 == 33_000_000
+
+
+def test_host_refusal_names_the_options(tmp_path):
+    guide = {"from": "cmaes", "every": 5, "max_elements": 2}
+    config = lm_config(tmp_path, {"dtype": "float32"}, strategy={"name": "m2n2", "options": {"guide": guide}})
+    plan = plan_memory(config, sizes(), allowance_bytes=0)
+    check(plan, free_host_bytes=plan.host_total, gpu_bytes=None)  # exactly fits
+    with pytest.raises(ConfigError) as err:
+        check(plan, free_host_bytes=plan.host_total - 1, gpu_bytes=None)
+    message = str(err.value)
+    for option in ("workers.count", "fitness.options.dtype", "strategy.options.guide.max_elements",
+                   "workers.memory_check"):
+        assert option in message, message
+    # bf16 seeds run in bf16: nothing cheaper to suggest than fewer workers
+    plan = plan_memory(lm_config(tmp_path, {"dtype": "auto"}), sizes(), allowance_bytes=0)
+    with pytest.raises(ConfigError, match="workers.count") as err:
+        check(plan, free_host_bytes=1000, gpu_bytes=None)
+    assert "fitness.options.dtype" not in str(err.value)
+
+
+def test_gpu_plan_seeds_on_device_when_they_fit(tmp_path):
+    config = lm_config(tmp_path, {"dtype": "auto"}, workers={"num_gpus": 0.5})
+    # device per worker: buffer F + 2 seeds 2F (+ allowance 0) = 9 MB; two workers share a GPU
+    plan = plan_memory(config, sizes(), gpu_bytes=20_000_000, allowance_bytes=0)
+    assert plan.on_gpu and plan.seeds_on == "device" and plan.workers_per_gpu == 2
+    assert plan.worker.device == 3 * F_BF16 == 9_000_000 and plan.device_per_gpu == 18_000_000
+    assert plan.worker.host == 0
+    check(plan, free_host_bytes=10**12, gpu_bytes=20_000_000)
+    assert "GPU (2 per GPU, seeds on device)" in plan.table()
+
+
+def test_gpu_plan_auto_falls_back_to_pinned_host_seeds(tmp_path):
+    config = lm_config(tmp_path, {"dtype": "auto"}, workers={"num_gpus": 0.5})
+    plan = plan_memory(config, sizes(), gpu_bytes=10_000_000, allowance_bytes=0)
+    assert plan.seeds_on == "host"
+    assert plan.worker.device == F_BF16 and plan.device_per_gpu == 6_000_000
+    assert plan.worker.host == 2 * F_BF16  # the seeds, pinned, per worker
+    check(plan, free_host_bytes=10**12, gpu_bytes=10_000_000)
+
+
+def test_gpu_refusal_names_num_gpus_and_seeds_on(tmp_path):
+    config = lm_config(tmp_path, {"dtype": "auto", "seeds_on": "device"}, workers={"num_gpus": 0.5})
+    plan = plan_memory(config, sizes(), gpu_bytes=10_000_000, allowance_bytes=0)
+    assert plan.seeds_on == "device" and plan.device_per_gpu == 18_000_000
+    with pytest.raises(ConfigError) as err:
+        check(plan, free_host_bytes=10**12, gpu_bytes=10_000_000)
+    message = str(err.value)
+    assert "workers.num_gpus" in message and "fitness.options.seeds_on: host" in message, message
+    # one worker per GPU: num_gpus is no help, the seeds' place and the dtype are
+    config = lm_config(tmp_path, {"dtype": "float32", "seeds_on": "device"}, workers={"num_gpus": 1})
+    plan = plan_memory(config, sizes(), gpu_bytes=1_000_000, allowance_bytes=0)
+    with pytest.raises(ConfigError) as err:
+        check(plan, free_host_bytes=10**12, gpu_bytes=1_000_000)
+    message = str(err.value)
+    assert "workers.num_gpus" not in message and "fitness.options.dtype" in message, message
+
+
+def test_device_cpu_keeps_gpu_workers_on_the_host(tmp_path):
+    config = lm_config(tmp_path, {"dtype": "auto", "device": "cpu"}, workers={"num_gpus": 1})
+    plan = plan_memory(config, sizes(), gpu_bytes=1, allowance_bytes=0)
+    assert not plan.on_gpu and plan.worker.device == 0
+    check(plan, free_host_bytes=10**12, gpu_bytes=1)
+
+
+def test_check_is_skipped_without_seeds_or_when_switched_off(tmp_path):
+    from conftest import digits_config
+
+    assert memory_plan.check_before_start(digits_config("scratch")) is None
+    config = lm_config(tmp_path, workers={"memory_check": False})
+    assert memory_plan.check_before_start(config) is None  # the seed folders are never opened
+
+
+def test_resume_ignores_memory_check():
+    from evomerge.engine.search import config_differences
+
+    old = {"workers": {"count": 2}, "budget": {"evaluations": 5}}
+    assert config_differences(old, {"workers": {"count": 2, "memory_check": True}, "budget": {"evaluations": 9}}) == []
+    assert config_differences(old, {"workers": {"count": 2, "memory_check": False}}) == []
+    assert config_differences(old, {"workers": {"count": 3}}) == ["workers.count (2 -> 3)"]
+
+
+# -- with real checkpoints ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from evomerge.fixtures.tiny_lm import make_tiny_lm
+
+    root = tmp_path_factory.mktemp("tiny")
+    return make_tiny_lm(root / "models", scale="test", seed=0, data_dir=root / "data")
+
+
+def tiny_config(info, **workers):
+    options = {"model": info["models"]["base"], "data": [info["data"]["add_train"]], "limit": 4,
+               "max_new_tokens": 4, "batch_size": 4}
+    return config_from_dict({
+        "name": "tiny-plan", "seed": 0, "seeds": [info["models"]["expert_add"], info["models"]["expert_rev"]],
+        "fitness": {"task": "lm_exact_match", "options": options},
+        "strategy": {"name": "m2n2", "options": {"mutation_sigma": 0.0}},
+        "budget": {"evaluations": 4}, "workers": {"count": 2, "batch": 1, **workers},
+    })
+
+
+def test_plan_reads_the_seed_headers(tiny, capsys):
+    from evomerge.models import build_layout, open_checkpoint
+
+    with open_checkpoint(tiny["models"]["expert_add"]) as ckpt:
+        layout = build_layout(ckpt)
+    plan = memory_plan.check_before_start(tiny_config(tiny))
+    assert plan is not None and plan.sizes.numel == layout.size and plan.sizes.num_seeds == 2
+    assert plan.model_bytes == layout.size * 4  # float32 seeds, float32 buffer
+    assert "memory plan" in capsys.readouterr().err
+
+
+def test_a_search_that_cannot_fit_stops_before_any_worker(ray_session, tiny, tmp_path, monkeypatch):
+    from evomerge.engine import search
+
+    started = []
+    monkeypatch.setattr(memory_plan, "free_host_bytes", lambda: 1000)
+    monkeypatch.setattr(search, "start_workers", lambda config: started.append(config) or [])
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="workers.count") as err:
+        search.run_search(tiny_config(tiny), search.SearchOptions(out_dir=out, progress=False))
+    assert "1.0 KB available" in str(err.value)
+    assert started == []  # no worker was asked for
+    assert not (out / "optuna.journal").exists()  # nor a study opened, so no trials
+    assert ray_session.is_initialized()  # a session the search did not start is left alone
