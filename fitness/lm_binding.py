@@ -54,8 +54,22 @@ def build_skeleton(folder: str | Path, dtype: torch.dtype, trust_remote_code: bo
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     model.eval()
     model.requires_grad_(False)
+    _load_generation_config(model, folder)
     SKELETON_BUILDS += 1
     return model
+
+
+def _load_generation_config(model: nn.Module, folder: str | Path) -> None:
+    """`from_config` derives a generation config from config.json; the folder's own file (its EOS
+    list, e.g. an instruct model's end-of-turn token) is what `from_pretrained` would use."""
+    if not (Path(folder) / "generation_config.json").is_file():
+        return
+    from transformers import GenerationConfig
+
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(str(folder))
+    except (OSError, ValueError):
+        pass  # a broken generation config only loses the extra stop tokens
 
 
 @dataclass

@@ -134,6 +134,15 @@ def _stop_at_tokens(stop_ids: Iterable[int]):
     return StopAtTokens(list(stop_ids))
 
 
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """EOS and pad, plus every EOS the model's generation config lists (Llama 3 instruct ends a turn
+    with `<|eot_id|>`, not the tokenizer's EOS)."""
+    ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    listed = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(listed) if isinstance(listed, (list, tuple)) else {listed}
+    return {int(i) for i in ids if i is not None}
+
+
 def generate_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int,
                      chat_template: bool = False) -> list[str]:
     """Greedy continuations, cut at EOS and at the first newline; batched with left padding.
@@ -148,7 +157,7 @@ def generate_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: in
     gen_config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
                                   bos_token_id=tokenizer.bos_token_id)
-    stops = {eos, tokenizer.pad_token_id} - {None}
+    stops = stop_token_ids(model, tokenizer)
     stopping = StoppingCriteriaList([_stop_at_tokens(stops | newline_token_ids(tokenizer))])
     texts = format_prompts(tokenizer, prompts, chat_template)
     device = _device_of(model)

@@ -233,3 +233,13 @@ def test_the_population_actor_builds_no_model(made, monkeypatch):
     assert problem.dimension == checkpoint_basis(list(config.seeds)).size
     assert problem.num_datapoints == len(PROMPTS)
     assert lm_binding.SKELETON_BUILDS == builds and problem.task._model is None
+
+
+def test_the_skeleton_keeps_the_folders_generation_config(made, tmp_path):
+    folder = tmp_path / "instruct"
+    shutil.copytree(made["expert_1"], folder)
+    gen = json.loads((folder / "generation_config.json").read_text())
+    gen["eos_token_id"] = [gen.get("eos_token_id", 2), 7]
+    (folder / "generation_config.json").write_text(json.dumps(gen))
+    model = lm_binding.build_skeleton(folder, torch.bfloat16)
+    assert model.generation_config.eos_token_id == gen["eos_token_id"]

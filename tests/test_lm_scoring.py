@@ -313,3 +313,19 @@ def test_scoring_runs_on_cuda(tiny, examples):
     np.testing.assert_array_equal(em[0], cpu_em[0])
     np.testing.assert_array_equal(ll[0], cpu_ll[0])
     np.testing.assert_allclose(ll[1], cpu_ll[1], rtol=1e-4, atol=1e-4)
+
+
+def test_generation_stops_at_every_eos_the_generation_config_lists(tiny, examples):
+    """An instruct model ends its turn with a token the tokenizer does not call EOS (Llama 3's
+    <|eot_id|>): listed in generation_config.json, it ends the answer there."""
+    model, tok = load_causal_lm(str(tiny / "models" / "expert_rev"))
+    prompts = [p for p, _ in examples if p.startswith("rev:")][:4]
+    plain = generate_answers(model, tok, prompts, max_new_tokens=8, batch_size=4)
+    assert all(len(a) >= 2 for a in plain), plain
+    second = [tok.convert_tokens_to_ids(a[1]) for a in plain]  # each answer's second character
+    model.generation_config.eos_token_id = [tok.eos_token_id, *second]
+    stop_chars = {a[1] for a in plain}
+    cut = generate_answers(model, tok, prompts, max_new_tokens=8, batch_size=4)
+    # Each answer ends before its first listed token, which is at index 0 or 1.
+    assert cut == [a[:1] if a[0] not in stop_chars else "" for a in plain]
+    assert all(len(c) < len(a) for c, a in zip(cut, plain))
