@@ -133,7 +133,7 @@ def run_search(config: dict, run_dir: Path) -> dict:
 
     path = run_dir.parent / "llm-scale.yaml"
     path.write_text(yaml.safe_dump(config))
-    launched = datetime.now().astimezone()
+    launched = datetime.now()  # optuna stores naive local times
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "evomerge.cli", "search", str(path), "--out", str(run_dir),
                              "--overwrite", "--quiet"], cwd=REPO_ROOT)

@@ -243,3 +243,19 @@ def test_the_skeleton_keeps_the_folders_generation_config(made, tmp_path):
     (folder / "generation_config.json").write_text(json.dumps(gen))
     model = lm_binding.build_skeleton(folder, torch.bfloat16)
     assert model.generation_config.eos_token_id == gen["eos_token_id"]
+
+
+def test_cpu_threads_default_to_the_workers_num_cpus(made):
+    seeds = (str(made["expert_1"]), str(made["expert_2"]))
+    layout = checkpoint_basis(list(seeds)).layout
+    task = LMAnswerLikelihoodTask({"data": [str(made["data"])]})
+    task.attach(TaskContext(seeds=seeds, layout=layout, num_cpus=3))
+    task.candidate_buffer()
+    assert task._threads() == 3
+    pinned = LMAnswerLikelihoodTask({"data": [str(made["data"])], "threads": 1})
+    pinned.attach(TaskContext(seeds=seeds, layout=layout, num_cpus=3))
+    assert pinned._threads() == 1
+    outside = LMAnswerLikelihoodTask({"data": [str(made["data"])]})
+    outside.attach(TaskContext(seeds=seeds, layout=layout))
+    outside.candidate_buffer()
+    assert outside._threads() is None  # torch's own setting outside a worker
