@@ -38,6 +38,69 @@ EXTRA_HINT = "pip install -e .[lmeval]"
 BOUNDED_METRICS = frozenset({"acc", "acc_norm", "acc_mutual_info", "acc_bytes", "exact_match", "em", "exact"})
 
 
+def _cache_compiled_templates() -> None:
+    """lm-eval compiles every Jinja prompt template anew for each document (`utils.apply_template`),
+    which is most of an evaluation's time on a small model. Memoise the compile on lm-eval's own
+    Environment, once per process: the same template text gives the same template, rendered as before."""
+    from lm_eval import utils
+
+    env = utils.env
+    if getattr(env, "_evomerge_cached_from_string", False):
+        return
+    compile_template = env.from_string
+    compiled: dict[str, Any] = {}
+
+    def from_string(source, globals=None, template_class=None):
+        if globals is None and template_class is None and isinstance(source, str):
+            template = compiled.get(source)
+            if template is None:
+                template = compiled[source] = compile_template(source)
+            return template
+        return compile_template(source, globals, template_class)
+
+    env.from_string = from_string
+    env._evomerge_cached_from_string = True
+
+
+def _reuse_requests(task) -> None:
+    """Build a task's requests (prompts, few-shot contexts: no weights involved) once per doc set and
+    reuse them, emptied of the last responses, in later evaluations. Responses are never reused."""
+    build = task.build_all_requests
+    built: dict[Any, list] = {}
+
+    def build_all_requests(**kwargs):
+        key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items()
+                           if k != "chat_template"))
+        if key not in built:
+            build(**kwargs)
+            built[key] = task._instances
+            return
+        for instance in built[key]:
+            instance.resps = []
+            instance.filtered_resps = {}
+        task._instances = built[key]
+
+    task.build_all_requests = build_all_requests
+
+
+def _memoise_tokenizing(lm) -> None:
+    """HFLM tokenises every request again on each evaluation; the ids depend on the text only."""
+    encode = lm.tok_encode
+    seen: dict[Any, list[int]] = {}
+
+    def tok_encode(string, add_special_tokens=None, left_truncate_len=None, **kwargs):
+        if kwargs or not isinstance(string, str):
+            return encode(string, add_special_tokens=add_special_tokens, left_truncate_len=left_truncate_len, **kwargs)
+        key = (string, add_special_tokens, left_truncate_len)
+        ids = seen.get(key)
+        if ids is None:
+            ids = seen[key] = encode(string, add_special_tokens=add_special_tokens,
+                                     left_truncate_len=left_truncate_len)
+        return list(ids)
+
+    lm.tok_encode = tok_encode
+
+
 def import_lm_eval():
     """lm_eval's pieces this task uses; a missing extra is a ConfigError naming it."""
     try:
@@ -130,6 +193,11 @@ class LMEvalTask(BoundLMTask):
         self.train_keys = [(n, i) for n, ids in self.train_ids.items() for i in ids]
         self.test_keys = [(n, i) for n, ids in self.test_ids.items() for i in ids]
         self._check_overlap()
+        for task in {id(t): t for t in [*train.values(), *held.values()]}.values():
+            # only the chosen filter's rows count: skip the others' filtering and metrics
+            task._filters = [f for f in task._filters if f.name == self.filters[task.task_name]]
+            _reuse_requests(task)
+        _cache_compiled_templates()
         self._lm = None
         self.last_samples: list[dict[str, Any]] = []  # lm-eval's logged sample per datapoint, last evaluation
 
@@ -162,6 +230,10 @@ class LMEvalTask(BoundLMTask):
                     task.set_config(key="num_fewshot", value=o.num_fewshot)
             elif task.get_config("num_fewshot") is None:
                 task.set_config(key="num_fewshot", value=0)
+            # The documents as a list, read once: lm-eval walks every document of the split (Arrow rows)
+            # on each evaluation to pick the sampled ones.
+            docs = list(task.eval_docs)
+            task.test_docs = task.validation_docs = lambda docs=docs: docs
         return tasks
 
     def _choose_metrics(self, tasks: dict[str, Any]) -> dict[str, str]:
@@ -265,6 +337,7 @@ class LMEvalTask(BoundLMTask):
             self._lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.options.batch_size,
                             trust_remote_code=self.options.trust_remote_code)
             bind(self._plan, self._flat)  # HFLM ties weights; keep every parameter a view of the buffer
+            _memoise_tokenizing(self._lm)
         return self._lm
 
     # -- scoring -----------------------------------------------------------------------------
