@@ -180,7 +180,7 @@ def test_unknown_task_and_unbounded_metric_are_refused(tiny):
         LMEvalTask.Options.model_validate({"tasks": ["tiny_add_gen"], "nonsense": 1})
 
 
-@pytest.mark.slow  # ~70 s on 2 cores: Ray start, a 10-evaluation search, then the lm_eval CLI
+@pytest.mark.slow  # 20-70 s on 2 cores (Ray start, a 10-evaluation search, the lm_eval CLI)
 def test_search_on_ray_and_the_lm_eval_cli_agree(ray_session, tiny, tmp_path):
     """A short search over populations/tiny-lm-lmeval.yaml; `lm_eval` on the exported best gives its train score."""
     from evomerge.config import config_from_dict
