@@ -216,3 +216,15 @@ def test_search_on_ray_and_the_lm_eval_cli_agree(ray_session, tiny, tmp_path):
     cli = [report["tiny_add_mc"]["acc,none"], report["tiny_add_gen"]["exact_match,strict"],
            report["tiny_rev_gen"]["exact_match,strict"]]
     assert float(np.mean(cli)) == pytest.approx(best["train_score"])  # 8 docs each: the plain mean
+
+
+def test_shipped_population_validates_and_counts_its_documents_without_a_model(tiny):
+    from evomerge.config import config_from_dict
+
+    data = yaml.safe_load((REPO / "populations" / "tiny-lm-lmeval.yaml").read_text())
+    data["seeds"] = [str(tiny / "models" / "expert_add"), str(tiny / "models" / "expert_rev")]
+    config = config_from_dict(data)
+    opts = dict(config.fitness.options)
+    opts.pop("model")  # models/tiny-lm may not exist here; the documents are counted without one
+    task = build_task("lm_eval", opts)  # include_path and the JSONL resolve from the repo (fitness/data)
+    assert task.num_datapoints == 400 and len(task.test_keys) == 400 and task._model is None
