@@ -36,6 +36,7 @@ bench: $(STAMP)
 	test -d models/tiny-lm/expert_add || $(BIN)/evomerge fixtures tiny-lm models/tiny-lm
 	$(BIN)/python benchmarks/tiny_lm.py
 	$(BIN)/python benchmarks/compare_tiny_lm.py
+	$(BIN)/python benchmarks/lm_eval_overhead.py
 	$(BIN)/python benchmarks/guided_dam.py
 	$(BIN)/python benchmarks/llm_scale.py
 

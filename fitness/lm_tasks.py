@@ -29,7 +29,7 @@ from fitness.lm_scoring import (
 )
 
 __all__ = [
-    "LMExactMatchTask", "LMAnswerLikelihoodTask", "LMTaskOptions", "exact_match_scores",
+    "LMExactMatchTask", "LMAnswerLikelihoodTask", "LMTaskOptions", "LMModelOptions", "BoundLMTask", "exact_match_scores",
     "answer_likelihood_scores", "flat_params_of", "load_causal_lm", "read_examples", "normalize_answer",
 ]
 
@@ -57,23 +57,15 @@ def flat_params_of(path: str | Path) -> np.ndarray:
 # tasks
 
 
-class LMTaskOptions(BaseModel):
+class LMModelOptions(BaseModel):
+    """The options every task that scores a bound causal LM shares (also `fitness/lm_eval_task.py`)."""
+
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(
         None, description="HF folder giving the architecture, tokenizer and chat template; default: the first "
                           "seed. Its weights are never read")
-    data: list[str] = Field(min_length=1, description="training JSONL files; scores are per line, files in order")
-    test_data: list[str] = Field(default_factory=list, description="held-out JSONL files for test_score")
-    max_new_tokens: int = Field(8, ge=1)
-    batch_size: int = Field(64, ge=1)
-    normalize: Literal["none", "strip", "lower"] = Field(
-        "strip", description="answer normalisation before comparing: none, strip whitespace, or strip + lowercase")
-    chat_template: bool = Field(False, description="wrap each prompt as a user message in the tokenizer's chat "
-                                                   "template (instruct checkpoints)")
     trust_remote_code: bool = False
-    limit: int | None = Field(None, ge=1, description="use only the first N lines of each file")
-    include_eos: bool = Field(True, description="likelihood task: the answer must also be followed by EOS")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype the candidates are merged into and scored in; auto: the seeds' own")
     device: str = Field("auto", description="auto (the worker's GPU when workers.num_gpus > 0, else the CPU), "
@@ -86,15 +78,32 @@ class LMTaskOptions(BaseModel):
                                 "workers.num_cpus, or torch's own setting outside a worker")
 
 
-class _LMTask(FitnessTask):
-    Options = LMTaskOptions
+class LMTaskOptions(LMModelOptions):
+    data: list[str] = Field(min_length=1, description="training JSONL files; scores are per line, files in order")
+    test_data: list[str] = Field(default_factory=list, description="held-out JSONL files for test_score")
+    max_new_tokens: int = Field(8, ge=1)
+    batch_size: int = Field(64, ge=1)
+    normalize: Literal["none", "strip", "lower"] = Field(
+        "strip", description="answer normalisation before comparing: none, strip whitespace, or strip + lowercase")
+    chat_template: bool = Field(False, description="wrap each prompt as a user message in the tokenizer's chat "
+                                                   "template (instruct checkpoints)")
+    limit: int | None = Field(None, ge=1, description="use only the first N lines of each file")
+    include_eos: bool = Field(True, description="likelihood task: the answer must also be followed by EOS")
+
+
+class BoundLMTask(FitnessTask):
+    """A causal LM whose parameters view one flat candidate buffer; subclasses score it.
+
+    Gives `candidate_buffer`, `_bind`, `model`, `tokenizer`, `device`, `dtype`, `dimension` and
+    `export` to any task whose options extend `LMModelOptions`.
+    """
+
+    Options = LMModelOptions
 
     def __init__(self, options: dict[str, Any] | BaseModel | None = None, seed: int = 0) -> None:
         super().__init__(options, seed=seed)
-        opts: LMTaskOptions = self.options  # type: ignore[assignment]
+        opts: LMModelOptions = self.options  # type: ignore[assignment]
         self.model_dir = resolve(opts.model, kind="dir") if opts.model else None
-        self.train_examples = read_all(opts.data, opts.limit)
-        self.test_examples = read_all(opts.test_data, opts.limit) if opts.test_data else []
         self._layout = None
         self._model = None  # built on first use: the population actor and the driver never build one
         self._tokenizer = None
@@ -128,10 +137,6 @@ class _LMTask(FitnessTask):
     @property
     def dimension(self) -> int:
         return int(self.layout.size)
-
-    @property
-    def num_datapoints(self) -> int:
-        return len(self.train_examples)
 
     # -- the model, built once on first use ---------------------------------------------------
     @property
@@ -208,6 +213,38 @@ class _LMTask(FitnessTask):
         copy_buffers(self._plan, flat)
         return True
 
+    def export(self, params: np.ndarray, out_dir: Path) -> list[Path]:
+        """A HF folder (config and tokenizer of the source folder, these weights by name) that `from_pretrained` opens."""
+        import torch
+
+        from evomerge.models import save_model_folder
+        from evomerge.models.save import HF_NAMES
+
+        arr = np.ascontiguousarray(params, dtype=np.float32)
+        if arr.shape != (self.dimension,):
+            raise ValueError(f"expected {self.dimension} parameters, got shape {arr.shape}")
+        flat = torch.from_numpy(arr)
+        tensors = {spec.name: flat[spec.offset:spec.offset + spec.numel].view(spec.shape)
+                   for spec in self.layout.tensors}
+        out = save_model_folder(tensors, Path(out_dir), source=self.source, dtype=HF_NAMES[self.dtype])
+        return sorted(p for p in Path(out).iterdir() if p.is_file())
+
+
+class _LMTask(BoundLMTask):
+    """Prompt/answer JSONL files, one datapoint per line."""
+
+    Options = LMTaskOptions
+
+    def __init__(self, options: dict[str, Any] | BaseModel | None = None, seed: int = 0) -> None:
+        super().__init__(options, seed=seed)
+        opts: LMTaskOptions = self.options  # type: ignore[assignment]
+        self.train_examples = read_all(opts.data, opts.limit)
+        self.test_examples = read_all(opts.test_data, opts.limit) if opts.test_data else []
+
+    @property
+    def num_datapoints(self) -> int:
+        return len(self.train_examples)
+
     def _scores(self, examples: list[Example]) -> np.ndarray:
         raise NotImplementedError
 
@@ -228,22 +265,6 @@ class _LMTask(FitnessTask):
 
     def _nonfinite(self, n: int) -> np.ndarray:
         return np.zeros(n, dtype=np.float32)
-
-    def export(self, params: np.ndarray, out_dir: Path) -> list[Path]:
-        """A HF folder (config and tokenizer of the source folder, these weights by name) that `from_pretrained` opens."""
-        import torch
-
-        from evomerge.models import save_model_folder
-        from evomerge.models.save import HF_NAMES
-
-        arr = np.ascontiguousarray(params, dtype=np.float32)
-        if arr.shape != (self.dimension,):
-            raise ValueError(f"expected {self.dimension} parameters, got shape {arr.shape}")
-        flat = torch.from_numpy(arr)
-        tensors = {spec.name: flat[spec.offset:spec.offset + spec.numel].view(spec.shape)
-                   for spec in self.layout.tensors}
-        out = save_model_folder(tensors, Path(out_dir), source=self.source, dtype=HF_NAMES[self.dtype])
-        return sorted(p for p in Path(out).iterdir() if p.is_file())
 
 
 @TASKS.register("lm_exact_match")
