@@ -137,8 +137,8 @@ def run_search(config: dict, run_dir: Path) -> dict:
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "evomerge.cli", "search", str(path), "--out", str(run_dir),
                              "--overwrite", "--quiet"], cwd=REPO_ROOT)
-    sampler = MemorySampler(proc.pid, lambda: any(p.name.startswith((".best", "best"))
-                                                  and p.is_dir() for p in run_dir.glob("*best*")))
+    # best.safetensors is written when the search is over, just before the export starts.
+    sampler = MemorySampler(proc.pid, lambda: (run_dir / "best.safetensors").is_file())
     sampler.start()
     rc = proc.wait()
     wall = time.perf_counter() - start

@@ -329,3 +329,18 @@ def test_generation_stops_at_every_eos_the_generation_config_lists(tiny, example
     # Each answer ends before its first listed token, which is at index 0 or 1.
     assert cut == [a[:1] if a[0] not in stop_chars else "" for a in plain]
     assert all(len(c) < len(a) for c, a in zip(cut, plain))
+
+
+def test_the_lm_head_gets_a_contiguous_input(tiny, examples):
+    """A strided slice into the head makes torch's CPU linear expand the weight per row (+2 GB a
+    forward at 1B bf16); the head must see a contiguous tensor, in scoring and in generation."""
+    from fitness.lm_scoring import answer_likelihood_scores
+
+    model, tok = load_causal_lm(str(tiny / "models" / "expert_add"))
+    seen = []
+    head = model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda m, args, out: seen.append(args[0].is_contiguous()))
+    answer_likelihood_scores(model, tok, examples, batch_size=6)
+    generate_answers(model, tok, [p for p, _ in examples], max_new_tokens=3, batch_size=6)
+    handle.remove()
+    assert seen and all(seen)
