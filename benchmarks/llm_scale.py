@@ -38,14 +38,9 @@ BEFORE_FIRST_SCORE_S = 99.0  # issue 14, measured on the old code at 1.06B
 
 # -- per-process memory, sampled from /proc ------------------------------------------------------
 def _rss_anon(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    from evomerge.engine.memory_plan import proc_bytes
+
+    return proc_bytes(f"/proc/{pid}/status", "RssAnon")
 
 
 def _cmdline(pid: int) -> str:

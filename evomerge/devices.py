@@ -10,17 +10,16 @@ from typing import Iterable
 import torch
 
 from evomerge.errors import ConfigError
+from evomerge.models.safetensors_format import DTYPES as SAFETENSORS_DTYPES
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-                                              "F64": torch.float64}
 
 
 def majority_dtype(specs: Iterable[tuple[int, str]]) -> torch.dtype:
     """The dtype holding most elements: a bf16 model that keeps a float32 buffer is still bf16."""
     counts: dict[torch.dtype, int] = {}
     for numel, name in specs:
-        dt = SAFETENSORS_DTYPES.get(name, torch.float32)
+        dt = SAFETENSORS_DTYPES.get(name, torch.float32)  # safetensors names (BF16, F32, ...)
         counts[dt] = counts.get(dt, 0) + numel
     return max(counts, key=counts.__getitem__) if counts else torch.float32
 

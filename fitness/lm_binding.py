@@ -16,7 +16,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -188,6 +188,3 @@ def all_finite(flat: torch.Tensor, chunk: int = 1 << 24) -> bool:
             return False
     return True
 
-
-def describe(plan: BindingPlan) -> dict[str, Any]:
-    return {"parameters": len(plan.params), "buffers": len(plan.buffers), "skipped": list(plan.skipped)}

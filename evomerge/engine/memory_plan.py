@@ -325,16 +325,21 @@ def check(plan: MemoryPlan, free_host_bytes: int | None, gpu_bytes: int | None) 
 
 # -- reading the machine -------------------------------------------------------------------------
 
-def free_host_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (None where there is none)."""
+def proc_bytes(path: str, key: str) -> int | None:
+    """A `Key:  N kB` line of a /proc file (meminfo, PID/status) in bytes; None where there is none."""
     try:
-        with open("/proc/meminfo") as fh:
+        with open(path) as fh:
             for line in fh:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(f"{key}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         return None
     return None
+
+
+def free_host_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (None where there is none)."""
+    return proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def gpu_total_bytes() -> int | None:

@@ -60,14 +60,15 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def check_seeds_once(paths: list[str], run_dir: Path, allow_pickle: bool = False) -> bool:
+def check_seeds_once(paths: list[str], run_dir: Path, allow_pickle: bool = False,
+                     fingerprint: str | None = None) -> bool:
     """Refuse non-finite or mismatched seeds unless this run folder already checked these files.
 
     Returns True when it ran the check, False when the record said it was done.
     """
     from evomerge.models import open_seeds
 
-    fingerprint = seed_fingerprint(paths, allow_pickle)
+    fingerprint = fingerprint or seed_fingerprint(paths, allow_pickle)
     record = _read_json(run_dir / FINITE_RECORD)
     if record is not None and record.get("fingerprint") == fingerprint:
         return False
@@ -82,7 +83,7 @@ def check_seeds_once(paths: list[str], run_dir: Path, allow_pickle: bool = False
 
 
 def cached_prefix_gram(basis: Any, paths: list[str], max_boundaries: int, run_dir: Path,
-                       allow_pickle: bool = False) -> tuple[PrefixGram, bool]:
+                       allow_pickle: bool = False, fingerprint: str | None = None) -> tuple[PrefixGram, bool]:
     """The seeds' prefix Gram from `run_dir`'s cache when it matches, else computed and cached.
 
     Returns (gram, computed). A cache that is unreadable or for other seeds or another grid is
@@ -91,7 +92,7 @@ def cached_prefix_gram(basis: Any, paths: list[str], max_boundaries: int, run_di
     from safetensors import SafetensorError, safe_open
     from safetensors.numpy import save
 
-    key = {"fingerprint": seed_fingerprint(paths, allow_pickle), "max_boundaries": str(int(max_boundaries)),
+    key = {"fingerprint": fingerprint or seed_fingerprint(paths, allow_pickle), "max_boundaries": str(int(max_boundaries)),
            "size": str(int(basis.size)), "num_seeds": str(int(basis.num_seeds))}
     path = run_dir / GRAM_FILE
     if path.is_file():
@@ -120,12 +121,14 @@ def prepare_seeds(config: Any, run_dir: Path) -> tuple[PrefixGram | None, bool]:
     if not isinstance(config.seeds, list) or not config.seeds:
         return None, False
     paths = list(config.seeds)
-    check_seeds_once(paths, run_dir, config.allow_pickle)
+    fingerprint = seed_fingerprint(paths, config.allow_pickle)  # headers read once for both records
+    check_seeds_once(paths, run_dir, config.allow_pickle, fingerprint)
     if genome_kind(config) != "recipe":
         return None, True
     basis = checkpoint_basis(paths, allow_pickle=config.allow_pickle, check_finite=False)
     try:
-        gram, _ = cached_prefix_gram(basis, paths, config.genome.max_boundaries, run_dir, config.allow_pickle)
+        gram, _ = cached_prefix_gram(basis, paths, config.genome.max_boundaries, run_dir, config.allow_pickle,
+                                     fingerprint)
     finally:
         for ckpt in getattr(basis, "checkpoints", []):
             ckpt.close()
