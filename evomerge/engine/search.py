@@ -27,7 +27,7 @@ from evomerge.engine.population import EvalRecord
 from evomerge.engine.interrupts import Interrupted, InterruptGuard
 from evomerge.engine.results import finish_run
 from evomerge.errors import EvomergeError
-from evomerge.tracking.recorder import TrialRecorder
+from evomerge.tracking.recorder import TrialRecorder, refuse_existing_study
 from evomerge.tracking.storage import JOURNAL_NAME, open_storage, storage_url
 
 RUN_FILES = ("summary.json", "best.json", "best.safetensors", "config.json", JOURNAL_NAME)
@@ -139,12 +139,23 @@ def _execute(config: SearchConfig, options: SearchOptions, restore: _Restore | N
     study_name = config.optuna.study_name or config.name
     storage = open_storage(url)
     if restore is None:
-        recorder = TrialRecorder(storage, study_name, study_attrs={
-            "config_hash": config.hash(), "strategy": config.strategy.name, "fitness": config.fitness.task})
-    else:
-        recorder = TrialRecorder(storage, study_name, create=False)
+        refuse_existing_study(storage, study_name)  # before any actor starts
     workers = start_workers(config, seeds_checked=checked)
     population = RemotePopulation.remote(config.model_dump(mode="json"), workers, gram, checked)
+    try:
+        # The study has one objective per group of the task's datapoints (None: one objective).
+        groups = ray.get(population.groups.remote())
+        if restore is None:
+            recorder = TrialRecorder(storage, study_name, groups=groups, study_attrs={
+                "config_hash": config.hash(), "strategy": config.strategy.name, "fitness": config.fitness.task})
+        else:
+            recorder = TrialRecorder(storage, study_name, create=False, groups=groups)
+    except BaseException:
+        for actor in [population, *workers]:
+            ray.kill(actor)
+        if started_ray:
+            ray.shutdown()
+        raise
     previous_seconds = 0.0
     if restore is not None:
         ray.get(population.load_state_dict.remote(restore.meta["population"], restore.arrays))

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from evomerge.config import SearchConfig
+from evomerge.engine.population import finite_scores
 from evomerge.engine.basis_spec import build_basis, genome_kind, task_context
 from evomerge.engine.timeouts import Alarm, EvaluationTimeout
 from evomerge.genomes.columns import ColumnGenome
@@ -145,8 +146,9 @@ class FitnessWorker:
                 evaluation = Evaluation(member_id, scores)
                 # The same mean the population compares with its best (it travels with the scores).
                 if test_above is None or evaluation.train_score > test_above:  # NaN: not tested
-                    test = self.task.test_score(params)
+                    test, by_group = self.task.held_out(params)
                     evaluation.test_score = None if test is None else float(test)
+                    evaluation.test_scores = finite_scores(by_group)
             evaluation.seconds = time.perf_counter() - start
             return evaluation
         except EvaluationTimeout as exc:
