@@ -64,6 +64,12 @@ class FitnessTask(ABC):
         """Called by the engine before any evaluation; a task that needs none of it ignores it."""
         self.context = context
 
+    @classmethod
+    def preflight(cls, options: dict[str, Any], context: TaskContext) -> None:
+        """The driver's check before any worker starts (ValueError with the reason): a task that
+        binds the seeds into a model checks names and shapes here, so a wrong architecture stops
+        the search at once instead of failing every evaluation. Must hold nothing model-sized."""
+
     @property
     @abstractmethod
     def dimension(self) -> int:

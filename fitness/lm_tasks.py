@@ -169,6 +169,17 @@ class BoundLMTask(FitnessTask):
         if self.model_dir is None and context.seeds:
             self.model_dir = resolve(context.seeds[0], kind="dir")
 
+    @classmethod
+    def preflight(cls, options: dict[str, Any], context) -> None:
+        """The seeds' names and shapes against the architecture, on a meta-device model."""
+        from fitness.lm_binding import check_binding
+
+        opts = cls.Options.model_validate(options or {})
+        folder = opts.model or (context.seeds[0] if context.seeds else None)
+        if folder is None or context.layout is None:
+            return
+        check_binding(resolve(folder, kind="dir"), context.layout, opts.trust_remote_code)
+
     @property
     def source(self) -> Path:
         if self.model_dir is None:

@@ -22,6 +22,7 @@ from evomerge import snapshots
 from evomerge.config import MISSING, SearchConfig, config_from_dict, field_default_json, submodel
 from evomerge.engine import memory_plan, raysession
 from evomerge.engine.actors import RemotePopulation, start_workers
+from evomerge.engine.basis_spec import preflight_task
 from evomerge.engine.seed_cache import prepare_seeds
 from evomerge.engine.population import EvalRecord
 from evomerge.engine.interrupts import Interrupted, InterruptGuard
@@ -129,6 +130,7 @@ def _execute(config: SearchConfig, options: SearchOptions, restore: _Restore | N
     started_ray = raysession.connect(config, options.address)
     try:  # before any worker starts: a search that cannot fit stops here, naming the option
         memory_plan.check_before_start(config, local=_single_node())
+        preflight_task(config)  # a model whose names or shapes differ from the seeds' stops here
         # One pass over the seeds (finite check, prefix Gram), or none when the run folder has it.
         gram, checked = prepare_seeds(config, out_dir)
     except BaseException:
