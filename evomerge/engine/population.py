@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from evomerge.strategies.base import Candidate, Evaluation, Strategy
+from evomerge.tracking import replay_payload
 
 
 @dataclass
@@ -30,6 +31,8 @@ class EvalRecord:
     best_train: float | None = None
     best_test: float | None = None
     intermediate: dict[int, float] | None = None  # e.g. DAM's training curve, on one trial
+    started: float | None = None  # wall clock when the worker began it (None: never ran)
+    replay: dict[str, Any] | None = None  # what a resume needs to tell it back (replay_payload.py)
 
     @property
     def failed(self) -> bool:
@@ -70,6 +73,12 @@ def mean_staleness(population_meta: dict[str, Any]) -> float | None:
     return total / count if count else None
 
 
+def recovery(population_meta: dict[str, Any]) -> dict[str, int]:
+    """What resumes saved, from a snapshot's population state: evaluations replayed from the
+    study, children sent out again, evaluations redone (all 0 for a search never resumed)."""
+    return {"replayed": 0, "resent": 0, "redone": 0, **population_meta.get("recovery", {})}
+
+
 class Population:
     def __init__(self, strategy: Strategy, budget: int, test_every: str = "best") -> None:
         if test_every not in ("best", "all"):
@@ -87,6 +96,12 @@ class Population:
         self._asked_at: dict[int, int] = {}
         self.staleness_total = 0
         self.staleness_count = 0
+        # Replay payloads on trials (off only to measure what they cost): the strategy's ask
+        # state after each ask, kept until the child is told.
+        self.record_replay = True
+        self._ask_states: dict[int, Any] = {}
+        # What resumes saved: evaluations told back from the study, children re-sent, redone.
+        self.recovery = {"replayed": 0, "resent": 0, "redone": 0}
 
     @property
     def done(self) -> bool:
@@ -107,8 +122,14 @@ class Population:
             return None
         return -math.inf if self.best is None else self.best.train_score
 
+    @property
+    def unasked(self) -> int:
+        """Evaluations of the budget not yet asked for. Not `budget - issued`: a child asked
+        before a crash and never recorded keeps its id out of use, but not its evaluation."""
+        return self.budget - self.told - len(self.inflight)
+
     def ask(self) -> Candidate | None:
-        if self.issued >= self.budget or self.strategy.exhausted:
+        if self.unasked <= 0 or self.strategy.exhausted:
             return None
         candidate = self.strategy.ask()
         if candidate is None:
@@ -117,6 +138,10 @@ class Population:
         self.issued += 1
         self.inflight[candidate.member_id] = candidate
         self._asked_at[candidate.member_id] = self.told
+        if self.record_replay:
+            state = self.strategy.ask_state()
+            if state is not None:
+                self._ask_states[candidate.member_id] = state
         return candidate
 
     def ask_batch(self, size: int) -> list[Candidate]:
@@ -133,12 +158,14 @@ class Population:
     def tell(self, evaluation: Evaluation) -> EvalRecord:
         candidate = self.inflight.pop(evaluation.member_id)
         asked_at = self._asked_at.pop(evaluation.member_id, None)  # None: re-sent after a resume
+        ask_state = self._ask_states.pop(evaluation.member_id, None)
         if asked_at is not None:
             self.staleness_total += self.told - asked_at
             self.staleness_count += 1
         problem = evaluation.error if evaluation.error else check_scores(evaluation.scores, self.strategy.problem.num_datapoints)
         if problem is not None:
-            evaluation = Evaluation(evaluation.member_id, None, None, problem, evaluation.seconds)
+            evaluation = Evaluation(evaluation.member_id, None, None, problem, evaluation.seconds,
+                                    started=evaluation.started)
             self.failed += 1
         self.strategy.tell(candidate, evaluation)
         train = evaluation.train_score
@@ -155,6 +182,9 @@ class Population:
             error=evaluation.error,
             best_train=self.best.train_score if self.best else None,
             best_test=self.best.test_score if self.best else None, intermediate=intermediate,
+            started=evaluation.started,
+            replay=replay_payload.encode(evaluation.scores, asked_at, candidate.origin, ask_state)
+            if self.record_replay else None,
         )
         self.told += 1
         return record
@@ -170,7 +200,7 @@ class Population:
             "best": None if self.best is None else {
                 "member_id": self.best.member_id, "train_score": self.best.train_score,
                 "test_score": self.best.test_score},
-            "archive": self.strategy.archive_summary(),
+            "archive": self.strategy.archive_summary(), "recovery": dict(self.recovery),
         }
 
     # -- snapshots -----------------------------------------------------------------------------
@@ -191,7 +221,9 @@ class Population:
             arrays.update(space.pack([self.best.genome], "best"))
         meta = {"issued": self.issued, "told": self.told, "failed": self.failed, "budget": self.budget,
                 "inflight": inflight, "best": best, "strategy": strategy_meta,
-                "staleness": [self.staleness_total, self.staleness_count]}
+                "staleness": [self.staleness_total, self.staleness_count], "recovery": dict(self.recovery),
+                "asked_at": {str(k): v for k, v in self._asked_at.items()},
+                "ask_states": {str(k): v for k, v in self._ask_states.items()}}
         return meta, arrays
 
     def load_state_dict(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> list[Candidate]:
@@ -201,7 +233,11 @@ class Population:
                                       {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
         self.issued, self.told, self.failed = int(meta["issued"]), int(meta["told"]), int(meta["failed"])
         self.staleness_total, self.staleness_count = (int(v) for v in meta.get("staleness", (0, 0)))
-        self._asked_at = {}
+        # Children in flight keep their ask order and ask state, so that their trials can be
+        # replayed after a later crash (snapshots older than replay lack both: {}).
+        self._asked_at = {int(k): int(v) for k, v in meta.get("asked_at", {}).items()}
+        self._ask_states = {int(k): v for k, v in meta.get("ask_states", {}).items()}
+        self.recovery = {**{"replayed": 0, "resent": 0, "redone": 0}, **meta.get("recovery", {})}
         space = self.strategy.problem.space
         self.best = None
         if meta.get("best"):

@@ -7,6 +7,8 @@ trial reads back the same whichever storage holds it.
 from __future__ import annotations
 
 import functools
+import time
+from datetime import datetime
 from typing import Any
 
 import optuna
@@ -14,6 +16,7 @@ from optuna.distributions import FloatDistribution, IntDistribution, distributio
 from optuna.trial import TrialState, create_trial
 
 from evomerge.engine.population import EvalRecord
+from evomerge.tracking.replay_payload import ATTR as REPLAY_ATTR
 
 UNIT = FloatDistribution(0.0, 1.0)
 
@@ -49,7 +52,18 @@ def user_attrs(record: EvalRecord) -> dict[str, Any]:
     }
     if record.failed:
         attrs["error"] = record.error
+    if record.replay is not None:
+        attrs[REPLAY_ATTR] = record.replay
     return attrs
+
+
+def trial_times(record: EvalRecord, now: float | None = None) -> tuple[float, float]:
+    """(start, complete) of the evaluation itself, as time.time() seconds: the dashboard's
+    duration and timeline. A record no worker ran (e.g. failed after its worker died) ends now."""
+    if record.started is None:
+        end = time.time() if now is None else now
+        return end - record.seconds, end
+    return record.started, record.started + record.seconds
 
 
 def record_to_trial(record: EvalRecord) -> optuna.trial.FrozenTrial:
@@ -58,6 +72,11 @@ def record_to_trial(record: EvalRecord) -> optuna.trial.FrozenTrial:
     distributions = {name: distribution_for(distribution_key(v)) for name, v in record.params.items()}
     attrs = user_attrs(record)
     if record.failed:
-        return create_trial(state=TrialState.FAIL, params=params, distributions=distributions, user_attrs=attrs)
-    return create_trial(value=record.train_score, params=params, distributions=distributions, user_attrs=attrs,
-                        intermediate_values=record.intermediate)
+        trial = create_trial(state=TrialState.FAIL, params=params, distributions=distributions, user_attrs=attrs)
+    else:
+        trial = create_trial(value=record.train_score, params=params, distributions=distributions, user_attrs=attrs,
+                             intermediate_values=record.intermediate)
+    start, complete = trial_times(record)
+    # create_trial's clock (naive local time), at the evaluation's own start and end.
+    trial.datetime_start, trial.datetime_complete = datetime.fromtimestamp(start), datetime.fromtimestamp(complete)
+    return trial
