@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import socket
 from pathlib import Path
 
 import ray
@@ -63,27 +65,64 @@ def _is_auth_error(exc: BaseException) -> bool:
     return any(word in text for word in ("authtoken", "auth token", "authentication", "unauthenticated"))
 
 
+def _auth_error(address: str) -> EvomergeError:
+    have = "the token found is not the cluster's" if token_available() else f"no token was found ({TOKEN_SOURCES})"
+    return EvomergeError(
+        f"the Ray cluster at {address} requires token authentication and {have}; copy the head node's "
+        "~/.ray/auth_token to this machine (or set RAY_AUTH_TOKEN to it: `ray get-auth-token` on the head "
+        "prints it), then run the search again")
+
+
+def _unreachable_error(address: str, detail: str) -> EvomergeError:
+    return EvomergeError(
+        f"could not reach a Ray cluster at {address} ({detail}); check that `ray start --head` runs there "
+        "(`ray status` on the head), that HOST:PORT is the head's GCS address (port 6379 by default), and "
+        "that no firewall blocks the port")
+
+
+PROBE_SECONDS = 5.0
+
+
+def probe(address: str, timeout: float = PROBE_SECONDS) -> None:
+    """Two cheap checks before `ray.init`, which, given no cluster or a wrong token, logs a retry
+    a second for 20-40 s and then raises a bare ConnectionError: a TCP connect to HOST:PORT, then
+    one GCS client (it answers a missing or wrong token at once). Raises the error that names the
+    fix; returns when both pass (or cannot be made: then ray.init speaks for itself)."""
+    match = re.fullmatch(r"\[?([\w.\-:]+?)\]?:(\d+)", address)
+    if match is None:
+        return
+    try:
+        socket.create_connection((match.group(1), int(match.group(2))), timeout=timeout).close()
+    except OSError as exc:
+        raise _unreachable_error(address, exc.strerror or type(exc).__name__) from None
+    try:
+        from ray._raylet import GcsClient
+        from ray.exceptions import AuthenticationError
+    except ImportError:  # another Ray
+        return
+    try:
+        GcsClient(address=address, cluster_id=None)
+    except AuthenticationError:
+        raise _auth_error(address) from None
+    except Exception:
+        return
+
+
 def join_cluster(address: str) -> None:
     """`ray.init(address=...)`, with errors that say what to fix instead of a traceback."""
     if address != "auto":
         use_token_if_present()
+        probe(address)
     try:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
     except Exception as exc:
         _shutdown_quietly()
         if _is_auth_error(exc):
-            have = "the token found does not match the cluster's" if token_available() else \
-                f"no token was found ({TOKEN_SOURCES})"
-            raise EvomergeError(
-                f"the Ray cluster at {address} requires token authentication and {have}; copy the head "
-                "node's ~/.ray/auth_token to this machine (or set RAY_AUTH_TOKEN to it: `ray get-auth-token` "
-                "on the head prints it), then run the search again") from None
-        if isinstance(exc, (ConnectionError, TimeoutError)) or "connect" in str(exc).lower() or \
-                "unavailable" in str(exc).lower():
-            raise EvomergeError(
-                f"could not reach a Ray cluster at {address} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                "check that `ray start --head` runs there (`ray status` on the head), that HOST:PORT is the "
-                "head's GCS address (port 6379 by default), and that no firewall blocks the port") from None
+            raise _auth_error(address) from None
+        text = str(exc)
+        if isinstance(exc, (ConnectionError, TimeoutError)) or "connect" in text.lower():
+            raise _unreachable_error(address, f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}") \
+                from None
         raise
 
 
