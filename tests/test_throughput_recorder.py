@@ -22,7 +22,7 @@ def _records(n: int) -> list[EvalRecord]:
             number=i, member_id=i, train_score=None if error else i / n, test_score=None if error else 0.5,
             params={} if i == 0 else params, parents=[] if i == 0 else [i // 2, i // 3], generation=i % 5,
             seconds=0.001 * i, error=error, intermediate={0: 0.1, 4: 0.3} if i == 5 else None,
-            started=1_700_000_000.25 + 3 * i, replay={"v": 1, "a": i, "g": None} if i % 2 else None))
+            started=1_700_000_000.25 + 3 * i, replay=f'{{"v":1,"a":{i},"g":null,"s":"b:sIA="}}' if i % 2 else None))
     return records
 
 

@@ -32,7 +32,7 @@ class EvalRecord:
     best_test: float | None = None
     intermediate: dict[int, float] | None = None  # e.g. DAM's training curve, on one trial
     started: float | None = None  # wall clock when the worker began it (None: never ran)
-    replay: dict[str, Any] | None = None  # what a resume needs to tell it back (replay_payload.py)
+    replay: str | None = None  # what a resume needs to tell it back, as JSON text (replay_payload.py)
 
     @property
     def failed(self) -> bool:
@@ -183,7 +183,7 @@ class Population:
             best_train=self.best.train_score if self.best else None,
             best_test=self.best.test_score if self.best else None, intermediate=intermediate,
             started=evaluation.started,
-            replay=replay_payload.encode(evaluation.scores, asked_at, candidate.origin, ask_state)
+            replay=replay_payload.encode_text(evaluation.scores, asked_at, candidate.origin, ask_state)
             if self.record_replay else None,
         )
         self.told += 1

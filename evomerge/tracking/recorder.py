@@ -23,6 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.engine.population import EvalRecord
 from evomerge.tracking.rdb_writer import bulk_writer_for
+from evomerge.tracking.replay_payload import ATTR as REPLAY_ATTR
 from evomerge.tracking.trial_record import (distribution_for, distribution_json, distribution_key, record_to_trial,
                                            trial_times, user_attrs)
 
@@ -114,7 +115,9 @@ class JournalBulkWriter:
                 raise ValueError(f"`{v}` is invalid value.")
             distributions.append(member_json)
             params.append(f"{name_json}:{_number(internal)}")
-        attrs = json.dumps(user_attrs(record), separators=(",", ":"))
+        attrs = json.dumps(user_attrs(record, replay=False), separators=(",", ":"))
+        if record.replay is not None:  # compact JSON already, as json.dumps would write it here
+            attrs = f'{attrs[:-1]},"{REPLAY_ATTR}":{record.replay}}}'
         curve = "{}" if record.failed or not record.intermediate else \
             json.dumps(dict(record.intermediate), separators=(",", ":"))
         start, complete = trial_times(record, now)

@@ -7,6 +7,7 @@ trial reads back the same whichever storage holds it.
 from __future__ import annotations
 
 import functools
+import json
 import time
 from datetime import datetime
 from typing import Any
@@ -45,15 +46,17 @@ def distribution_json(distribution: Any) -> str:
     return distribution_to_json(distribution)
 
 
-def user_attrs(record: EvalRecord) -> dict[str, Any]:
+def user_attrs(record: EvalRecord, replay: bool = True) -> dict[str, Any]:
+    """The trial's user attributes; `replay=False` leaves out the replay payload, which the
+    journal writer splices in as the JSON text it already is."""
     attrs: dict[str, Any] = {
         "member_id": record.member_id, "parents": record.parents, "generation": record.generation,
         "test_score": record.test_score, "seconds": round(record.seconds, 6), "evaluation": record.number,
     }
     if record.failed:
         attrs["error"] = record.error
-    if record.replay is not None:
-        attrs[REPLAY_ATTR] = record.replay
+    if replay and record.replay is not None:
+        attrs[REPLAY_ATTR] = json.loads(record.replay)
     return attrs
 
 
