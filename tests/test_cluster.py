@@ -189,6 +189,7 @@ def test_explicit_address_uses_the_token_like_auto(default_auth_cluster, tmp_pat
     assert "~/.ray/auth_token" in result.stderr and "RAY_AUTH_TOKEN" in result.stderr
 
 
+@pytest.mark.slow
 def test_unreachable_address_names_it_without_a_traceback(tmp_path):
     port = free_port()  # nothing listens there
     cluster = _Cluster(f"127.0.0.1:{port}", {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},

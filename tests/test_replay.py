@@ -127,17 +127,18 @@ def _after_snapshot_by(trials: int, every: int = 100):
 
 
 def _kill_and_resume(ray_session, tmp_path: Path, ready, budget: int = 400, every: int = 100,
-                     sync: bool = False) -> tuple[dict, list, list, int]:
+                     config: dict | None = None) -> tuple[dict, list, int]:
     log = tmp_path / "evaluations.log"
-    config = _config("replay", log, budget, every, sync=sync)
+    if config is None:
+        config = _config("replay", log, budget, every)
     out = _kill_when(tmp_path, config, ready)
     assert not (out / "summary.json").exists(), "the search finished before it was killed"
-    before = [_view(t) for t in _study(out, "replay").get_trials(deepcopy=False)]
+    before = [_view(t) for t in _study(out, config["name"]).get_trials(deepcopy=False)]
     evaluated_before, _ = read_log(log)
     step = int(snapshots.load_latest_snapshot(out)[1]["population"]["told"])
     summary = resume_search(out, SearchOptions(out_dir=out, progress=False))
     evaluated_after = read_log(log)[0] - evaluated_before
-    after = _study(out, "replay").get_trials(deepcopy=False)
+    after = _study(out, config["name"]).get_trials(deepcopy=False)
     # trials = evaluations = budget, member ids unique, nothing recorded before the kill changed
     assert summary["evaluations"] == budget == len(after)
     assert [t.number for t in after] == list(range(budget))
@@ -172,6 +173,29 @@ def test_kill_just_before_the_next_snapshot(ray_session, tmp_path):
     assert len(before) >= step + 85
 
 
+@pytest.mark.slow
+def test_tiny_lm_recipe_search_replays_recipes_after_a_kill(ray_session, tmp_path):
+    from evomerge.fixtures.tiny_lm import make_tiny_lm
+
+    info = make_tiny_lm(tmp_path / "models", scale="test", seed=0, data_dir=tmp_path / "data")
+    log = tmp_path / "evaluations.log"
+    options = {"model": info["models"]["base"], "data": [info["data"]["add_train"], info["data"]["rev_train"]],
+               "limit": 16, "max_new_tokens": 6, "batch_size": 32, "log": str(log)}
+    config = {"name": "tiny", "seed": 0, "seeds": [info["models"]["expert_add"], info["models"]["expert_rev"]],
+              "fitness": {"task": "counting_lm_tasks:CountingExactMatch", "options": options},
+              "strategy": {"name": "m2n2", "options": {"mutation_sigma": 0.0}},
+              "budget": {"evaluations": 60}, "workers": {"count": 2, "batch": 1},
+              "snapshots": {"every": 20}, "ray": {"num_cpus": 2, "object_store_memory_mb": 100}}
+    summary, before, step = _kill_and_resume(ray_session, tmp_path, _after_snapshot_by(8, every=20), budget=60,
+                                             config=config)
+    assert summary["recovery"]["replayed"] >= 8
+    attrs = [view[4] for view in before if view[0] >= step]  # the trials told back
+    # the payload names recipe children by lineage: parents, slots, split and mix ratio
+    assert all("lineage" in a["replay"]["g"] for a in attrs if a["parents"])
+    print("payload bytes per trial (tiny LM):", np.mean([len(json.dumps(a["replay"], separators=(",", ":")))
+                                                        for a in attrs]))
+
+
 # -- sync mode: bitwise, and a corrupt payload ---------------------------------------------------
 @pytest.fixture(scope="module")
 def sync_run(ray_session, tmp_path_factory) -> tuple[Path, dict]:
@@ -203,6 +227,7 @@ def _arrays(run_dir: Path) -> dict[str, np.ndarray]:
     return snapshots.load_latest_snapshot(run_dir)[2]
 
 
+@pytest.mark.slow  # tests/test_resume.py's kill -9 test covers sync replay in CI (bitwise, redone 0)
 def test_sync_replay_is_bitwise_the_uninterrupted_search(sync_run, tmp_path):
     reference, _ = sync_run
     out, step = _crashed_copy(reference, tmp_path)
@@ -234,22 +259,28 @@ def _corrupt_trial(run_dir: Path, number: int) -> None:
 def test_corrupt_payload_falls_back_with_a_warning(sync_run, tmp_path, capsys):
     reference, _ = sync_run
     out, step = _crashed_copy(reference, tmp_path)
-    bad = step + (300 - step) // 2
+    bad = step + (300 - step) // 2 + 1
+    trials = _study(out, "sync").get_trials(deepcopy=False)
+    asked = trials[bad].user_attrs["replay"]["a"]
+    round_start = min(t.number for t in trials if t.user_attrs["replay"]["a"] == asked)
+    assert step <= round_start < bad  # a sync round of 8 asked together: the replay stops at its start
     _corrupt_trial(out, bad)
     log = Path(json.loads((out / "config.json").read_text())["fitness"]["options"]["log"])
     evaluated = read_log(log)[0]
     summary = resume_search(out, SearchOptions(out_dir=out, progress=False))
     err = capsys.readouterr().err
     assert f"trial {bad} cannot be replayed: scores are not valid base64" in err
-    assert f"evaluates again the {300 - bad} evaluation(s) recorded from trial {bad} on" in err
-    assert summary["recovery"] == {"replayed": bad - step, "resent": 0, "redone": 300 - bad}
-    assert read_log(log)[0] - evaluated == 300 - bad
-    trials = _study(out, "sync").get_trials(deepcopy=False)
-    assert len(trials) == summary["evaluations"] == 300
-    assert len({t.user_attrs["member_id"] for t in trials}) == 300
-    issued = snapshots.load_latest_snapshot(out)[1]["population"]["issued"]
-    assert issued == 300 + (300 - bad)  # the redone children got ids past every id in the study
-    assert json.loads((out / "summary.json").read_text())["recovery"]["redone"] == 300 - bad
+    assert f"evaluates again the {300 - round_start} evaluation(s) recorded from trial {round_start} on" in err
+    assert summary["recovery"] == {"replayed": round_start - step, "resent": 0, "redone": 300 - round_start}
+    assert read_log(log)[0] - evaluated == 300 - round_start
+    after = _study(out, "sync").get_trials(deepcopy=False)
+    assert len(after) == summary["evaluations"] == 300
+    assert len({t.user_attrs["member_id"] for t in after}) == 300
+    assert json.loads((out / "summary.json").read_text())["recovery"]["redone"] == 300 - round_start
+    # sync mode: redoing the round from its start asks the same children again, bit for bit
+    a, b = _arrays(out), _arrays(reference)
+    for key in ("strategy/genomes/values", "strategy/scores", "strategy/ids", "best/values"):
+        assert a[key].tobytes() == b[key].tobytes(), key
 
 
 def test_trial_durations_are_the_evaluations_own(sync_run):

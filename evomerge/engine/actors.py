@@ -73,6 +73,7 @@ class PopulationActor:
         self.population = build_population(config, problem)
         # Workers breed dense children from their lineage: see evomerge/genomes/offspring.py.
         self.population.strategy.problem.space.defer_breeding = config.workers.breed_on_workers
+        self.sync = config.sync
         self.dispatcher = Dispatcher(
             self.population, workers, batch=config.workers.batch, sync=config.sync,
             max_retries_per_child=config.workers.max_retries_per_child,
@@ -94,7 +95,7 @@ class PopulationActor:
         """Restore a snapshot, tell back the trials recorded after it (engine/replay.py), and
         send out again the children still in flight; returns the replay report."""
         self.population.load_state_dict(meta, arrays)
-        report = replay(self.population, entries or [], study_max_member)
+        report = replay(self.population, entries or [], study_max_member, sync=self.sync)
         self.dispatcher.requeue(list(self.population.inflight.values()))
         return report.as_dict()
 

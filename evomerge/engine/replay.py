@@ -105,6 +105,16 @@ def rebuild_genome(origin: Any, space: Any, members: dict[int, Any]) -> Any:
     raise PayloadError(f"unknown genome origin {sorted(origin)}")
 
 
+def _round_start(entries: list[TrialEntry], index: int) -> int:
+    """The first entry of the sync round `entries[index]` belongs to (its children share an ask order)."""
+    asked = entries[index].payload.get("a") if isinstance(entries[index].payload, dict) else None
+    if asked is None:  # unknown: it may belong to the round before it, so start that one again
+        return _round_start(entries, index - 1) if index > 0 else 0
+    while index > 0 and isinstance(entries[index - 1].payload, dict) and entries[index - 1].payload.get("a") == asked:
+        index -= 1
+    return index
+
+
 def _same_params(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return a.keys() == b.keys() and all(float(a[k]) == float(b[k]) for k in a)
 
@@ -142,8 +152,28 @@ def _evaluation(entry: TrialEntry, payload: dict[str, Any], num_datapoints: int)
     return Evaluation(int(entry.member_id), scores, entry.test_score, None, entry.seconds, mean)  # type: ignore[arg-type]
 
 
-def replay(population: Population, entries: list[TrialEntry], study_max_member: int = -1) -> ReplayReport:
-    """Tell `entries` (the trials after the snapshot the population was loaded from) back to it."""
+def _first_unreadable(entries: list[TrialEntry], num_datapoints: int) -> tuple[int, str] | None:
+    """The first entry whose payload cannot even be read, before anything is told."""
+    for index, entry in enumerate(entries):
+        try:
+            payload = replay_payload.decode(entry.payload)
+            if not entry.failed:
+                replay_payload.decode_scores(payload.get("s"), num_datapoints)  # type: ignore[arg-type]
+            origin = payload.get("g")
+            if isinstance(origin, dict) and "lineage" in origin:
+                replay_payload.decode_lineage(origin["lineage"])
+        except PayloadError as exc:
+            return index, str(exc)
+    return None
+
+
+def replay(population: Population, entries: list[TrialEntry], study_max_member: int = -1,
+           sync: bool = False) -> ReplayReport:
+    """Tell `entries` (the trials after the snapshot the population was loaded from) back to it.
+
+    `sync`: rounds of children are asked together and told in id order. A replay that must stop
+    inside a round stops at the round's start instead, so that the search asks that round again
+    as it did, bit for bit (its children get their ids back; their trials are not written again)."""
     strategy = population.strategy
     space = strategy.problem.space
     first_new_id = population.issued
@@ -154,18 +184,27 @@ def replay(population: Population, entries: list[TrialEntry], study_max_member: 
         if isinstance(origin, dict) and isinstance(origin.get("lineage"), list) and origin["lineage"]:
             needed.update(m for m in origin["lineage"][0] if isinstance(m, int))
     report = ReplayReport()
+    stop, why = len(entries), None
+    unreadable = _first_unreadable(entries, strategy.problem.num_datapoints)
+    if unreadable is not None:
+        stop, why = unreadable[0], f"trial {entries[unreadable[0]].number} cannot be replayed: {unreadable[1]}"
+        if sync:
+            stop = _round_start(entries, stop)
     newest: tuple[int, Any] | None = None
     seen: set[int] = set()
     recording, population.record_replay = population.record_replay, False
     try:
         for index, entry in enumerate(entries):
+            if index == stop:
+                report.problem, report.first_redone, report.redone = why, entry.number, len(entries) - index
+                break
             try:
                 if entry.number != population.told:
                     raise PayloadError(f"it is numbered {entry.number} but {population.told} evaluations are told")
                 payload = replay_payload.decode(entry.payload)
                 candidate = _candidate(entry, payload, population, members, first_new_id, seen)
                 evaluation = _evaluation(entry, payload, strategy.problem.num_datapoints)
-            except PayloadError as exc:
+            except PayloadError as exc:  # found while telling: the tells before it stand
                 report.problem = f"trial {entry.number} cannot be replayed: {exc}"
                 report.first_redone, report.redone = entry.number, len(entries) - index
                 break
@@ -187,8 +226,9 @@ def replay(population: Population, entries: list[TrialEntry], study_max_member: 
     if newest is not None:  # the next ask continues where the crashed search's newest ask left off
         population.issued = max(population.issued, newest[0] + 1)
         strategy.set_ask_state(newest[1])
-    if report.redone:
-        # Trials from the stop on stay in the study: their member ids must not come back.
+    if report.redone and not sync:
+        # Trials from the stop on stay in the study: their member ids must not come back (in
+        # sync mode the same children come back under the same ids, and are not written again).
         population.issued = max(population.issued, study_max_member + 1)
         taken = {e.member_id for e in entries[report.replayed:]}
         for old in sorted(m for m in population.inflight if m in taken):
