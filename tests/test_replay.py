@@ -292,3 +292,87 @@ def test_trial_durations_are_the_evaluations_own(sync_run):
     assert all(t.duration.total_seconds() > 0 for t in trials)
     # a batch is recorded together, but its trials start one after the other on their worker
     assert len({t.datetime_start for t in trials}) > len(trials) // 2
+
+
+# -- the replay itself, in one process (no Ray): async interleaving, and the fallback's ids ------
+def _async_run(told_at_snapshot: int, told_at_crash: int, in_flight: int = 6):
+    """An M2N2 digits search in one process with `in_flight` children out at a time (told oldest
+    first, as an async search interleaves asks and tells); the snapshot's state, the records
+    after it, and the population as the crash left it."""
+    from evomerge.engine.actors import build_population
+    from evomerge.engine.worker import FitnessWorker
+
+    config = config_from_dict({"name": "inproc", "seed": 1, "fitness": {"task": "digits",
+                                                                       "options": {"train_size": 120}},
+                               "budget": {"evaluations": 200}})
+    population = build_population(config)
+    worker = FitnessWorker(config.model_dump(mode="json"), 0)
+    queue, records, snapshot = [], [], None
+    while population.told < told_at_crash:
+        while len(queue) < in_flight and (child := population.ask()) is not None:
+            queue.append(child)
+        child = queue.pop(0)
+        records.append(population.tell(worker.evaluate_one(child.member_id, child.genome)))
+        if population.told == told_at_snapshot:
+            meta, arrays = population.state_dict()
+            snapshot = (json.loads(json.dumps(meta)), {k: np.array(v) for k, v in arrays.items()})
+    return config, snapshot, records[told_at_snapshot:], population
+
+
+def _entries(records) -> list:
+    from evomerge.engine.replay import TrialEntry
+
+    return [TrialEntry(number=r.number, member_id=r.member_id, failed=r.failed, value=r.train_score,
+                       test_score=r.test_score, error=r.error, seconds=r.seconds, params=dict(r.params),
+                       parents=list(r.parents), generation=r.generation, payload=json.loads(r.replay))
+            for r in records]
+
+
+def test_replay_rebuilds_the_crashed_archive_from_interleaved_asks():
+    from evomerge.engine.actors import build_population
+    from evomerge.engine.replay import replay
+
+    config, (meta, arrays), after, crashed = _async_run(30, 55)
+    resumed = build_population(config)
+    resumed.load_state_dict(meta, arrays)
+    assert resumed.inflight  # children out at the snapshot: some are among the trials after it
+    report = replay(resumed, _entries(after), study_max_member=max(r.member_id for r in after))
+    assert (report.replayed, report.redone) == (25, 0)
+    assert resumed.told == crashed.told == 55
+    for name in ("scores", "ids", "generations"):
+        assert getattr(resumed.strategy, name).tobytes() == getattr(crashed.strategy, name).tobytes(), name
+    for a, b in zip(resumed.strategy.genomes, crashed.strategy.genomes):
+        assert (a is None and b is None) or a.tobytes() == b.tobytes()
+    assert resumed.best.member_id == crashed.best.member_id
+    # the next ask starts where the crashed search's newest recorded ask left off
+    newest = max(after, key=lambda r: r.member_id)
+    assert resumed.issued == newest.member_id + 1
+    assert resumed.strategy.ask_state() == json.loads(newest.replay)["k"]
+    # re-sent: the snapshot's children that no trial after it holds, under their own ids
+    told_ids = {r.member_id for r in after}
+    assert set(resumed.inflight) == set(int(c["member_id"]) for c in meta["inflight"]) - told_ids
+    assert report.resent == len(resumed.inflight)
+
+
+def test_fallback_gives_fresh_ids_past_the_study():
+    from evomerge.engine.actors import build_population
+    from evomerge.engine.replay import replay
+
+    config, (meta, arrays), after, _ = _async_run(30, 55)
+    entries = _entries(after)
+    entries[2].payload = {**entries[2].payload, "v": 99}  # a trial from another version
+    resumed = build_population(config)
+    resumed.load_state_dict(meta, arrays)
+    study_max = max(r.member_id for r in after)
+    report = replay(resumed, entries, study_max_member=study_max)
+    assert (report.replayed, report.redone, report.first_redone) == (2, 23, 32)
+    assert "trial 32 cannot be replayed: replay payload version 99 is not 1" in report.problem
+    assert resumed.told == 32 and resumed.issued > study_max
+    later = {e.member_id for e in entries[2:]}
+    # snapshot children whose ids are on the trials left in the study go out again under new ids
+    snapshot_children = {int(c["member_id"]) for c in meta["inflight"]} - {e.member_id for e in entries[:2]}
+    assert set(report.renumbered) == snapshot_children & later != set()
+    assert not later & set(resumed.inflight)
+    fresh = set(resumed.inflight) - (snapshot_children - later)
+    assert len(fresh) == len(report.renumbered) and min(fresh) > study_max
+    assert resumed.recovery == {"replayed": 2, "resent": len(resumed.inflight), "redone": 23}
