@@ -31,6 +31,8 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 from _common import load_population, pin_blas_threads, print_section, start_ray, write_json
 
 from evomerge.report import format_table
@@ -194,6 +196,72 @@ def engine_rate(population: str, overrides: dict, workers: int, out: Path) -> di
             "cpu_ms_per_eval": cpu.per_evaluation(summary["evaluations"]) if cpu.available else None}
 
 
+def recording_cost(evaluations: int = 2000, repeats: int = 5, batch: int = 50) -> dict:
+    """Driver CPU per trial with the replay payload against without it, on digits: the records of
+    one in-process digits search, each batch unpickled (as it arrives from the population actor)
+    and written by the journal bulk writer, in alternating rounds, CPU time of this thread. Also
+    the population actor's cost of making a payload, and the payload's size."""
+    import dataclasses
+    import pickle
+
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    from evomerge.engine.local import run_local
+    from evomerge.tracking.recorder import JournalBulkWriter
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    records: list = []
+    config = load_population("digits-scratch", {"budget.evaluations": evaluations, "seed": 0})
+    started = time.process_time()
+    population = run_local(config, on_record=records.append)
+    with_cost = time.process_time() - started
+    population = None
+    bare = [dataclasses.replace(r, replay=None) for r in records]
+    sizes = [len(r.replay) for r in records if r.replay is not None and r.train_score is not None]
+    # the population actor's side: one payload per tell (scores packed, origin and ask state written)
+    from evomerge.tracking import replay_payload
+    scores = [np.ones(1437, dtype=np.float32)] * 200
+    t0 = time.process_time()
+    for k, sc in enumerate(scores):
+        replay_payload.encode_text(sc, k, None, {"rng": [2 ** 127, 2 ** 64 + 1, 0, 0], "init": [2, 2]})
+    encode_us = (time.process_time() - t0) / len(scores) * 1e6
+
+    def one_pass(recs: list, folder: Path) -> float:
+        storage = JournalStorage(JournalFileBackend(str(folder / "study.journal")))
+        study = optuna.create_study(storage=storage, direction="maximize")
+        writer = JournalBulkWriter(study)
+        wire = [pickle.dumps(recs[i:i + batch]) for i in range(0, len(recs), batch)]
+        t = time.thread_time()
+        for blob in wire:
+            writer.write_records(pickle.loads(blob))
+        return (time.thread_time() - t) / len(recs)
+
+    timings: dict[str, list[float]] = {"with": [], "without": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in range(repeats):
+            for name, recs in (("without", bare), ("with", records)) if k % 2 == 0 else \
+                    (("with", records), ("without", bare)):
+                folder = Path(tmp) / f"{name}-{k}"
+                folder.mkdir()
+                timings[name].append(one_pass(recs, folder))
+    best = {name: min(values) for name, values in timings.items()}
+    return {"trials": len(records), "with_us": best["with"] * 1e6, "without_us": best["without"] * 1e6,
+            "ratio": best["with"] / best["without"], "payload_bytes_mean": float(np.mean(sizes)),
+            "payload_bytes_max": int(max(sizes)), "encode_us": encode_us, "search_cpu_s": with_cost}
+
+
+def print_recording_cost(cost: dict) -> None:
+    print_section("Recording cost per trial: replay payload on / off (digits, journal bulk writer)")
+    print(f"{cost['trials']} trials of an in-process digits search; driver CPU per trial (unpickle + write, "
+          f"best of rounds): {cost['with_us']:.1f} us with the payload, {cost['without_us']:.1f} us without")
+    print(f"payload: {cost['payload_bytes_mean']:.0f} bytes per trial on average (max {cost['payload_bytes_max']}); "
+          f"made in the population actor in {cost['encode_us']:.1f} us")
+    ok = cost["ratio"] <= 1.10
+    print(f"{'PASS' if ok else 'FAIL'}  driver CPU per trial with / without the payload: {cost['ratio']:.3f}x "
+          f"(target <= 1.10x)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--evals", type=int, default=6000, help="evaluations per digits run")
@@ -206,8 +274,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--population-breeds", action="store_true",
                         help="the population actor breeds and ships every child (workers.breed_on_workers: false)")
     parser.add_argument("--out", help="write the numbers as JSON")
+    parser.add_argument("--recording-only", action="store_true",
+                        help="only the recording cost of the replay payload (no Ray)")
     args = parser.parse_args(argv)
     pin_blas_threads(1)
+    recording = recording_cost()
+    print_recording_cost(recording)
+    if args.recording_only:
+        if args.out:
+            write_json(args.out, {"recording": recording})
+        return 0
     ceiling = machine_ceiling()
     start_ray(num_cpus=2)
     digits = {"budget.evaluations": args.evals, "seed": 0}
@@ -278,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         write_json(args.out, {"rows": rows, "scaling": scaling, "engine_vs_local": vs_local,
                               "sleep_overhead": overhead, "sleep_scaling": sleep_scaling,
-                              "machine_ceiling": ceiling})
+                              "machine_ceiling": ceiling, "recording": recording})
     return 0
 
 

@@ -15,7 +15,7 @@ import optuna
 from optuna.trial import TrialState
 
 from evomerge import snapshots
-from evomerge.engine.population import mean_staleness
+from evomerge.engine.population import mean_staleness, recovery
 from evomerge.errors import EvomergeError, SnapshotError
 from evomerge.report import evaluations_cell, format_table, group_rows, held_out_cell
 from evomerge.tracking.dashboard import run_storage_url
@@ -39,6 +39,7 @@ def run_status(run_dir: Path) -> dict[str, Any]:
         status["last_snapshot"] = f"{path.name} ({_age(age)} ago)"
     staleness = mean_staleness((meta or {}).get("population", {}))
     status["mean_staleness"] = None if staleness is None else round(staleness, 1)
+    status["recovery"] = (summary or {}).get("recovery") or recovery((meta or {}).get("population", {}))
     ids = arrays.get("strategy/ids")
     status["archive_size"] = int((np.asarray(ids) >= 0).sum()) if ids is not None else None
     study, trials = _study(run_dir, config)
@@ -105,6 +106,14 @@ def study_groups(study: optuna.Study | None) -> list[str] | None:
     return [str(name) for name, _ in groups]
 
 
+def _recovery_cell(counts: dict[str, int] | None) -> str | None:
+    """What resumes did with the evaluations the crashes left: none for a search never resumed."""
+    if not counts or not any(counts.values()):
+        return None
+    return (f"{counts['replayed']} replayed from the study, {counts['resent']} re-sent, "
+            f"{counts['redone']} redone")
+
+
 def _age(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f}s"
@@ -131,5 +140,6 @@ def status_table(status: dict[str, Any]) -> str:
         ("evaluations / s", status["evals_per_second"]),
         # Async search: evaluations told while a child was out, i.e. how stale its parents were.
         ("children's staleness (evals)", status["mean_staleness"]),
+        ("resumes saved", _recovery_cell(status.get("recovery"))),
     ]
     return format_table(("", "value"), rows)

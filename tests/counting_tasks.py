@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 from pydantic import Field
@@ -12,6 +13,7 @@ from fitness.digits import DigitsOptions, DigitsTask
 
 class CountingOptions(DigitsOptions):
     log: str = Field(description="file that gets one line per call: 'E' per evaluate, 'T <train mean>' per test_score")
+    sleep: float = Field(0.0, ge=0.0, description="seconds each evaluate sleeps (a slower fitness)")
 
 
 class CountingDigits(DigitsTask):
@@ -29,6 +31,8 @@ class CountingDigits(DigitsTask):
             os.close(fd)
 
     def evaluate(self, params: np.ndarray) -> np.ndarray:
+        if self.options.sleep:
+            time.sleep(self.options.sleep)
         self._log("E")
         return super().evaluate(params)
 

@@ -9,6 +9,7 @@ instead, and anything of its session still alive afterwards is killed by pid.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -51,21 +52,21 @@ def _session_pids(marker: str) -> list[int]:
 class _Cluster:
     def __init__(self, address: str, env: dict[str, str], session_root: Path, log: Path) -> None:
         self.address, self.env, self.session_root, self.log = address, env, session_root, log
+        self.home: Path | None = None
 
 
-@pytest.fixture
-def ray_cluster():
+@contextlib.contextmanager
+def _cluster(env_changes: dict[str, str], drop: tuple[str, ...] = ()):
     """A one-node Ray cluster on a free port; torn down (and checked gone) even if the test fails."""
     port = free_port()
     # A short path: Ray's unix sockets live under it and socket paths are limited to ~107 bytes.
     root = Path(tempfile.mkdtemp(prefix="evr-", dir="/tmp"))
     log = root / "ray-start.log"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", *drop)}
     env.update({
-        "RAY_AUTH_MODE": "token",                      # explicit, for the cluster and its drivers
-        "RAY_AUTH_TOKEN": secrets.token_hex(32),       # this cluster's own token, not ~/.ray's
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # SIGTERM: stop now, no 30 s drain
         "RAY_USAGE_STATS_ENABLED": "0",
+        **env_changes,
     })
     cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
            "--include-dashboard=false", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
@@ -99,6 +100,29 @@ def ray_cluster():
             except ProcessLookupError:
                 pass
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_cluster():
+    """Token authentication set explicitly, with this cluster's own token (not ~/.ray's)."""
+    with _cluster({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}) as cluster:
+        yield cluster
+
+
+AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+@pytest.fixture
+def default_auth_cluster(tmp_path):
+    """`ray start --head` as docs/cluster.md has users run it: a token made once in
+    ~/.ray/auth_token (`ray get-auth-token --generate`; HOME is a temp dir here) and no RAY_AUTH_*
+    in the environment, so `ray start` turns token authentication on because the token is there."""
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text(secrets.token_hex(32))
+    with _cluster({"HOME": str(home)}, drop=AUTH_VARS) as cluster:
+        cluster.home = home
+        yield cluster
 
 
 def test_search_joins_a_running_cluster(ray_cluster, tmp_path):
@@ -135,6 +159,46 @@ def test_search_joins_a_running_cluster(ray_cluster, tmp_path):
     # The search ran on this cluster, not on a Ray of its own: its driver is in the cluster's logs.
     logs = list(ray_cluster.session_root.glob("session_*/logs/python-core-driver-*.log"))
     assert logs, f"no driver connected to the cluster under {ray_cluster.session_root}"
+
+
+def _cli_search(cluster: _Cluster, tmp_path: Path, budget: int = 30) -> subprocess.CompletedProcess:
+    config = {"name": "joined", "seed": 0, "fitness": {"task": "digits", "options": {"train_size": 200}},
+              "budget": {"evaluations": budget}, "workers": {"count": 1, "num_cpus": 1}}
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    config_path = tmp_path / "joined.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    return subprocess.run(
+        [str(BIN / "evomerge"), "search", str(config_path), "--address", cluster.address,
+         "--out", str(tmp_path / "run"), "--quiet"],
+        env=cluster.env, cwd=tmp_path, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=180)
+
+
+def test_explicit_address_uses_the_token_like_auto(default_auth_cluster, tmp_path):
+    cluster = default_auth_cluster
+    token = cluster.home / ".ray" / "auth_token"
+    assert not any(k in cluster.env for k in AUTH_VARS)
+    result = _cli_search(cluster, tmp_path)
+    assert result.returncode == 0, f"stderr:\n{result.stderr[-4000:]}"
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["evaluations"] == 30
+
+    token.rename(token.with_name("moved_away"))  # the token file moved away: the named fix, no traceback
+    result = _cli_search(cluster, tmp_path / "again")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-4000:]
+    assert f"the Ray cluster at {cluster.address} requires token authentication" in result.stderr, result.stderr
+    assert "~/.ray/auth_token" in result.stderr and "RAY_AUTH_TOKEN" in result.stderr
+
+
+@pytest.mark.slow
+def test_unreachable_address_names_it_without_a_traceback(tmp_path):
+    port = free_port()  # nothing listens there
+    cluster = _Cluster(f"127.0.0.1:{port}", {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+                       tmp_path, tmp_path / "none.log")
+    result = _cli_search(cluster, tmp_path)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-4000:]
+    assert f"could not reach a Ray cluster at 127.0.0.1:{port}" in result.stderr, result.stderr[-2000:]
+    assert "ray start --head" in result.stderr
 
 
 # ----------------------------------------------------------------------------- ray_cluster.yaml

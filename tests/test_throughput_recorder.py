@@ -21,7 +21,8 @@ def _records(n: int) -> list[EvalRecord]:
         records.append(EvalRecord(
             number=i, member_id=i, train_score=None if error else i / n, test_score=None if error else 0.5,
             params={} if i == 0 else params, parents=[] if i == 0 else [i // 2, i // 3], generation=i % 5,
-            seconds=0.001 * i, error=error, intermediate={0: 0.1, 4: 0.3} if i == 5 else None))
+            seconds=0.001 * i, error=error, intermediate={0: 0.1, 4: 0.3} if i == 5 else None,
+            started=1_700_000_000.25 + 3 * i, replay=f'{{"v":1,"a":{i},"g":null,"s":"b:sIA="}}' if i % 2 else None))
     return records
 
 
@@ -98,7 +99,10 @@ def test_records_written_straight_equal_the_frozen_trial_path(tmp_path):
     a, b = _entries(tmp_path / "a.journal"), _entries(tmp_path / "b.journal")
     assert len(b) == len(a) == 41  # the study's creation, then one entry per trial
     assert without_times(b) == without_times(a)
-    assert all(e["datetime_start"] == e["datetime_complete"] for e in b[1:])
+    assert b == a
+    starts = [e["datetime_start"] for e in b[1:]]
+    assert starts[0] == "2023-11-14T22:13:20.250000+00:00" and starts[2] == "2023-11-14T22:13:26.250000+00:00"
+    assert b[3]["datetime_complete"] == "2023-11-14T22:13:26.252000+00:00"  # trial 2: started + 0.002 s
     fresh = optuna.load_study(study_name="s", storage=JournalStorage(JournalFileBackend(str(tmp_path / "b.journal"))))
     assert [_view(t)[:8] for t in fresh.get_trials(deepcopy=False)] == \
         [_view(t)[:8] for t in via_trials.get_trials(deepcopy=False)]

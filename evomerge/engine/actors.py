@@ -10,6 +10,7 @@ import ray
 from evomerge.config import SearchConfig
 from evomerge.engine.dispatch import Dispatcher
 from evomerge.engine.population import EvalRecord, Population
+from evomerge.engine.replay import TrialEntry, replay
 from evomerge.engine.worker import FitnessWorker
 from evomerge.strategies import build_strategy
 from evomerge.strategies.base import Problem
@@ -77,6 +78,7 @@ class PopulationActor:
         self.population = build_population(config, problem)
         # Workers breed dense children from their lineage: see evomerge/genomes/offspring.py.
         self.population.strategy.problem.space.defer_breeding = config.workers.breed_on_workers
+        self.sync = config.sync
         self.dispatcher = Dispatcher(
             self.population, workers, batch=config.workers.batch, sync=config.sync,
             max_retries_per_child=config.workers.max_retries_per_child,
@@ -93,8 +95,14 @@ class PopulationActor:
     def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         return self.population.state_dict()
 
-    def load_state_dict(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-        self.dispatcher.requeue(self.population.load_state_dict(meta, arrays))
+    def load_state_dict(self, meta: dict[str, Any], arrays: dict[str, np.ndarray],
+                        entries: list[TrialEntry] | None = None, study_max_member: int = -1) -> dict[str, Any]:
+        """Restore a snapshot, tell back the trials recorded after it (engine/replay.py), and
+        send out again the children still in flight; returns the replay report."""
+        self.population.load_state_dict(meta, arrays)
+        report = replay(self.population, entries or [], study_max_member, sync=self.sync)
+        self.dispatcher.requeue(list(self.population.inflight.values()))
+        return report.as_dict()
 
     def status(self) -> dict[str, Any]:
         return self.population.status()

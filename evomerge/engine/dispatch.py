@@ -153,7 +153,9 @@ class Dispatcher:
             if self.retry[0].member_id in self.hangs.suspects:
                 return batch or [self.retry.popleft()]  # a child that may hang goes alone
             batch.append(self.retry.popleft())
-        if len(batch) < size:
+        # Sync mode: children re-sent after a resume make a round of their own, as the search
+        # that ran straight through told them before asking more.
+        if len(batch) < size and not (self.sync and batch):
             batch.extend(self.population.ask_batch(size - len(batch)))
         return batch
 
@@ -197,7 +199,7 @@ class Dispatcher:
         for level in range(self.depth):
             for worker_index in ready:
                 if self.load[worker_index] <= level:
-                    unissued = self.population.budget - self.population.issued + len(self.retry)
+                    unissued = self.population.unasked + len(self.retry)
                     batch = self._next_batch(self.sizer.size(unissued, len(ready) * self.depth))
                     if not batch:
                         return

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from evomerge.strategies.base import Candidate, Evaluation, Strategy
+from evomerge.tracking import replay_payload
 
 
 @dataclass
@@ -34,6 +35,8 @@ class EvalRecord:
     # order) and the held-out score per group; None otherwise and on failed evaluations.
     train_scores: dict[str, float] | None = None
     test_scores: dict[str, float] | None = None
+    started: float | None = None  # wall clock when the worker began it (None: never ran)
+    replay: str | None = None  # what a resume needs to tell it back, as JSON text (replay_payload.py)
 
     @property
     def failed(self) -> bool:
@@ -94,6 +97,12 @@ def mean_staleness(population_meta: dict[str, Any]) -> float | None:
     return total / count if count else None
 
 
+def recovery(population_meta: dict[str, Any]) -> dict[str, int]:
+    """What resumes saved, from a snapshot's population state: evaluations replayed from the
+    study, children sent out again, evaluations redone (all 0 for a search never resumed)."""
+    return {"replayed": 0, "resent": 0, "redone": 0, **population_meta.get("recovery", {})}
+
+
 class Population:
     def __init__(self, strategy: Strategy, budget: int, test_every: str = "best") -> None:
         if test_every not in ("best", "all"):
@@ -112,6 +121,12 @@ class Population:
         self.staleness_total = 0
         self.staleness_count = 0
         self.groups = getattr(strategy.problem, "groups", None)  # the task's skills, or None
+        # Replay payloads on trials (off only to measure what they cost): the strategy's ask
+        # state after each ask, kept until the child is told.
+        self.record_replay = True
+        self._ask_states: dict[int, Any] = {}
+        # What resumes saved: evaluations told back from the study, children re-sent, redone.
+        self.recovery = {"replayed": 0, "resent": 0, "redone": 0}
 
     @property
     def done(self) -> bool:
@@ -132,8 +147,14 @@ class Population:
             return None
         return -math.inf if self.best is None else self.best.train_score
 
+    @property
+    def unasked(self) -> int:
+        """Evaluations of the budget not yet asked for. Not `budget - issued`: a child asked
+        before a crash and never recorded keeps its id out of use, but not its evaluation."""
+        return self.budget - self.told - len(self.inflight)
+
     def ask(self) -> Candidate | None:
-        if self.issued >= self.budget or self.strategy.exhausted:
+        if self.unasked <= 0 or self.strategy.exhausted:
             return None
         candidate = self.strategy.ask()
         if candidate is None:
@@ -142,6 +163,10 @@ class Population:
         self.issued += 1
         self.inflight[candidate.member_id] = candidate
         self._asked_at[candidate.member_id] = self.told
+        if self.record_replay:
+            state = self.strategy.ask_state()
+            if state is not None:
+                self._ask_states[candidate.member_id] = state
         return candidate
 
     def ask_batch(self, size: int) -> list[Candidate]:
@@ -158,12 +183,14 @@ class Population:
     def tell(self, evaluation: Evaluation) -> EvalRecord:
         candidate = self.inflight.pop(evaluation.member_id)
         asked_at = self._asked_at.pop(evaluation.member_id, None)  # None: re-sent after a resume
+        ask_state = self._ask_states.pop(evaluation.member_id, None)
         if asked_at is not None:
             self.staleness_total += self.told - asked_at
             self.staleness_count += 1
         problem = evaluation.error if evaluation.error else check_scores(evaluation.scores, self.strategy.problem.num_datapoints)
         if problem is not None:
-            evaluation = Evaluation(evaluation.member_id, None, None, problem, evaluation.seconds)
+            evaluation = Evaluation(evaluation.member_id, None, None, problem, evaluation.seconds,
+                                    started=evaluation.started)
             self.failed += 1
         self.strategy.tell(candidate, evaluation)
         train = evaluation.train_score
@@ -185,6 +212,9 @@ class Population:
             best_train=self.best.train_score if self.best else None,
             best_test=self.best.test_score if self.best else None, intermediate=intermediate,
             train_scores=train_groups, test_scores=test_groups,
+            started=evaluation.started,
+            replay=replay_payload.encode_text(evaluation.scores, asked_at, candidate.origin, ask_state)
+            if self.record_replay else None,
         )
         self.told += 1
         return record
@@ -201,7 +231,7 @@ class Population:
                     "test_score": self.best.test_score, **self.best_groups()}
         return {
             "evaluations": self.told, "issued": self.issued, "failed": self.failed, "budget": self.budget,
-            "best": best, "archive": self.strategy.archive_summary(),
+            "best": best, "archive": self.strategy.archive_summary(), "recovery": dict(self.recovery),
         }
 
     def best_groups(self) -> dict[str, Any]:
@@ -229,7 +259,9 @@ class Population:
             arrays.update(space.pack([self.best.genome], "best"))
         meta = {"issued": self.issued, "told": self.told, "failed": self.failed, "budget": self.budget,
                 "inflight": inflight, "best": best, "strategy": strategy_meta,
-                "staleness": [self.staleness_total, self.staleness_count]}
+                "staleness": [self.staleness_total, self.staleness_count], "recovery": dict(self.recovery),
+                "asked_at": {str(k): v for k, v in self._asked_at.items()},
+                "ask_states": {str(k): v for k, v in self._ask_states.items()}}
         return meta, arrays
 
     def load_state_dict(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> list[Candidate]:
@@ -239,7 +271,11 @@ class Population:
                                       {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
         self.issued, self.told, self.failed = int(meta["issued"]), int(meta["told"]), int(meta["failed"])
         self.staleness_total, self.staleness_count = (int(v) for v in meta.get("staleness", (0, 0)))
-        self._asked_at = {}
+        # Children in flight keep their ask order and ask state, so that their trials can be
+        # replayed after a later crash (snapshots older than replay lack both: {}).
+        self._asked_at = {int(k): int(v) for k, v in meta.get("asked_at", {}).items()}
+        self._ask_states = {int(k): v for k, v in meta.get("ask_states", {}).items()}
+        self.recovery = {**{"replayed": 0, "resent": 0, "redone": 0}, **meta.get("recovery", {})}
         space = self.strategy.problem.space
         self.best = None
         if meta.get("best"):

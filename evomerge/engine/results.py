@@ -12,7 +12,7 @@ import optuna
 from safetensors.numpy import save_file
 
 from evomerge.config import SearchConfig
-from evomerge.engine.population import mean_staleness
+from evomerge.engine.population import mean_staleness, recovery
 from evomerge.genomes.columns import ColumnGenome, pack_columns
 from evomerge.genomes.elements import pack_elements
 from evomerge.genomes.layerwise import LayerwiseGenome, pack_layerwise
@@ -46,6 +46,8 @@ def finish_run(config: SearchConfig, out_dir: Path, study: optuna.Study, state: 
         "steady_evals_per_second": None if steady_rate is None else round(steady_rate, 2),
         "storage": storage, "study_name": study_name, "seed": config.seed, "sync": config.sync,
         "mean_staleness": _rounded(mean_staleness(state[0]), 2),
+        # What resumes saved: evaluations told back from the study, children re-sent, redone.
+        "recovery": recovery(state[0]),
     }
     if best is not None:
         write_best(out_dir, best, config)

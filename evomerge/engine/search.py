@@ -25,11 +25,12 @@ from evomerge.engine.actors import RemotePopulation, start_workers
 from evomerge.engine.basis_spec import preflight_task
 from evomerge.engine.seed_cache import prepare_seeds
 from evomerge.engine.population import EvalRecord
+from evomerge.engine.replay import entries_from_trials, max_member_id, warning_text
 from evomerge.engine.interrupts import Interrupted, InterruptGuard
 from evomerge.engine.results import finish_run
 from evomerge.errors import EvomergeError
 from evomerge.tracking.recorder import TrialRecorder, refuse_existing_study
-from evomerge.tracking.storage import JOURNAL_NAME, open_storage, storage_url
+from evomerge.tracking.storage import JOURNAL_NAME, open_storage, repair_journal_tail, storage_url
 
 RUN_FILES = ("summary.json", "best.json", "best.safetensors", "config.json", JOURNAL_NAME)
 RUN_DIRS = ("snapshots", "plots", "artifacts", "best")
@@ -95,6 +96,10 @@ def resume_search(run_dir: Path, options: SearchOptions, budget: int | None = No
     if config.budget.evaluations < told:
         raise EvomergeError(f"--budget {config.budget.evaluations} is below the {told} evaluations already done")
     (run_dir / "summary.json").unlink(missing_ok=True)
+    dropped = repair_journal_tail(storage_url(config.optuna.storage, run_dir))
+    if dropped:
+        print(f"warning: the study's journal ended in an unfinished line ({dropped} bytes, cut by the crash); "
+              "removed it", file=sys.stderr)
     options = SearchOptions(**{**options.__dict__, "out_dir": run_dir})
     return _execute(config, options, restore=_Restore(meta, arrays, path))
 
@@ -160,7 +165,18 @@ def _execute(config: SearchConfig, options: SearchOptions, restore: _Restore | N
         raise
     previous_seconds = 0.0
     if restore is not None:
-        ray.get(population.load_state_dict.remote(restore.meta["population"], restore.arrays))
+        # The trials recorded after the snapshot are told back, not evaluated again.
+        trials = recorder.study.get_trials(deepcopy=False)
+        entries = entries_from_trials(trials, int(restore.meta["population"]["told"]))
+        report = ray.get(population.load_state_dict.remote(
+            restore.meta["population"], restore.arrays, entries, max_member_id(trials)))
+        warning = warning_text(report)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
+        if options.progress or warning:
+            print(f"resumed from {restore.snapshot.name}: {report['replayed']} evaluation(s) replayed from the "
+                  f"study, {report['resent']} child(ren) sent out again, {report['redone']} to be redone",
+                  file=sys.stderr)
         previous_seconds = float(restore.meta.get("elapsed_seconds", 0.0))
     run = _Driver(config, options, population, recorder, previous_seconds)
     try:
@@ -193,8 +209,8 @@ class _Driver:
         self.config, self.options, self.population, self.recorder = config, options, population, recorder
         status = ray.get(population.status.remote())
         self.told, self.failed = status["evaluations"], status["failed"]
-        # Trials already in the study (recorded after the last snapshot, before a crash) are not
-        # written twice: the resumed search re-evaluates those evaluation numbers silently.
+        # Trials already in the study (recorded after the last snapshot, before a crash) were told
+        # back by the replay; where it stopped early, the evaluations redone are not written twice.
         self.recorded = len(recorder.study.get_trials(deepcopy=False))
         self.previous_seconds = previous_seconds
         self.started = time.perf_counter()
@@ -221,6 +237,10 @@ class _Driver:
         self.bar = tqdm(total=budget, initial=self.told, unit="eval", disable=not self.options.progress,
                         dynamic_ncols=True, desc=self.config.name)
         try:
+            if self.told == 0 and not snapshots.list_snapshots(Path(self.options.out_dir)):
+                # Step 0: a crash before the first `snapshots.every` evaluations still resumes,
+                # replaying every trial instead of losing them.
+                self._write(*ray.get(self.population.state_dict.remote()))
             self.queued = self._advance()
             while not self.over:
                 if guard.requested:
@@ -276,12 +296,15 @@ class _Driver:
         pop_meta, arrays = ray.get(state)
         if self.written_step == self.told:  # e.g. the budget ended in the stretch a snapshot took in
             return pop_meta, arrays
+        self._write(pop_meta, arrays)
+        return pop_meta, arrays
+
+    def _write(self, pop_meta: dict[str, Any], arrays: dict[str, Any]) -> None:
         meta = {"population": pop_meta, "config": self.config.model_dump(mode="json"),
                 "config_hash": self.config.hash(), "elapsed_seconds": self.elapsed()}
         snapshots.write_snapshot(Path(self.options.out_dir), self.told, meta, arrays,
                                  keep=self.config.snapshots.keep)
         self.last_snapshot_step = self.written_step = self.told
-        return pop_meta, arrays
 
 
 def _fmt(value: float | None) -> str:

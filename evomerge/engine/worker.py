@@ -65,7 +65,7 @@ class FitnessWorker:
         evaluations: list[Evaluation] = []
         stale: list[int] = []
         for member_id, genome in batch:
-            start = time.perf_counter()
+            start, wall = time.perf_counter(), time.time()  # the trial's start in the study
             if isinstance(genome, Lineage):
                 try:
                     genome = self.parents.breed(genome)
@@ -74,10 +74,11 @@ class FitnessWorker:
                     continue
                 except Exception as exc:  # a bad lineage fails its child, not the worker
                     evaluations.append(Evaluation(member_id, None, None, f"breeding the child failed: {exc!r}",
-                                                  time.perf_counter() - start))
+                                                  time.perf_counter() - start, started=wall))
                     continue
             evaluation = self.evaluate_one(member_id, genome, test_above=test_above)
             evaluation.seconds = time.perf_counter() - start  # breeding is this worker's work too
+            evaluation.started = wall
             evaluations.append(evaluation)
         return evaluations, stale
 
@@ -138,7 +139,7 @@ class FitnessWorker:
         `test_above` (None: always). The population's best only rises and a child must beat it
         strictly, so a threshold taken when the child was sent never skips a child that becomes
         the new best when it is told; at worst it tests one that is beaten meanwhile."""
-        start = time.perf_counter()
+        start, wall = time.perf_counter(), time.time()
         try:
             with Alarm(self.timeout):
                 params = self.materialise(genome)
@@ -149,10 +150,11 @@ class FitnessWorker:
                     test, by_group = self.task.held_out(params)
                     evaluation.test_score = None if test is None else float(test)
                     evaluation.test_scores = finite_scores(by_group)
-            evaluation.seconds = time.perf_counter() - start
+            evaluation.seconds, evaluation.started = time.perf_counter() - start, wall
             return evaluation
         except EvaluationTimeout as exc:
-            return Evaluation(member_id, None, None, f"stopped: {exc}", time.perf_counter() - start)
+            return Evaluation(member_id, None, None, f"stopped: {exc}", time.perf_counter() - start, started=wall)
         except Exception as exc:  # a fitness task may fail in any way; the search must go on
             detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-            return Evaluation(member_id, None, None, f"fitness task raised {detail}", time.perf_counter() - start)
+            return Evaluation(member_id, None, None, f"fitness task raised {detail}", time.perf_counter() - start,
+                              started=wall)

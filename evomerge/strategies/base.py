@@ -52,6 +52,9 @@ class Candidate:
     parents: tuple[int, ...] = ()
     generation: int = 0
     member_id: int = -1  # assigned by the population when issued
+    # How the strategy made the genome (a `Lineage`, `{"seed": i}`, ...): what a trial records so
+    # that a resume can rebuild the child without evaluating it again (evomerge/engine/replay.py).
+    origin: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -63,6 +66,7 @@ class Evaluation:
     seconds: float = 0.0
     _mean: float | None = field(default=None, repr=False, compare=False)
     test_scores: dict[str, float] | None = None  # held-out score per group (tasks with groups)
+    started: float | None = None  # wall clock (time.time()) when the worker began; None: not run
 
     @property
     def failed(self) -> bool:
@@ -81,7 +85,8 @@ class Evaluation:
         # worker's reply for a whole batch small enough to skip Ray's object store. The mean
         # travels too: computed where the scores were made, not in the busy population actor.
         return (_evaluation_from_wire, (self.member_id, _scores_to_wire(self.scores), self.test_score,
-                                        self.error, self.seconds, self.train_score, self.test_scores))
+                                        self.error, self.seconds, self.train_score, self.test_scores,
+                                        self.started))
 
 
 def _scores_to_wire(scores: np.ndarray | None) -> Any:
@@ -95,11 +100,11 @@ def _scores_to_wire(scores: np.ndarray | None) -> Any:
 
 def _evaluation_from_wire(member_id: int, scores: Any, test_score: float | None, error: str | None,
                           seconds: float, mean: float | None = None,
-                          test_scores: dict[str, float] | None = None) -> "Evaluation":
+                          test_scores: dict[str, float] | None = None, started: float | None = None) -> "Evaluation":
     if isinstance(scores, tuple):
         _, packed, size, dtype = scores
         scores = np.unpackbits(packed, count=size).astype(np.dtype(dtype))
-    return Evaluation(member_id, scores, test_score, error, seconds, mean, test_scores)
+    return Evaluation(member_id, scores, test_score, error, seconds, mean, test_scores, started)
 
 
 class StrategyOptions(BaseModel):
@@ -155,6 +160,20 @@ class Strategy(ABC):
         back instead of spending the rest of its budget re-scoring them, and a host strategy
         stops giving it turns."""
         return False
+
+    # -- replay on resume (evomerge/engine/replay.py) -------------------------------------------
+    def ask_state(self) -> dict[str, Any] | None:
+        """What `ask` changes besides the archive (RNG, counters), small and JSON-able: recorded
+        with each trial, so a resume that replays trials leaves the next ask where the crashed
+        search had it. None: this strategy's trials cannot be replayed (resume evaluates again)."""
+        return None
+
+    def set_ask_state(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError(f"{type(self).__name__} records no ask state")
+
+    def member_genomes(self) -> dict[int, Any]:
+        """The archive's genomes by member id: the parents a replayed child is rebuilt from."""
+        return {}
 
     # RNG state travels as JSON, never pickled.
     def _rng_state(self) -> dict[str, Any]:

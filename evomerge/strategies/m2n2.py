@@ -18,6 +18,7 @@ from evomerge.strategies import STRATEGIES
 from evomerge.strategies.base import Candidate, Evaluation, Problem, Strategy, StrategyOptions
 from evomerge.strategies.guide import Guide, GuideOptions
 from evomerge.strategies.niches import Niches, replacement_slot
+from evomerge.tracking.replay_payload import rng_from_json, rng_to_json
 
 
 class M2N2Options(StrategyOptions):
@@ -78,9 +79,11 @@ class M2N2(Strategy):
         if self.init_told >= self.init_target and not filled.any() and self.problem.from_scratch:
             self.init_target += 1  # every random start failed: draw another instead of giving up
         if self.init_issued < self.init_target:
+            origin: dict[str, Any] = ({"seed": self.init_issued} if self.space.num_seeds else
+                                      {"random": [self.options.init_sigma, rng_to_json(self.rng)]})
             genome = self._initial_genome(self.init_issued)
             self.init_issued += 1
-            return Candidate(genome=genome, params={}, parents=(), generation=0)
+            return Candidate(genome=genome, params={}, parents=(), generation=0, origin=origin)
         if self.init_told < self.init_target:
             return None  # children need an archive: wait for the initial members' scores
         if not filled.any():
@@ -106,7 +109,7 @@ class M2N2(Strategy):
                           sigma=self.sigma, noise_seed=draw_noise_seed(self.rng) if self.sigma > 0 else None)
         child = self.space.breed([self.genomes[k] for k in slots], lineage)
         generation = int(max(self.generations[a], self.generations[b] if opts.crossover else 0)) + 1
-        return Candidate(genome=child, params=params, parents=parents, generation=generation)
+        return Candidate(genome=child, params=params, parents=parents, generation=generation, origin=lineage)
 
     # -- tell --------------------------------------------------------------------------------
     def tell(self, candidate: Candidate, evaluation: Evaluation) -> None:
@@ -142,6 +145,19 @@ class M2N2(Strategy):
         self.scores[slot] = scores
         self.ids[slot] = member_id
         self.generations[slot] = generation
+
+    # -- replay (evomerge/engine/replay.py) --------------------------------------------------
+    def ask_state(self) -> dict[str, Any] | None:
+        if self.guide is not None:  # the guide's own strategy has state of its own: not recorded
+            return None
+        return {"rng": rng_to_json(self.rng), "init": [self.init_issued, self.init_target]}
+
+    def set_ask_state(self, state: dict[str, Any]) -> None:
+        self._set_rng_state(rng_from_json(state["rng"]))
+        self.init_issued, self.init_target = (int(v) for v in state["init"])
+
+    def member_genomes(self) -> dict[int, Any]:
+        return {int(i): g for i, g in zip(self.ids.tolist(), self.genomes) if i >= 0}
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

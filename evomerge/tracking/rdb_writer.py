@@ -59,6 +59,7 @@ from __future__ import annotations
 import datetime
 import inspect
 import math
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -77,7 +78,7 @@ from evomerge.tracking.copy_text import copy_text as _copy_text
 from evomerge.tracking.copy_text import json_text as _json_text
 from evomerge.tracking.rdb_schema import schema_problem, unwrap_storage, supports_bulk
 from evomerge.tracking.trial_record import (checked_values, distribution_for, distribution_key, record_to_trial,
-                                           user_attrs)
+                                           trial_times, user_attrs)
 
 if TYPE_CHECKING:
     from evomerge.engine.population import EvalRecord
@@ -511,12 +512,18 @@ class RDBBulkWriter:
             return
         if not records:
             return
-        now = datetime.datetime.now()  # create_trial's clock
-        when = _copy_datetime(self._stored_pair(now, now)[0])
-        self._write_prepared([self._prepare_record_copy(record, when) for record in records])
+        now = time.time()
+        self._write_prepared([self._prepare_record_copy(record, now) for record in records])
 
-    def _prepare_record_copy(self, record: EvalRecord, when: str) -> _PreparedTrial:
-        """`_prepare_copy(record_to_trial(record))`, with `when` as both datetimes."""
+    def _record_times(self, record: EvalRecord, now: float) -> tuple[str, str]:
+        """The evaluation's own start and end in create_trial's clock (naive local time), as the
+        model's setters store them, as COPY fields."""
+        start, complete = trial_times(record, now)
+        stored = self._stored_pair(datetime.datetime.fromtimestamp(start), datetime.datetime.fromtimestamp(complete))
+        return _copy_datetime(stored[0]), _copy_datetime(stored[1])
+
+    def _prepare_record_copy(self, record: EvalRecord, now: float) -> _PreparedTrial:
+        """`_prepare_copy(record_to_trial(record))`."""
         values: list[str] = []
         if record.failed:
             state = "FAIL"
@@ -541,7 +548,8 @@ class RDBBulkWriter:
             for step, value in record.intermediate.items():
                 stored, value_type = models.TrialIntermediateValueModel.intermediate_value_to_stored_repr(value)
                 intermediate.append(f"{step:d}\t{_copy_float(stored)}\t{value_type.name}\n")
-        row = f"{state}\t{when}\t{when}\n"
+        start, complete = self._record_times(record, now)
+        row = f"{state}\t{start}\t{complete}\n"
         return _PreparedTrial(row, (values, params, attrs, [], intermediate), distributions)
 
     def _record_param(self, name: str, key: tuple[Any, ...]) -> tuple[str, str, Any, Any]:

@@ -12,6 +12,7 @@ import math
 import os
 import queue
 import threading
+import time
 import warnings
 from datetime import datetime, timezone
 from typing import Any, Iterable
@@ -23,8 +24,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.engine.population import EvalRecord
 from evomerge.tracking.rdb_writer import bulk_writer_for
+from evomerge.tracking.replay_payload import ATTR as REPLAY_ATTR
 from evomerge.tracking.trial_record import (checked_values, distribution_for, distribution_json, distribution_key,
-                                           record_to_trial, user_attrs)
+                                           record_to_trial, trial_times, user_attrs)
 
 _STOP = object()
 
@@ -39,6 +41,11 @@ def _param_json(name: str, key: tuple[Any, ...]) -> tuple[str, str]:
 def _number(value: float) -> str:
     """A float as `json.dumps` writes it."""
     return repr(value) if math.isfinite(value) else json.dumps(value)
+
+
+def _journal_time(seconds: float) -> str:
+    """A time.time() value as the journal writes datetimes (UTC ISO 8601, microseconds), quoted."""
+    return '"' + datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="microseconds") + '"'
 
 
 # Optuna majors whose journal CREATE_TRIAL entry `JournalBulkWriter` writes (tests compare the two).
@@ -82,17 +89,17 @@ class JournalBulkWriter:
         between: each entry's JSON line is written straight from the record. The same entries (a
         test compares them) at about a third of the recorder's CPU, which on 2 cores is taken from
         the workers. Every trial of the batch gets the batch's time, as it is recorded together."""
-        now = json.dumps(datetime.now().astimezone(timezone.utc).isoformat(timespec="microseconds"))
         head = (f'{{"op_code":{_CREATE_TRIAL},"worker_id":{json.dumps(self._storage._replay_result.worker_id)},'
-                f'"study_id":{int(self._study_id)},"datetime_start":{now},')
-        lines = [self._line(head, now, record) for record in records]  # validate all before writing any
+                f'"study_id":{int(self._study_id)},"datetime_start":')
+        now = time.time()
+        lines = [self._line(head, record, now) for record in records]  # validate all before writing any
         with self._storage._thread_lock, get_lock_file(self._backend._lock):
             with open(self._backend._file_path, "ab") as f:  # as JournalFileBackend.append_logs writes
                 f.write(("\n".join(lines) + "\n").encode("utf-8"))
                 f.flush()
                 os.fsync(f.fileno())
 
-    def _line(self, head: str, now: str, record: EvalRecord) -> str:
+    def _line(self, head: str, record: EvalRecord, now: float) -> str:
         values = "null"
         if record.failed:
             state, value = int(TrialState.FAIL), "null"
@@ -111,10 +118,14 @@ class JournalBulkWriter:
                 raise ValueError(f"`{v}` is invalid value.")
             distributions.append(member_json)
             params.append(f"{name_json}:{_number(internal)}")
-        attrs = json.dumps(user_attrs(record), separators=(",", ":"))
+        attrs = json.dumps(user_attrs(record, replay=False), separators=(",", ":"))
+        if record.replay is not None:  # compact JSON already, as json.dumps would write it here
+            attrs = f'{attrs[:-1]},"{REPLAY_ATTR}":{record.replay}}}'
         curve = "{}" if record.failed or not record.intermediate else \
             json.dumps(dict(record.intermediate), separators=(",", ":"))
-        return (f'{head}"state":{state},"value":{value},"values":{values},"datetime_complete":{now},'
+        start, complete = trial_times(record, now)
+        return (f'{head}{_journal_time(start)},"state":{state},"value":{value},"values":{values},'
+                f'"datetime_complete":{_journal_time(complete)},'
                 f'"distributions":{{{",".join(distributions)}}},"params":{{{",".join(params)}}},'
                 f'"user_attrs":{attrs},"system_attrs":{{}},"intermediate_values":{curve}}}')
 

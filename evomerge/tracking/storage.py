@@ -6,6 +6,7 @@ candidates per second; SQLite manages a few dozen trials per second on this clas
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -28,3 +29,37 @@ def open_storage(url: str) -> Any:
         return optuna.storages.RDBStorage(url)
     Path(url).parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(url))
+
+
+def repair_journal_tail(url: str) -> int:
+    """Drop a journal file's unfinished last line; returns the bytes dropped.
+
+    The recorder appends each batch in one write, so `kill -9` can leave at most the tail of one
+    batch without its newline. Optuna skips such a line when reading, but a line appended after
+    it would be glued to it and make the journal unreadable: a resume cuts it off first (the
+    trials it held were never complete, and are replayed or evaluated again like any other).
+    """
+    if "://" in url or not Path(url).is_file():
+        return 0
+    with open(url, "rb+") as f:
+        size = f.seek(0, 2)
+        if size == 0:
+            return 0
+        f.seek(max(0, size - 1))
+        if f.read(1) == b"\n":
+            return 0
+        keep, step = 0, 1 << 16
+        position = size
+        while position > 0:  # find the last newline, reading backwards
+            start = max(0, position - step)
+            f.seek(start)
+            chunk = f.read(position - start)
+            index = chunk.rfind(b"\n")
+            if index >= 0:
+                keep = start + index + 1
+                break
+            position = start
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+        return size - keep

@@ -7,7 +7,10 @@ trial reads back the same whichever storage holds it.
 from __future__ import annotations
 
 import functools
+import json
 import math
+import time
+from datetime import datetime
 from typing import Any
 
 import optuna
@@ -15,6 +18,7 @@ from optuna.distributions import FloatDistribution, IntDistribution, distributio
 from optuna.trial import TrialState, create_trial
 
 from evomerge.engine.population import EvalRecord
+from evomerge.tracking.replay_payload import ATTR as REPLAY_ATTR
 
 UNIT = FloatDistribution(0.0, 1.0)
 
@@ -43,7 +47,9 @@ def distribution_json(distribution: Any) -> str:
     return distribution_to_json(distribution)
 
 
-def user_attrs(record: EvalRecord) -> dict[str, Any]:
+def user_attrs(record: EvalRecord, replay: bool = True) -> dict[str, Any]:
+    """The trial's user attributes; `replay=False` leaves out the replay payload, which the
+    journal writer splices in as the JSON text it already is."""
     attrs: dict[str, Any] = {
         "member_id": record.member_id, "parents": record.parents, "generation": record.generation,
         "test_score": record.test_score, "seconds": round(record.seconds, 6), "evaluation": record.number,
@@ -53,6 +59,8 @@ def user_attrs(record: EvalRecord) -> dict[str, Any]:
         attrs["test_scores"] = record.test_scores
     if record.failed:
         attrs["error"] = record.error
+    if replay and record.replay is not None:
+        attrs[REPLAY_ATTR] = json.loads(record.replay)
     return attrs
 
 
@@ -82,6 +90,13 @@ def train_score_of(trial: optuna.trial.FrozenTrial) -> float | None:
     if score is not None:
         return float(score)
     return float(trial.values[0]) if len(trial.values) == 1 else None
+def trial_times(record: EvalRecord, now: float | None = None) -> tuple[float, float]:
+    """(start, complete) of the evaluation itself, as time.time() seconds: the dashboard's
+    duration and timeline. A record no worker ran (e.g. failed after its worker died) ends now."""
+    if record.started is None:
+        end = time.time() if now is None else now
+        return end - record.seconds, end
+    return record.started, record.started + record.seconds
 
 
 def record_to_trial(record: EvalRecord) -> optuna.trial.FrozenTrial:
@@ -90,6 +105,11 @@ def record_to_trial(record: EvalRecord) -> optuna.trial.FrozenTrial:
     distributions = {name: distribution_for(distribution_key(v)) for name, v in record.params.items()}
     attrs = user_attrs(record)
     if record.failed:
-        return create_trial(state=TrialState.FAIL, params=params, distributions=distributions, user_attrs=attrs)
-    return create_trial(values=trial_values(record), params=params, distributions=distributions, user_attrs=attrs,
-                        intermediate_values=record.intermediate)
+        trial = create_trial(state=TrialState.FAIL, params=params, distributions=distributions, user_attrs=attrs)
+    else:
+        trial = create_trial(values=trial_values(record), params=params, distributions=distributions,
+                             user_attrs=attrs, intermediate_values=record.intermediate)
+    start, complete = trial_times(record)
+    # create_trial's clock (naive local time), at the evaluation's own start and end.
+    trial.datetime_start, trial.datetime_complete = datetime.fromtimestamp(start), datetime.fromtimestamp(complete)
+    return trial
