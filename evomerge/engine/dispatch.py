@@ -172,7 +172,9 @@ class Dispatcher:
     def _submit(self, worker_index: int, batch: list[Candidate]) -> Any:
         genomes, parents = self.mirror.wire(worker_index, [c.genome for c in batch])
         # The best's train score now: a child told later is judged against this or a higher one.
-        ref = self.workers[worker_index].evaluate.remote([(c.member_id, g) for c, g in zip(batch, genomes)],
+        items = [(c.member_id, g) if c.indices is None else (c.member_id, g, self.population.job(c))
+                 for c, g in zip(batch, genomes)]
+        ref = self.workers[worker_index].evaluate.remote(items,
                                                          self._elements(), *parents,
                                                          test_above=self.population.test_threshold())
         self.inflight[ref] = (worker_index, batch)

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from evomerge.strategies.base import Candidate, Evaluation, Strategy
+from evomerge.strategies.subsets import encode_indices
 
 
 @dataclass
@@ -30,6 +31,9 @@ class EvalRecord:
     best_train: float | None = None
     best_test: float | None = None
     intermediate: dict[int, float] | None = None  # e.g. DAM's training curve, on one trial
+    datapoints: int = 0  # datapoints this evaluation scored (the datapoint budget's unit)
+    indices: str | None = None  # which, as subsets.encode_indices' bitmask text; None: all of them
+    topup_of: int | None = None  # a top-up: the rest of the set for this member
 
     @property
     def failed(self) -> bool:
@@ -71,11 +75,18 @@ def mean_staleness(population_meta: dict[str, Any]) -> float | None:
 
 
 class Population:
-    def __init__(self, strategy: Strategy, budget: int, test_every: str = "best") -> None:
+    def __init__(self, strategy: Strategy, budget: int, test_every: str = "best",
+                 datapoint_budget: int | None = None) -> None:
         if test_every not in ("best", "all"):
             raise ValueError(f"test_every must be 'best' or 'all', got {test_every!r}")
         self.strategy = strategy
         self.budget = budget
+        # budget.datapoints: a child is issued only if its datapoints fit, so the total is never
+        # exceeded; the first child that does not fit ends the search (it is kept, never sent).
+        self.datapoint_budget = datapoint_budget
+        self.issued_datapoints = 0
+        self.told_datapoints = 0
+        self._held: Candidate | None = None
         self.test_every = test_every  # fitness.test_every: which children get the held-out test
         self.issued = 0
         self.told = 0
@@ -90,7 +101,28 @@ class Population:
 
     @property
     def done(self) -> bool:
-        return self.told >= self.budget or self.finished_early
+        return self.told >= self.budget or self.finished_early or (self.datapoints_spent and not self.inflight)
+
+    @property
+    def datapoints_spent(self) -> bool:
+        """The datapoint budget allows no further child (one was held back, or it is used up)."""
+        if self.datapoint_budget is None:
+            return False
+        return self._held is not None or self.issued_datapoints >= self.datapoint_budget
+
+    def cost(self, candidate: Candidate) -> int:
+        """Datapoints the candidate will be scored on."""
+        n = self.strategy.problem.num_datapoints
+        return n if candidate.indices is None else int(len(candidate.indices))
+
+    def job(self, candidate: Candidate) -> tuple[Any, ...] | None:
+        """What a worker needs besides the genome: None (the whole set), or (indices, observed
+        sum): a top-up's test threshold is on its full row's mean, so the worker is told the sum
+        of the scores already observed; a plain subsampled child gets no test (None sum)."""
+        if candidate.indices is None:
+            return None
+        observed = None if candidate.observed is None else float(np.sum(candidate.observed[1]))
+        return (candidate.indices, observed)
 
     @property
     def finished_early(self) -> bool:
@@ -108,11 +140,17 @@ class Population:
         return -math.inf if self.best is None else self.best.train_score
 
     def ask(self) -> Candidate | None:
-        if self.issued >= self.budget or self.strategy.exhausted:
+        if self.issued >= self.budget or self.strategy.exhausted or self.datapoints_spent:
             return None
         candidate = self.strategy.ask()
         if candidate is None:
             return None
+        if self.datapoint_budget is not None:
+            cost = self.cost(candidate)
+            if self.issued_datapoints + cost > self.datapoint_budget:
+                self._held = candidate
+                return None
+            self.issued_datapoints += cost
         candidate.member_id = self.issued
         self.issued += 1
         self.inflight[candidate.member_id] = candidate
@@ -136,14 +174,26 @@ class Population:
         if asked_at is not None:
             self.staleness_total += self.told - asked_at
             self.staleness_count += 1
-        problem = evaluation.error if evaluation.error else check_scores(evaluation.scores, self.strategy.problem.num_datapoints)
+        n = self.strategy.problem.num_datapoints
+        cost = self.cost(candidate)
+        self.told_datapoints += cost
+        problem = evaluation.error if evaluation.error else check_scores(evaluation.scores, cost)
         if problem is not None:
             evaluation = Evaluation(evaluation.member_id, None, None, problem, evaluation.seconds)
             self.failed += 1
+        elif candidate.observed is not None:  # a top-up: the strategy and the best see the full row
+            assert candidate.indices is not None
+            full = np.empty(n, dtype=np.float64)
+            full[candidate.observed[0]] = candidate.observed[1]
+            full[candidate.indices] = evaluation.scores
+            evaluation = Evaluation(evaluation.member_id, full, evaluation.test_score, None, evaluation.seconds)
         self.strategy.tell(candidate, evaluation)
         train = evaluation.train_score
         test = evaluation.test_score if evaluation.test_score is None or math.isfinite(evaluation.test_score) else None
-        if train is not None and (self.best is None or train > self.best.train_score):
+        # Only a mean over the whole set can be the best: a subset's mean is a noisy estimate, and
+        # the highest of many noisy estimates is biased upward.
+        whole = candidate.indices is None or candidate.observed is not None
+        if whole and train is not None and (self.best is None or train > self.best.train_score):
             self.best = BestMember(candidate.member_id, train, test, candidate.genome,
                                    candidate.generation, list(candidate.parents))
         curve_of = getattr(self.strategy, "intermediate_values", None)
@@ -155,6 +205,8 @@ class Population:
             error=evaluation.error,
             best_train=self.best.train_score if self.best else None,
             best_test=self.best.test_score if self.best else None, intermediate=intermediate,
+            datapoints=cost, topup_of=candidate.topup_of,
+            indices=None if candidate.indices is None else encode_indices(candidate.indices, n),
         )
         self.told += 1
         return record
@@ -167,6 +219,7 @@ class Population:
     def status(self) -> dict[str, Any]:
         return {
             "evaluations": self.told, "issued": self.issued, "failed": self.failed, "budget": self.budget,
+            "datapoints": self.told_datapoints, "datapoint_budget": self.datapoint_budget,
             "best": None if self.best is None else {
                 "member_id": self.best.member_id, "train_score": self.best.train_score,
                 "test_score": self.best.test_score},
@@ -181,8 +234,10 @@ class Population:
         arrays = {f"strategy/{k}": np.asarray(v) for k, v in strategy_arrays.items()}
         pending = [candidate for _, candidate in sorted(self.inflight.items())]
         inflight = [{"member_id": c.member_id, "params": dict(c.params), "parents": list(c.parents),
-                     "generation": c.generation} for c in pending]
+                     "generation": c.generation, "topup_of": c.topup_of} for c in pending]
         arrays.update(space.pack([c.genome for c in pending], "inflight"))
+        for c in pending:  # a subsampled child goes out again on the same datapoints
+            arrays.update(_pack_subset(c, f"inflight_subsets/{c.member_id}"))
         best = None
         if self.best is not None:
             best = {"member_id": self.best.member_id, "train_score": self.best.train_score,
@@ -191,7 +246,8 @@ class Population:
             arrays.update(space.pack([self.best.genome], "best"))
         meta = {"issued": self.issued, "told": self.told, "failed": self.failed, "budget": self.budget,
                 "inflight": inflight, "best": best, "strategy": strategy_meta,
-                "staleness": [self.staleness_total, self.staleness_count]}
+                "staleness": [self.staleness_total, self.staleness_count],
+                "datapoints": [self.issued_datapoints, self.told_datapoints]}
         return meta, arrays
 
     def load_state_dict(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> list[Candidate]:
@@ -201,6 +257,8 @@ class Population:
                                       {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
         self.issued, self.told, self.failed = int(meta["issued"]), int(meta["told"]), int(meta["failed"])
         self.staleness_total, self.staleness_count = (int(v) for v in meta.get("staleness", (0, 0)))
+        self.issued_datapoints, self.told_datapoints = (int(v) for v in meta.get("datapoints", (0, 0)))
+        self._held = None
         self._asked_at = {}
         space = self.strategy.problem.space
         self.best = None
@@ -213,6 +271,29 @@ class Population:
         for item, genome in zip(meta["inflight"], genomes):
             candidate = Candidate(genome=genome, params=dict(item["params"]),
                                   parents=tuple(item["parents"]), generation=int(item["generation"]),
-                                  member_id=int(item["member_id"]))
+                                  member_id=int(item["member_id"]), topup_of=item.get("topup_of"))
+            _unpack_subset(candidate, arrays, f"inflight_subsets/{candidate.member_id}")
             self.inflight[candidate.member_id] = candidate
         return list(self.inflight.values())
+
+
+def _pack_subset(candidate: Candidate, prefix: str) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    if candidate.indices is not None:
+        out[f"{prefix}/indices"] = np.asarray(candidate.indices, dtype=np.int64)
+    if candidate.weights is not None:
+        out[f"{prefix}/weights"] = np.asarray(candidate.weights, dtype=np.float64)
+    if candidate.observed is not None:
+        out[f"{prefix}/observed_indices"] = np.asarray(candidate.observed[0], dtype=np.int64)
+        out[f"{prefix}/observed_scores"] = np.asarray(candidate.observed[1], dtype=np.float64)
+    return out
+
+
+def _unpack_subset(candidate: Candidate, arrays: dict[str, np.ndarray], prefix: str) -> None:
+    if f"{prefix}/indices" in arrays:
+        candidate.indices = np.asarray(arrays[f"{prefix}/indices"], dtype=np.int64)
+    if f"{prefix}/weights" in arrays:
+        candidate.weights = np.asarray(arrays[f"{prefix}/weights"], dtype=np.float64)
+    if f"{prefix}/observed_indices" in arrays:
+        candidate.observed = (np.asarray(arrays[f"{prefix}/observed_indices"], dtype=np.int64),
+                              np.asarray(arrays[f"{prefix}/observed_scores"], dtype=np.float64))
