@@ -46,7 +46,12 @@ def run_status(run_dir: Path) -> dict[str, Any]:
     status["budget"] = config.get("budget", {}).get("evaluations")
     status["failed"] = sum(t.state == TrialState.FAIL for t in trials)
     status["failure_reasons"] = failure_reasons(trials)
-    best = max(complete, key=lambda t: t.value, default=None)
+    status["datapoints"] = sum(int(t.user_attrs.get("datapoints", 0)) for t in trials)
+    status["datapoint_budget"] = config.get("budget", {}).get("datapoints")
+    # A child scored on a subset alone has a subset's mean as its value: not comparable with a
+    # full row's, so never the best (a top-up's value is its full row's mean).
+    whole = [t for t in complete if "datapoint_indices" not in t.user_attrs or "topup_of" in t.user_attrs]
+    best = max(whole, key=lambda t: t.value, default=None)
     status["best_train"] = None if best is None else best.value
     status["best_test"] = None if best is None else best.user_attrs.get("test_score")
     status["best_member"] = None if best is None else best.user_attrs.get("member_id")
@@ -87,6 +92,12 @@ def _trials(run_dir: Path, config: dict[str, Any]) -> list[optuna.trial.FrozenTr
     return study.get_trials(deepcopy=False)
 
 
+def _datapoints_cell(done: int | None, budget: int | None) -> str | None:
+    if not done:
+        return None
+    return f"{done:,}" if budget is None else f"{done:,} / {budget:,}"
+
+
 def _age(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f}s"
@@ -101,6 +112,7 @@ def status_table(status: dict[str, Any]) -> str:
         ("run", status["run"]),
         ("state", status["state"]),
         ("evaluations", evaluations_cell(status["evaluations"], budget, status.get("finished_early"))),
+        ("datapoint-evaluations", _datapoints_cell(status.get("datapoints"), status.get("datapoint_budget"))),
         ("failed", status["failed"]),
         ("commonest failures", "; ".join(f"{n} x {kind}" for kind, n in status.get("failure_reasons") or []) or None),
         ("best train score", status["best_train"]),

@@ -194,7 +194,8 @@ class Population:
         # the highest of many noisy estimates is biased upward.
         whole = candidate.indices is None or candidate.observed is not None
         if whole and train is not None and (self.best is None or train > self.best.train_score):
-            self.best = BestMember(candidate.member_id, train, test, candidate.genome,
+            member = candidate.member_id if candidate.topup_of is None else candidate.topup_of  # the child itself
+            self.best = BestMember(member, train, test, candidate.genome,
                                    candidate.generation, list(candidate.parents))
         curve_of = getattr(self.strategy, "intermediate_values", None)
         intermediate = curve_of(candidate) if curve_of is not None and train is not None else None

@@ -28,8 +28,9 @@ def finish_run(config: SearchConfig, out_dir: Path, study: optuna.Study, state: 
     summary = {
         "name": config.name, "strategy": config.strategy.name, "fitness": config.fitness.task,
         "evaluations": evaluations, "failed": failed, "budget": config.budget.evaluations,
+        "datapoints": int(state[0].get("datapoints", (0, 0))[1]), "datapoint_budget": config.budget.datapoints,
         # The strategy ran out of new candidates (DAM trained, static merges scored) before the budget.
-        "finished_early": evaluations < config.budget.evaluations,
+        "finished_early": evaluations < config.budget.max_evaluations and config.budget.datapoints is None,
         "best": None if best is None else {k: best[k] for k in BEST_KEYS},
         "wall_seconds": round(wall_seconds, 3),
         "evals_per_second": round(evaluations / wall_seconds, 2) if wall_seconds > 0 else None,

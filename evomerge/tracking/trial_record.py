@@ -47,6 +47,12 @@ def user_attrs(record: EvalRecord) -> dict[str, Any]:
         "member_id": record.member_id, "parents": record.parents, "generation": record.generation,
         "test_score": record.test_score, "seconds": round(record.seconds, 6), "evaluation": record.number,
     }
+    if record.datapoints:  # datapoint-evaluations this trial cost (budget.datapoints' unit)
+        attrs["datapoints"] = record.datapoints
+    if record.indices is not None:  # which ones: subsets.decode_indices(text, num_datapoints)
+        attrs["datapoint_indices"] = record.indices
+    if record.topup_of is not None:
+        attrs["topup_of"] = record.topup_of
     if record.failed:
         attrs["error"] = record.error
     return attrs
