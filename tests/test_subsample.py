@@ -265,3 +265,18 @@ def test_subset_draws_and_topups_survive_a_snapshot(tmp_path) -> None:
             assert np.array_equal(a, b)
     assert original.strategy.topup_counts == resumed.strategy.topup_counts
     assert original.told_datapoints == resumed.told_datapoints
+
+
+def test_cmaes_scores_each_generation_on_one_shared_subset() -> None:
+    config = load_population("digits-scratch", {"budget.evaluations": 60, "seed": 2, "strategy.name": "cmaes",
+                                                "strategy.options": {"popsize": 8},
+                                                "fitness.subsample": {"size": 200}})
+    records = []
+    population = run_local(config, on_record=records.append, in_flight=3)
+    by_generation: dict[int, set[str]] = {}
+    for r in records:
+        assert r.datapoints == 200 and r.indices is not None
+        by_generation.setdefault(int(r.params["generation"]), set()).add(r.indices)
+    assert len(by_generation) >= 6 and all(len(v) == 1 for v in by_generation.values())
+    assert len(set.union(*by_generation.values())) == len(by_generation)  # a fresh subset each generation
+    assert population.strategy.updates >= 6
