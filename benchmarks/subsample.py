@@ -33,6 +33,8 @@ VARIANTS = {
     "f0.05": {"fraction": 0.05, "topup": "archive"},
     "f0.1": {"fraction": 0.1, "topup": "archive"},
     "f0.25": {"fraction": 0.25, "topup": "archive"},
+    "f0.05-staged": {"fraction": 0.05, "topup": "archive", "staged": True},
+    "f0.1-staged": {"fraction": 0.1, "topup": "archive", "staged": True},
     "f0.1-none": {"fraction": 0.1, "topup": "none"},
     "f0.25-none": {"fraction": 0.25, "topup": "none"},
 }

@@ -34,6 +34,10 @@ class SubsampleSpec(_Strict):
         "archive", description="archive: a child that wins a slot is scored on the rest first, so members are "
                                "fully known; none: members keep what was observed, the rest is estimated")
     strata: int = Field(4, ge=1, description="load strata of the draw; 1: a uniform draw")
+    staged: bool = Field(
+        False, description="topup: archive only. true: top up in stages that double what is observed (uniform "
+                           "over the rest), judging the child again after each and stopping a loser early; "
+                           "false: the whole rest at once")
 
     @model_validator(mode="after")
     def _one_size(self) -> "SubsampleSpec":

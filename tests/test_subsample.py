@@ -33,6 +33,7 @@ ARCHIVE = np.array([[1, 1, 0, 0, 1, 0],
                     [0, 1, 1, 1, 0, 0]], dtype=np.float64)
 OBSERVED_ON = np.array([0, 2, 4])
 HALF = np.full(3, 2.0)  # 3 of 6 drawn uniformly: each drawn datapoint stands for 6 / 3 = 2
+INCLUSION = np.full(6, 0.5)  # the same draw as inclusion probabilities
 
 
 class PlainTask(FitnessTask):
@@ -124,7 +125,7 @@ def _strategy(topup: str, scores: np.ndarray = ARCHIVE) -> M2N2:
 def _child(member_id: int) -> Candidate:
     return Candidate(genome=np.full(4, 9.0, dtype=np.float32), params={"parent_a": 10, "parent_b": 11},
                      parents=(10, 11), generation=1, member_id=member_id,
-                     indices=OBSERVED_ON.copy(), weights=HALF.copy())
+                     indices=OBSERVED_ON.copy(), inclusion=INCLUSION.copy())
 
 
 @pytest.mark.parametrize("rest, slot", [
@@ -280,3 +281,19 @@ def test_cmaes_scores_each_generation_on_one_shared_subset() -> None:
     assert len(by_generation) >= 6 and all(len(v) == 1 for v in by_generation.values())
     assert len(set.union(*by_generation.values())) == len(by_generation)  # a fresh subset each generation
     assert population.strategy.updates >= 6
+
+
+def test_a_staged_topup_doubles_what_is_observed_with_exact_inclusion() -> None:
+    from evomerge.strategies.subsets import widen
+    # 2 of 8 observed at probability 1/4 each: 2 more from the 6 unobserved, so every datapoint
+    # is observed after the stage with 1/4 + (3/4)(2/6) = 1/2.
+    stage = widen(np.array([0, 2]), np.full(8, 0.25), np.random.default_rng(0))
+    assert stage.indices.size == 2 and not set(stage.indices.tolist()) & {0, 2}
+    assert np.allclose(stage.inclusion, 0.5)
+    # 4 of 8 observed: doubling reaches half of the rest, so the rest comes whole.
+    stage = widen(np.arange(4), np.full(8, 0.5), np.random.default_rng(0))
+    assert stage.indices.tolist() == [4, 5, 6, 7] and np.allclose(stage.inclusion, 1.0)
+    records = []
+    run_local(_digits(300, **{"fitness.subsample": {"size": 90, "staged": True}}), on_record=records.append)
+    stages = {r.datapoints for r in records if r.topup_of is not None}
+    assert {90, 180, 360, 1437 - 720} <= stages  # 90 observed, then 180, 360, 720, then the rest

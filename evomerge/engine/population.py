@@ -121,8 +121,13 @@ class Population:
         of the scores already observed; a plain subsampled child gets no test (None sum)."""
         if candidate.indices is None:
             return None
-        observed = None if candidate.observed is None else float(np.sum(candidate.observed[1]))
+        observed = float(np.sum(candidate.observed[1])) if self.completes(candidate) else None
         return (candidate.indices, observed)
+
+    def completes(self, candidate: Candidate) -> bool:
+        """A top-up whose datapoints and the child's observed ones make the whole set."""
+        return (candidate.observed is not None and candidate.indices is not None and
+                len(candidate.observed[0]) + len(candidate.indices) == self.strategy.problem.num_datapoints)
 
     @property
     def finished_early(self) -> bool:
@@ -181,7 +186,7 @@ class Population:
         if problem is not None:
             evaluation = Evaluation(evaluation.member_id, None, None, problem, evaluation.seconds)
             self.failed += 1
-        elif candidate.observed is not None:  # a top-up: the strategy and the best see the full row
+        elif self.completes(candidate):  # the last top-up: the strategy and the best see the full row
             assert candidate.indices is not None
             full = np.empty(n, dtype=np.float64)
             full[candidate.observed[0]] = candidate.observed[1]
@@ -192,7 +197,7 @@ class Population:
         test = evaluation.test_score if evaluation.test_score is None or math.isfinite(evaluation.test_score) else None
         # Only a mean over the whole set can be the best: a subset's mean is a noisy estimate, and
         # the highest of many noisy estimates is biased upward.
-        whole = candidate.indices is None or candidate.observed is not None
+        whole = candidate.indices is None or self.completes(candidate)
         if whole and train is not None and (self.best is None or train > self.best.train_score):
             member = candidate.member_id if candidate.topup_of is None else candidate.topup_of  # the child itself
             self.best = BestMember(member, train, test, candidate.genome,
@@ -282,8 +287,8 @@ def _pack_subset(candidate: Candidate, prefix: str) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     if candidate.indices is not None:
         out[f"{prefix}/indices"] = np.asarray(candidate.indices, dtype=np.int64)
-    if candidate.weights is not None:
-        out[f"{prefix}/weights"] = np.asarray(candidate.weights, dtype=np.float64)
+    if candidate.inclusion is not None:
+        out[f"{prefix}/inclusion"] = np.asarray(candidate.inclusion, dtype=np.float64)
     if candidate.observed is not None:
         out[f"{prefix}/observed_indices"] = np.asarray(candidate.observed[0], dtype=np.int64)
         out[f"{prefix}/observed_scores"] = np.asarray(candidate.observed[1], dtype=np.float64)
@@ -293,8 +298,8 @@ def _pack_subset(candidate: Candidate, prefix: str) -> dict[str, np.ndarray]:
 def _unpack_subset(candidate: Candidate, arrays: dict[str, np.ndarray], prefix: str) -> None:
     if f"{prefix}/indices" in arrays:
         candidate.indices = np.asarray(arrays[f"{prefix}/indices"], dtype=np.int64)
-    if f"{prefix}/weights" in arrays:
-        candidate.weights = np.asarray(arrays[f"{prefix}/weights"], dtype=np.float64)
+    if f"{prefix}/inclusion" in arrays:
+        candidate.inclusion = np.asarray(arrays[f"{prefix}/inclusion"], dtype=np.float64)
     if f"{prefix}/observed_indices" in arrays:
         candidate.observed = (np.asarray(arrays[f"{prefix}/observed_indices"], dtype=np.int64),
                               np.asarray(arrays[f"{prefix}/observed_scores"], dtype=np.float64))

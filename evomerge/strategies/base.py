@@ -53,7 +53,8 @@ class Candidate:
     member_id: int = -1  # assigned by the population when issued
     # Subsampling (fitness.subsample): the datapoints to score, sorted; None: all of them.
     indices: np.ndarray | None = None
-    weights: np.ndarray | None = None  # the draw's comparison weight per index (strategies/subsets.py)
+    # (N,) each datapoint's probability of being observed by the child's draw (strategies/subsets.py)
+    inclusion: np.ndarray | None = None
     # A top-up: the rest of the set for child `topup_of`, whose `observed` (indices, scores) are
     # merged with this evaluation's into its full row before the strategy is told.
     topup_of: int | None = None

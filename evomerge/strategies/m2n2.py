@@ -12,7 +12,10 @@ Subsampled fitness (`fitness.subsample: {size: M | fraction: F, topup}`), in the
   If the child is the least fit there, it is dropped, as in the full rule.
 - `topup: archive`. A child that wins on O is not inserted yet: it is queued to be scored on the
   rest of the set (the next ask hands that out before any new child; it is one more evaluation
-  of N - M datapoints). When the rest comes back, its full row goes through the full replacement
+  of N - M datapoints). With `staged: true` the rest comes in stages that double what is
+  observed (uniform over the unobserved, `subsets.widen`), and after each stage the child is
+  judged again on everything observed so far, with exact inclusion weights; a child that loses
+  there stops (no slot, its datapoints spent), one that wins goes on to the next stage. When the rest comes back, its full row goes through the full replacement
   rule against the archive as it is then. If the full rule says the child is the least fit
   (the subset flattered it, or the archive moved on), the archive is unchanged and the child is
   dropped: its datapoints are spent, nothing else happens. So every member is fully known, and
@@ -37,7 +40,7 @@ from evomerge.strategies import STRATEGIES
 from evomerge.strategies.base import Candidate, Evaluation, Problem, Strategy, StrategyOptions
 from evomerge.strategies.guide import Guide, GuideOptions
 from evomerge.strategies.niches import Niches, estimate_unobserved, replacement_slot, screen_slot
-from evomerge.strategies.subsets import draw_subset, subset_rng
+from evomerge.strategies.subsets import draw_subset, subset_rng, widen
 
 
 class M2N2Options(StrategyOptions):
@@ -99,7 +102,10 @@ class M2N2(Strategy):
         self.observed = np.ones((size, n), dtype=bool) if self.subsampling and self.topup == "none" else None
         self._estimated: np.ndarray | None = None
         self.topups: list[Candidate] = []  # winners on their subset, waiting for the rest of the set
-        self.topup_counts = {"asked": 0, "kept": 0, "dropped": 0}
+        self.staged = bool(spec is not None and spec.staged)
+        # asked: top-up evaluations handed out; kept / dropped: by the full rule on the full row;
+        # stopped: a staged top-up that lost on the union at an intermediate stage
+        self.topup_counts = {"asked": 0, "kept": 0, "dropped": 0, "stopped": 0}
 
     # -- ask ---------------------------------------------------------------------------------
     def _initial_genome(self, index: int) -> Any:
@@ -149,7 +155,7 @@ class M2N2(Strategy):
             self.subsets_drawn += 1
             load = self.matrix.sum(axis=0)
             subset = draw_subset(load, self.subset_size, opts.alpha, self.strata, rng)
-            candidate.indices, candidate.weights = subset.indices, subset.weights
+            candidate.indices, candidate.inclusion = subset.indices, subset.inclusion
         return candidate
 
     @property
@@ -176,11 +182,19 @@ class M2N2(Strategy):
                 self.init_told += 1
             if evaluation.failed:
                 pass
-            elif candidate.topup_of is not None:  # the full row of a winner on its subset
+            elif candidate.topup_of is not None and len(evaluation.scores) == self.problem.num_datapoints:
+                # the full row of a winner on its subset (the population merged the parts)
                 entered = self._insert(candidate.genome, evaluation.scores, candidate.topup_of, candidate.generation)
                 self.topup_counts["kept" if entered else "dropped"] += 1
+            elif candidate.topup_of is not None:  # a stage of a staged top-up: judged again on the union
+                assert candidate.observed is not None and candidate.indices is not None
+                indices = np.concatenate([candidate.observed[0], candidate.indices])
+                scores = np.concatenate([candidate.observed[1], np.asarray(evaluation.scores, dtype=np.float64)])
+                order = np.argsort(indices, kind="stable")
+                if not self._screen(candidate, indices[order], scores[order], candidate.topup_of):
+                    self.topup_counts["stopped"] += 1
             elif candidate.subsampled:
-                self._screen(candidate, evaluation.scores)
+                self._screen(candidate, candidate.indices, evaluation.scores, candidate.member_id)
             else:
                 self._insert(candidate.genome, evaluation.scores, candidate.member_id, candidate.generation)
         if self.guide is not None:
@@ -198,26 +212,34 @@ class M2N2(Strategy):
             genome = self.space.add_element(genome)
         self._insert(genome, best["scores"], best["member_id"], best["generation"])
 
-    def _screen(self, candidate: Candidate, observed: np.ndarray) -> None:
-        """The child against the archive on its own subset (see the module docstring)."""
-        assert candidate.indices is not None and candidate.weights is not None
-        filled = self.ids >= 0
-        slot = screen_slot(self.matrix, observed, candidate.indices, candidate.weights, self.options.alpha, filled)
+    def _screen(self, candidate: Candidate, indices: np.ndarray, observed: np.ndarray,
+                member_id: int) -> bool:
+        """The child against the archive on what it was scored on (see the module docstring):
+        its subset, or after a stage of a staged top-up, the union so far. True if it goes on."""
+        assert candidate.inclusion is not None
+        weights = 1.0 / candidate.inclusion[indices]
+        slot = screen_slot(self.matrix, observed, indices, weights, self.options.alpha, self.ids >= 0)
         if slot is None:
-            return
+            return False
         if self.observed is None:  # topup: archive: the rest of the set decides
-            rest = np.setdiff1d(np.arange(self.problem.num_datapoints), candidate.indices)
+            n = self.problem.num_datapoints
+            if self.staged:
+                stage = widen(indices, candidate.inclusion, subset_rng(self.subset_seed, self.subsets_drawn))
+                self.subsets_drawn += 1
+                rest, inclusion = stage.indices, stage.inclusion
+            else:
+                rest, inclusion = np.setdiff1d(np.arange(n, dtype=np.int64), indices), np.ones(n)
             self.topups.append(Candidate(
                 genome=self.space.realise(candidate.genome), params=dict(candidate.params),
-                parents=candidate.parents, generation=candidate.generation, indices=rest,
-                topup_of=candidate.member_id,
-                observed=(np.asarray(candidate.indices), np.asarray(observed, dtype=np.float64))))
-            return
+                parents=candidate.parents, generation=candidate.generation, indices=rest, inclusion=inclusion,
+                topup_of=member_id, observed=(np.asarray(indices), np.asarray(observed, dtype=np.float64))))
+            return True
         row = np.zeros(self.problem.num_datapoints)
-        row[candidate.indices] = observed
-        self._place(slot, candidate.genome, row, candidate.member_id, candidate.generation)
+        row[indices] = observed
+        self._place(slot, candidate.genome, row, member_id, candidate.generation)
         self.observed[slot] = False
-        self.observed[slot, candidate.indices] = True
+        self.observed[slot, indices] = True
+        return True
 
     def _insert(self, genome: Any, scores: np.ndarray, member_id: int, generation: int) -> bool:
         slot = self._niches.replacement_slot(self.matrix, scores, filled=self.ids >= 0)
@@ -251,6 +273,7 @@ class M2N2(Strategy):
                 arrays[f"topups/{k}/indices"] = c.indices
                 arrays[f"topups/{k}/observed_indices"] = c.observed[0]
                 arrays[f"topups/{k}/observed_scores"] = c.observed[1]
+                arrays[f"topups/{k}/inclusion"] = c.inclusion
             if self.topups:
                 arrays.update(self.space.pack([c.genome for c in self.topups], "topups/genomes"))
             if self.observed is not None:
@@ -279,12 +302,13 @@ class M2N2(Strategy):
         self._changed()
         if self.subsampling:
             self.subsets_drawn = int(meta["subsets_drawn"])
-            self.topup_counts = dict(meta["topup_counts"])
+            self.topup_counts = {**self.topup_counts, **meta["topup_counts"]}
             items = meta["topups"]
             genomes = self.space.unpack(arrays, "topups/genomes") if items else []
             self.topups = [Candidate(genome=g, params=dict(item["params"]), parents=tuple(item["parents"]),
                                      generation=int(item["generation"]), topup_of=int(item["topup_of"]),
                                      indices=np.asarray(arrays[f"topups/{k}/indices"], dtype=np.int64),
+                                     inclusion=np.asarray(arrays[f"topups/{k}/inclusion"], dtype=np.float64),
                                      observed=(np.asarray(arrays[f"topups/{k}/observed_indices"], dtype=np.int64),
                                                np.asarray(arrays[f"topups/{k}/observed_scores"], dtype=np.float64)))
                            for k, (item, g) in enumerate(zip(items, genomes))]

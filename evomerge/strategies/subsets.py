@@ -33,10 +33,15 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Subset:
-    """The datapoints a child is scored on (sorted) and their comparison weights N_h / m_h."""
+    """The datapoints a child is scored on (sorted), and every datapoint's probability of being
+    among them (m_h / N_h for its stratum): the comparison weights are its inverse."""
 
     indices: np.ndarray
-    weights: np.ndarray
+    inclusion: np.ndarray  # (N,)
+
+    @property
+    def weights(self) -> np.ndarray:
+        return 1.0 / self.inclusion[self.indices]
 
 
 def subset_rng(base_seed: int, counter: int) -> np.random.Generator:
@@ -77,22 +82,32 @@ def draw_subset(load: np.ndarray, size: int, alpha: float, strata: int, rng: np.
     n = int(load.size)
     if size >= n:
         return Subset(np.arange(n, dtype=np.int64), np.ones(n))
+    inclusion = np.zeros(n)
     order = np.argsort(load, kind="stable")
     groups = np.array_split(order, min(strata, size, n))
     sizes = np.array([g.size for g in groups])
     rates = np.array([1.0 / (1.0 + float(load[g].mean())) ** alpha for g in groups])
     counts = allocate(sizes, rates, size)
-    picked, weights = [], []
+    picked = []
     for group, m in zip(groups, counts):
-        if m == 0:
-            continue
-        chosen = rng.choice(group, size=int(m), replace=False)
-        picked.append(chosen)
-        weights.append(np.full(int(m), group.size / m))
-    indices = np.concatenate(picked)
-    w = np.concatenate(weights)
-    order = np.argsort(indices)
-    return Subset(indices[order].astype(np.int64), w[order])
+        inclusion[group] = m / group.size
+        if m:
+            picked.append(rng.choice(group, size=int(m), replace=False))
+    return Subset(np.sort(np.concatenate(picked)).astype(np.int64), inclusion)
+
+
+def widen(observed: np.ndarray, inclusion: np.ndarray, rng: np.random.Generator) -> Subset:
+    """The next stage of a staged top-up (`subsample.staged`): as many new datapoints as are
+    observed, uniform over the rest, or the whole rest once that would reach half of it.
+
+    Returns the new datapoints and every datapoint's probability of being observed after the
+    stage: the stage is a fixed-size uniform draw from the N - |O| unobserved, so
+    pi'_j = pi_j + (1 - pi_j) m / (N - |O|) exactly (the weights stay Horvitz-Thompson's)."""
+    n = inclusion.size
+    rest = np.setdiff1d(np.arange(n, dtype=np.int64), observed)
+    m = rest.size if 2 * observed.size >= rest.size else observed.size
+    chosen = rest if m == rest.size else np.sort(rng.choice(rest, size=m, replace=False)).astype(np.int64)
+    return Subset(chosen, inclusion + (1.0 - inclusion) * (m / rest.size))
 
 
 def uniform_subset(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
