@@ -27,14 +27,14 @@ from _common import Job, fmt_mean_std, load_population, mean_std, pin_blas_threa
 from evomerge.report import format_table
 
 N = 1437  # digits' training datapoints: one full evaluation
-# name -> fitness.subsample (None: full M2N2)
+# name -> fitness.subsample (None: full M2N2); -whole: the rest in one top-up; -none: no top-up
 VARIANTS = {
     "full": None,
-    "f0.05": {"fraction": 0.05, "topup": "archive"},
-    "f0.1": {"fraction": 0.1, "topup": "archive"},
-    "f0.25": {"fraction": 0.25, "topup": "archive"},
-    "f0.05-staged": {"fraction": 0.05, "topup": "archive", "staged": True},
-    "f0.1-staged": {"fraction": 0.1, "topup": "archive", "staged": True},
+    "f0.05": {"fraction": 0.05, "topup": "archive", "staged": True},
+    "f0.1": {"fraction": 0.1, "topup": "archive", "staged": True},
+    "f0.25": {"fraction": 0.25, "topup": "archive", "staged": True},
+    "f0.05-whole": {"fraction": 0.05, "topup": "archive", "staged": False},
+    "f0.1-whole": {"fraction": 0.1, "topup": "archive", "staged": False},
     "f0.1-none": {"fraction": 0.1, "topup": "none"},
     "f0.25-none": {"fraction": 0.25, "topup": "none"},
 }

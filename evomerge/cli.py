@@ -85,7 +85,7 @@ def _compare(args: argparse.Namespace) -> int:
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     out = Path(args.out) if args.out else Path("runs") / f"compare-{Path(args.config).stem}"
     run_compare(Path(args.config), strategies, args.budget, args.seeds, out, address=args.address,
-                progress=not args.quiet)
+                progress=not args.quiet, budget_datapoints=args.budget_datapoints)
     print(f"wrote {out}/compare.md, compare.csv, compare.png")
     return 0
 
@@ -143,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="run several strategies on one task and budget, side by side")
     compare.add_argument("config", help="a search definition (task, seeds)")
     compare.add_argument("--strategies", default="m2n2,ga", help="comma-separated, e.g. m2n2,ga,cmaes,dam,static")
-    compare.add_argument("--budget", type=int, required=True, help="evaluations per run")
+    compare.add_argument("--budget", type=int, help="evaluations per run")
+    compare.add_argument("--budget-datapoints", type=int,
+                         help="datapoint-evaluations per run; the plot's x axis becomes datapoint-evaluations")
     compare.add_argument("--seeds", type=int, default=3, help="runs per strategy (seeds 0..S-1)")
     compare.add_argument("--out", help="output folder (default runs/compare-CONFIG)")
     compare.add_argument("--address", help="join a running Ray cluster")

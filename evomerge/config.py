@@ -35,9 +35,9 @@ class SubsampleSpec(_Strict):
                                "fully known; none: members keep what was observed, the rest is estimated")
     strata: int = Field(4, ge=1, description="load strata of the draw; 1: a uniform draw")
     staged: bool = Field(
-        False, description="topup: archive only. true: top up in stages that double what is observed (uniform "
-                           "over the rest), judging the child again after each and stopping a loser early; "
-                           "false: the whole rest at once")
+        True, description="topup: archive only. true: top up in stages that double what is observed (uniform "
+                          "over the rest), judging the child again after each and stopping a loser early; "
+                          "false: the whole rest at once")
 
     @model_validator(mode="after")
     def _one_size(self) -> "SubsampleSpec":
@@ -94,7 +94,9 @@ class WorkersSpec(_Strict):
     batch: Union[int, Literal["auto"]] = Field(
         "auto", description="children sent per worker call; amortises Ray overhead. 'auto': about 25 ms "
                             "of fitness work per call (at most 64 children), 4 in sync mode")
-    pipeline: int = Field(2, ge=1, description="batches queued per worker, so it never waits for the next")
+    pipeline: Union[int, Literal["auto"]] = Field(
+        "auto", description="batches queued per worker, so it never waits for the next. 'auto': 2, or 1 (a "
+                            "child is asked when a worker frees up) while evaluations take 1 s or more")
     breed_on_workers: bool = Field(
         True, description="dense children travel as their lineage and workers breed them (parents are "
                           "sent once per worker); false: the population breeds and ships every child")
@@ -106,6 +108,13 @@ class WorkersSpec(_Strict):
     memory_check: bool = Field(
         True, description="print the memory plan before the workers start and stop when it does not fit "
                           "the node's available memory or a GPU; false: print nothing, start anyway")
+
+    @field_validator("pipeline", mode="before")
+    @classmethod
+    def _pipeline_is_count_or_auto(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError("must be a whole number >= 1 (calls queued per worker) or 'auto'")
 
     @field_validator("batch", mode="before")
     @classmethod

@@ -49,8 +49,8 @@ def run_status(run_dir: Path) -> dict[str, Any]:
     status["datapoints"] = sum(int(t.user_attrs.get("datapoints", 0)) for t in trials)
     status["datapoint_budget"] = config.get("budget", {}).get("datapoints")
     # A child scored on a subset alone has a subset's mean as its value: not comparable with a
-    # full row's, so never the best (a top-up's value is its full row's mean).
-    whole = [t for t in complete if "datapoint_indices" not in t.user_attrs or "topup_of" in t.user_attrs]
+    # full row's, so never the best (a last top-up's value is its full row's mean).
+    whole = [t for t in complete if not t.user_attrs.get("partial")]
     best = max(whole, key=lambda t: t.value, default=None)
     status["best_train"] = None if best is None else best.value
     status["best_test"] = None if best is None else best.user_attrs.get("test_score")

@@ -229,7 +229,7 @@ def test_the_datapoint_budget_is_never_exceeded_and_nothing_fits_after() -> None
 def test_subset_draws_and_topups_survive_a_snapshot(tmp_path) -> None:
     """Children in flight (subsampled, and top-ups) and top-ups queued go through a real snapshot;
     the resumed population continues exactly as the original."""
-    config = _digits(400, **{"fitness.subsample": {"fraction": 0.1}})
+    config = _digits(400, **{"fitness.subsample": {"fraction": 0.1, "staged": False}})
     from evomerge.engine.actors import build_population
     from evomerge.engine.worker import FitnessWorker
 
@@ -297,3 +297,15 @@ def test_a_staged_topup_doubles_what_is_observed_with_exact_inclusion() -> None:
     run_local(_digits(300, **{"fitness.subsample": {"size": 90, "staged": True}}), on_record=records.append)
     stages = {r.datapoints for r in records if r.topup_of is not None}
     assert {90, 180, 360, 1437 - 720} <= stages  # 90 observed, then 180, 360, 720, then the rest
+
+
+def test_pipeline_auto_queues_nothing_ahead_for_slow_evaluations() -> None:
+    from evomerge.engine.dispatch import BatchSizer, auto_depth
+
+    sizer = BatchSizer("auto", sync=False)
+    assert auto_depth(sizer) == 1  # nothing measured yet: one call per worker
+    sizer.observe([Evaluation(0, np.zeros(1), seconds=0.002)] * 3)
+    assert auto_depth(sizer) == 2 and sizer.size(100, 4) > 1  # a 2 ms fitness: queued, batched
+    for _ in range(7):
+        sizer.observe([Evaluation(0, np.zeros(1), seconds=1.5)])
+    assert auto_depth(sizer) == 1 and sizer.size(100, 4) == 1  # 1.5 s: one child, asked when a worker is free

@@ -34,6 +34,7 @@ class EvalRecord:
     datapoints: int = 0  # datapoints this evaluation scored (the datapoint budget's unit)
     indices: str | None = None  # which, as subsets.encode_indices' bitmask text; None: all of them
     topup_of: int | None = None  # a top-up: the rest of the set for this member
+    partial: bool = False  # train_score is a mean over part of the set only (never a best)
 
     @property
     def failed(self) -> bool:
@@ -211,7 +212,7 @@ class Population:
             error=evaluation.error,
             best_train=self.best.train_score if self.best else None,
             best_test=self.best.test_score if self.best else None, intermediate=intermediate,
-            datapoints=cost, topup_of=candidate.topup_of,
+            datapoints=cost, topup_of=candidate.topup_of, partial=not whole,
             indices=None if candidate.indices is None else encode_indices(candidate.indices, n),
         )
         self.told += 1

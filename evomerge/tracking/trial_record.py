@@ -53,6 +53,8 @@ def user_attrs(record: EvalRecord) -> dict[str, Any]:
         attrs["datapoint_indices"] = record.indices
     if record.topup_of is not None:
         attrs["topup_of"] = record.topup_of
+    if record.partial:  # the value is a subset's mean: not comparable with a full row's, never a best
+        attrs["partial"] = True
     if record.failed:
         attrs["error"] = record.error
     return attrs
