@@ -30,6 +30,7 @@ N = 1437  # digits' training datapoints: one full evaluation
 # name -> fitness.subsample (None: full M2N2); -whole: the rest in one top-up; -none: no top-up
 VARIANTS = {
     "full": None,
+    "f0.025": {"fraction": 0.025, "topup": "archive", "staged": True},
     "f0.05": {"fraction": 0.05, "topup": "archive", "staged": True},
     "f0.1": {"fraction": 0.1, "topup": "archive", "staged": True},
     "f0.25": {"fraction": 0.25, "topup": "archive", "staged": True},
