@@ -309,3 +309,40 @@ def test_pipeline_auto_queues_nothing_ahead_for_slow_evaluations() -> None:
     for _ in range(7):
         sizer.observe([Evaluation(0, np.zeros(1), seconds=1.5)])
     assert auto_depth(sizer) == 1 and sizer.size(100, 4) == 1  # 1.5 s: one child, asked when a worker is free
+
+
+def test_a_resume_with_a_larger_datapoint_budget_continues_as_one_straight_run(tmp_path) -> None:
+    """The child that did not fit the first budget is kept in the snapshot and goes first."""
+    from evomerge.engine.actors import build_population
+    from evomerge.engine.worker import FitnessWorker
+
+    small, large = 1437 * 20 + 300, 1437 * 45
+    config = _digits(100_000, **{"budget.datapoints": large, "fitness.subsample": {"size": 120}})
+    worker = FitnessWorker(config.model_dump(mode="json"), 0)
+
+    def drive(population: Population) -> None:
+        while not population.done:
+            child = population.ask()
+            if child is None:
+                break
+            population.tell(worker.evaluate_one(child.member_id, child.genome,
+                                                test_above=population.test_threshold(), job=population.job(child)))
+
+    straight = build_population(config)
+    drive(straight)
+    first = build_population(config)
+    first.datapoint_budget = small
+    drive(first)
+    assert first._held is not None and first.told_datapoints <= small
+    meta, arrays = first.state_dict()
+    snapshots.write_snapshot(tmp_path, first.told, {"population": meta}, arrays)
+    _, meta2, arrays2 = snapshots.load_latest_snapshot(tmp_path)
+    resumed = build_population(config)
+    assert resumed.load_state_dict(meta2["population"], arrays2) == []
+    drive(resumed)
+    for a, b in zip(_archive(straight), _archive(resumed)):
+        if isinstance(a, list):
+            assert all(np.array_equal(x, y) for x, y in zip(a, b))
+        else:
+            assert np.array_equal(a, b)
+    assert resumed.told == straight.told and resumed.told_datapoints == straight.told_datapoints <= large

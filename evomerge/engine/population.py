@@ -109,7 +109,9 @@ class Population:
         """The datapoint budget allows no further child (one was held back, or it is used up)."""
         if self.datapoint_budget is None:
             return False
-        return self._held is not None or self.issued_datapoints >= self.datapoint_budget
+        if self.issued_datapoints >= self.datapoint_budget:
+            return True
+        return self._held is not None and self.issued_datapoints + self.cost(self._held) > self.datapoint_budget
 
     def cost(self, candidate: Candidate) -> int:
         """Datapoints the candidate will be scored on."""
@@ -148,7 +150,8 @@ class Population:
     def ask(self) -> Candidate | None:
         if self.issued >= self.budget or self.strategy.exhausted or self.datapoints_spent:
             return None
-        candidate = self.strategy.ask()
+        # a child held back by the datapoint budget goes first once it fits (a resume with a larger one)
+        candidate, self._held = (self._held, None) if self._held is not None else (self.strategy.ask(), None)
         if candidate is None:
             return None
         if self.datapoint_budget is not None:
@@ -251,10 +254,17 @@ class Population:
                     "test_score": self.best.test_score, "generation": self.best.generation,
                     "parents": list(self.best.parents)}
             arrays.update(space.pack([self.best.genome], "best"))
+        if self._held is not None:  # asked of the strategy but never issued: kept for a larger budget
+            held = self._held
+            arrays.update(space.pack([held.genome], "held"))
+            arrays.update(_pack_subset(held, "held_subset"))
         meta = {"issued": self.issued, "told": self.told, "failed": self.failed, "budget": self.budget,
                 "inflight": inflight, "best": best, "strategy": strategy_meta,
                 "staleness": [self.staleness_total, self.staleness_count],
-                "datapoints": [self.issued_datapoints, self.told_datapoints]}
+                "datapoints": [self.issued_datapoints, self.told_datapoints],
+                "held": None if self._held is None else {
+                    "params": dict(self._held.params), "parents": list(self._held.parents),
+                    "generation": self._held.generation, "topup_of": self._held.topup_of}}
         return meta, arrays
 
     def load_state_dict(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> list[Candidate]:
@@ -266,6 +276,12 @@ class Population:
         self.staleness_total, self.staleness_count = (int(v) for v in meta.get("staleness", (0, 0)))
         self.issued_datapoints, self.told_datapoints = (int(v) for v in meta.get("datapoints", (0, 0)))
         self._held = None
+        held = meta.get("held")
+        if held:
+            self._held = Candidate(genome=self.strategy.problem.space.unpack(arrays, "held")[0],
+                                   params=dict(held["params"]), parents=tuple(held["parents"]),
+                                   generation=int(held["generation"]), topup_of=held.get("topup_of"))
+            _unpack_subset(self._held, arrays, "held_subset")
         self._asked_at = {}
         space = self.strategy.problem.space
         self.best = None

@@ -74,7 +74,7 @@ def run_search(config: SearchConfig, options: SearchOptions) -> dict[str, Any]:
 
 
 def resume_search(run_dir: Path, options: SearchOptions, budget: int | None = None,
-                  force: bool = False) -> dict[str, Any]:
+                  force: bool = False, budget_datapoints: int | None = None) -> dict[str, Any]:
     """Continue from the newest snapshot that verifies, with the run folder's config.json."""
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"
@@ -90,6 +90,11 @@ def resume_search(run_dir: Path, options: SearchOptions, budget: int | None = No
             "undo the change, or pass --force to resume with the new values")
     if budget is not None:
         config.budget.evaluations = budget
+    if budget_datapoints is not None:
+        spent = int(meta["population"].get("datapoints", (0, 0))[0])
+        if budget_datapoints < spent:
+            raise EvomergeError(f"--budget-datapoints {budget_datapoints} is below the {spent} datapoints already spent")
+        config.budget.datapoints = budget_datapoints
     told = int(meta["population"]["told"])
     if config.budget.max_evaluations < told:
         raise EvomergeError(f"--budget {config.budget.evaluations} is below the {told} evaluations already done")
