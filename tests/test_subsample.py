@@ -352,3 +352,12 @@ def test_a_resume_with_a_larger_datapoint_budget_continues_as_one_straight_run(t
         else:
             assert np.array_equal(a, b)
     assert resumed.told == straight.told and resumed.told_datapoints == straight.told_datapoints <= large
+
+
+def test_ga_uses_the_same_mechanism() -> None:
+    records = []
+    population = run_local(_digits(150, **{"strategy.name": "ga", "strategy.options": {},
+                                           "fitness.subsample": {"size": 25}}), on_record=records.append)
+    children = [r for r in records if r.parents and r.topup_of is None]
+    assert children and all(r.datapoints == 25 and r.partial for r in children)
+    assert population.strategy.topup_counts["asked"] > 0 and any(r.topup_of is not None for r in records)

@@ -38,6 +38,11 @@ def finish_run(config: SearchConfig, out_dir: Path, study: optuna.Study, state: 
         "storage": storage, "study_name": study_name, "seed": config.seed, "sync": config.sync,
         "mean_staleness": _rounded(mean_staleness(state[0]), 2),
     }
+    try:  # the study says what the search cost, in candidates and in datapoint-evaluations
+        study.set_user_attr("evaluations", evaluations)
+        study.set_user_attr("datapoints", summary["datapoints"])
+    except Exception as exc:  # recording a total must never cost the user the search's results
+        print(f"warning: could not record the totals in the study: {exc}", file=sys.stderr)
     if best is not None:
         write_best(out_dir, best, config)
         if isinstance(best["genome"], (Recipe, ColumnGenome, LayerwiseGenome)):  # merged checkpoints: leave a loadable model
