@@ -5,8 +5,8 @@ how the paper's GA baseline is defined; the ablation flags reproduce its ablatio
 
 Subsampled fitness (`fitness.subsample: {size: M | fraction: F, topup}`), in the rules' terms:
 - Ask. A child is scored on M datapoints drawn from its own seed, stratified by the archive's
-  load (strategies/subsets.py). Initial members and top-ups are not subsampled. With M >= N
-  nothing is drawn at all, so the search is bitwise the full one.
+  load (strategies/subsets.py). Initial members (and guides' merges) are scored on the whole set.
+  With M >= N nothing is drawn at all, so the search is bitwise the full one.
 - Competition and replacement. The child is compared with the archive on its subset O only
   (`niches.screen_slot`): loads, shared scores and fitness over O, weighted by the draw.
   If the child is the least fit there, it is dropped, as in the full rule.
@@ -15,8 +15,9 @@ Subsampled fitness (`fitness.subsample: {size: M | fraction: F, topup}`), in the
   of N - M datapoints). With `staged: true` the rest comes in stages that double what is
   observed (uniform over the unobserved, `subsets.widen`), and after each stage the child is
   judged again on everything observed so far, with exact inclusion weights; a child that loses
-  there stops (no slot, its datapoints spent), one that wins goes on to the next stage. When the rest comes back, its full row goes through the full replacement
-  rule against the archive as it is then. If the full rule says the child is the least fit
+  there stops (no slot, its datapoints spent), one that wins goes on to the next stage. When the
+  rest comes back, its full row goes through the full replacement rule against the archive as
+  it is then. If the full rule says the child is the least fit
   (the subset flattered it, or the archive moved on), the archive is unchanged and the child is
   dropped: its datapoints are spent, nothing else happens. So every member is fully known, and
   the parent draws (fitness, attraction) are the full-set rules on full rows.
