@@ -58,7 +58,7 @@ def search(variant: str, seed: int, budgets: list[int]) -> dict[str, object]:
     worker = FitnessWorker(config.model_dump(mode="json"), 0)
     strategy = population.strategy
     marks = sorted(budgets)
-    out: dict[str, object] = {"test": {}, "train": {}, "children": {}}
+    out: dict[str, object] = {"test": {}, "train": {}, "children": {}}  # children: evaluations (top-ups count)
 
     def note(mark: int) -> None:
         if subsample is not None and subsample["topup"] == "none":
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     print_section("Subsampled against full M2N2 on digits at equal datapoint budgets "
                   f"(budgets in full evaluations of {N} datapoints; {args.seeds} seeds)")
     print(format_table(("variant", "seeds", *[f"test @ {b // 1000}k" for b in budgets],
-                        f"children @ {max(budgets) // 1000}k", "top-ups kept/asked"), rows))
+                        f"evaluations @ {max(budgets) // 1000}k", "top-ups kept/asked"), rows))
     if args.out:
         write_json(args.out, {"budgets": budgets, "variants": summary})
     return 1 if errors else 0
