@@ -29,6 +29,8 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py
 	$(BIN)/python benchmarks/staleness.py
+	$(BIN)/python benchmarks/staleness.py --llm
+	$(BIN)/python benchmarks/subsample.py
 	$(BIN)/python benchmarks/recorder.py
 	$(BIN)/python benchmarks/materialise.py
 	$(BIN)/python benchmarks/digits_paper.py

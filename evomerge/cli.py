@@ -18,6 +18,8 @@ def _search(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {}
     if args.budget is not None:
         overrides["budget.evaluations"] = args.budget
+    if getattr(args, "budget_datapoints", None) is not None:
+        overrides["budget.datapoints"] = args.budget_datapoints
     if args.workers is not None:
         overrides["workers.count"] = args.workers
     if args.seed is not None:
@@ -40,7 +42,7 @@ def _resume(args: argparse.Namespace) -> int:
     out_dir = Path(args.run)
     summary = resume_search(out_dir, SearchOptions(out_dir=out_dir, address=args.address, progress=not args.quiet,
                                                    handle_signals=True),
-                            budget=args.budget, force=args.force)
+                            budget=args.budget, force=args.force, budget_datapoints=args.budget_datapoints)
     _print_outcome(summary, out_dir)
     return 0
 
@@ -87,7 +89,7 @@ def _compare(args: argparse.Namespace) -> int:
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     out = Path(args.out) if args.out else Path("runs") / f"compare-{Path(args.config).stem}"
     run_compare(Path(args.config), strategies, args.budget, args.seeds, out, address=args.address,
-                progress=not args.quiet)
+                progress=not args.quiet, budget_datapoints=args.budget_datapoints)
     print(f"wrote {out}/compare.md, compare.csv, compare.png")
     return 0
 
@@ -106,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     search = sub.add_parser("search", help="run a search from a YAML definition")
     search.add_argument("config", help="populations/NAME.yaml")
     search.add_argument("--budget", type=int, help="total evaluations (overrides budget.evaluations)")
+    search.add_argument("--budget-datapoints", type=int, help="total datapoint-evaluations (budget.datapoints)")
     search.add_argument("--workers", type=int, help="fitness workers (overrides workers.count)")
     search.add_argument("--seed", type=int, help="random seed (overrides seed)")
     search.add_argument("--sync", action="store_true", help="fixed evaluation order: reproducible search")
@@ -119,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     resume = sub.add_parser("resume", help="continue a search from its newest valid snapshot")
     resume.add_argument("run", help="run folder, e.g. runs/digits-scratch")
     resume.add_argument("--budget", type=int, help="new total evaluation budget")
+    resume.add_argument("--budget-datapoints", type=int, help="new total datapoint budget (budget.datapoints)")
     resume.add_argument("--force", action="store_true", help="resume even if config.json changed")
     resume.add_argument("--address", help="join a running Ray cluster ('auto' or host:port)")
     resume.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -145,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="run several strategies on one task and budget, side by side")
     compare.add_argument("config", help="a search definition (task, seeds)")
     compare.add_argument("--strategies", default="m2n2,ga", help="comma-separated, e.g. m2n2,ga,cmaes,dam,static")
-    compare.add_argument("--budget", type=int, required=True, help="evaluations per run")
+    compare.add_argument("--budget", type=int, help="evaluations per run")
+    compare.add_argument("--budget-datapoints", type=int,
+                         help="datapoint-evaluations per run; the plot's x axis becomes datapoint-evaluations")
     compare.add_argument("--seeds", type=int, default=3, help="runs per strategy (seeds 0..S-1)")
     compare.add_argument("--out", help="output folder (default runs/compare-CONFIG)")
     compare.add_argument("--address", help="join a running Ray cluster")

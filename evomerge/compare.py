@@ -27,8 +27,15 @@ from evomerge.tracking.plots import progress_series
 from evomerge.tracking.storage import open_storage
 
 
-def run_compare(config_path: Path, strategies: Sequence[str], budget: int, seeds: int, out_dir: Path,
-                address: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
+def run_compare(config_path: Path, strategies: Sequence[str], budget: int | None, seeds: int, out_dir: Path,
+                address: str | None = None, progress: bool = True,
+                budget_datapoints: int | None = None) -> list[dict[str, Any]]:
+    """`budget_datapoints`: every run gets `budget.datapoints` (and `budget` evaluations only if
+    given), and the plot's x axis is datapoint-evaluations: the cost on an LLM, where a
+    subsampled strategy scores many more children for the same cost. A strategy that does not
+    judge subsets runs without the config's `fitness.subsample`."""
+    if budget is None and budget_datapoints is None:
+        raise EvomergeError("give --budget (evaluations) or --budget-datapoints (or both)")
     base = load_config(config_path)
     for name in strategies:
         if name not in STRATEGIES:
@@ -40,32 +47,39 @@ def run_compare(config_path: Path, strategies: Sequence[str], budget: int, seeds
     try:
         for name in strategies:
             for seed in range(seeds):
-                rows.append(_one_run(config_path, base, name, seed, budget, out_dir, storage, address, progress))
+                rows.append(_one_run(config_path, base, name, seed, budget, out_dir, storage, address, progress,
+                                     budget_datapoints))
     finally:
         if started:
             import ray
 
             ray.shutdown()
-    write_outputs(rows, out_dir, budget)
+    write_outputs(rows, out_dir, budget, budget_datapoints)
     return rows
 
 
-def _one_run(config_path: Path, base: SearchConfig, name: str, seed: int, budget: int, out_dir: Path,
-             storage: str, address: str | None, progress: bool) -> dict[str, Any]:
+def _one_run(config_path: Path, base: SearchConfig, name: str, seed: int, budget: int | None, out_dir: Path,
+             storage: str, address: str | None, progress: bool,
+             budget_datapoints: int | None = None) -> dict[str, Any]:
     strategy = STRATEGIES.get(name)
     from_scratch = not base.seeds
     if (from_scratch and not strategy.supports_scratch) or (not from_scratch and not strategy.supports_seeds):
         need = "seeds" if from_scratch else "a from-scratch problem"
         return {"strategy": name, "seed": seed, "skipped": f"needs {need}"}
     study = f"{base.name}-{name}-seed{seed}"
-    overrides = {"strategy.name": name, "seed": seed, "budget.evaluations": budget,
-                 "optuna.storage": storage, "optuna.study_name": study}
+    overrides: dict[str, Any] = {"strategy.name": name, "seed": seed, "budget.evaluations": budget,
+                                 "optuna.storage": storage, "optuna.study_name": study}
+    if budget_datapoints is not None:
+        overrides["budget.datapoints"] = budget_datapoints
     if name != base.strategy.name:
         overrides["strategy.options"] = {}
+    if base.fitness.subsample is not None and not getattr(strategy, "supports_subsample", False):
+        overrides["fitness.subsample"] = None
     config = load_config(config_path, overrides)
     if progress:
         # One-shot strategies (static, dam) end when they have nothing new to offer.
-        print(f"== {name}, seed {seed}: up to {budget} evaluations", file=sys.stderr)
+        limit = f"{budget} evaluations" if budget_datapoints is None else f"{budget_datapoints} datapoint-evaluations"
+        print(f"== {name}, seed {seed}: up to {limit}", file=sys.stderr)
     start = time.perf_counter()
     summary = run_search(config, SearchOptions(out_dir=out_dir / "runs" / f"{name}-seed{seed}", address=address,
                                                progress=progress, overwrite=True))
@@ -76,6 +90,7 @@ def _one_run(config_path: Path, base: SearchConfig, name: str, seed: int, budget
     return {"strategy": name, "seed": seed, "evaluations": summary["evaluations"], "failed": summary["failed"],
             "test_score": best.get("test_score"), "train_score": best.get("train_score"),
             "wall_seconds": round(wall, 3), "curve": series["best_test"].tolist(), "study": study,
+            "datapoints": summary.get("datapoints"), "curve_datapoints": series["datapoints"].tolist(),
             # a task with groups: the best member's train and test score per group (skill)
             **({"train_scores": best["train_scores"], "test_scores": best.get("test_scores")}
                if best.get("train_scores") is not None else {})}
@@ -97,6 +112,7 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "train_mean": statistics.fmean(r["train_score"] for r in done if r["train_score"] is not None)
             if any(r["train_score"] is not None for r in done) else None,
             "evaluations": statistics.fmean(r["evaluations"] for r in done),
+            "datapoints": statistics.fmean(r.get("datapoints") or 0 for r in done),
             "wall_seconds": statistics.fmean(r["wall_seconds"] for r in done), "note": "",
             **_group_means(done),
         })
@@ -122,15 +138,18 @@ def _groups_cell(table_row: dict[str, Any]) -> str:
     return ", ".join(f"{g} {train[g]:.4f} / " + ("-" if test.get(g) is None else f"{test[g]:.4f}") for g in train)
 
 
-def write_outputs(rows: list[dict[str, Any]], out_dir: Path, budget: int) -> None:
+def write_outputs(rows: list[dict[str, Any]], out_dir: Path, budget: int | None,
+                  budget_datapoints: int | None = None) -> None:
     table = aggregate(rows)
     grouped = any(t.get("train_groups") for t in table)
     headers = ("strategy", "runs", "test score (mean ± std)", "train score",
-               *(("per group: train / test (means)",) if grouped else ()), "evaluations", "wall s", "note")
+               *(("per group: train / test (means)",) if grouped else ()), "evaluations", "datapoints",
+               "wall s", "note")
     body = [(t["strategy"], t["runs"],
              "-" if t.get("test_mean") is None else f"{t['test_mean']:.4f} ± {t['test_std']:.4f}",
              t.get("train_mean"), *((_groups_cell(t) or None,) if grouped else ()),
              None if "evaluations" not in t else round(t["evaluations"]),
+             None if "datapoints" not in t else round(t["datapoints"]),
              None if "wall_seconds" not in t else round(t["wall_seconds"], 1), t.get("note", "")) for t in table]
     text = format_table(headers, body)
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
@@ -140,16 +159,58 @@ def write_outputs(rows: list[dict[str, Any]], out_dir: Path, budget: int) -> Non
     with open(out_dir / "compare.csv", "w", newline="") as f:
         writer = csv.writer(f)
         groups = list(dict.fromkeys(g for r in rows for g in (r.get("train_scores") or {})))
-        writer.writerow(["strategy", "seed", "evaluations", "failed", "test_score", "train_score", "wall_seconds",
-                         "study", "skipped", *(f"{kind}_score/{g}" for g in groups for kind in ("train", "test"))])
+        writer.writerow(["strategy", "seed", "evaluations", "datapoints", "failed", "test_score", "train_score",
+                         "wall_seconds", "study", "skipped",
+                         *(f"{kind}_score/{g}" for g in groups for kind in ("train", "test"))])
         for r in rows:
             per_group = [(r.get(f"{kind}_scores") or {}).get(g) for g in groups for kind in ("train", "test")]
-            writer.writerow([r["strategy"], r["seed"], r.get("evaluations"), r.get("failed"), r.get("test_score"),
-                             r.get("train_score"), r.get("wall_seconds"), r.get("study"), r.get("skipped", ""),
-                             *per_group])
+            writer.writerow([r["strategy"], r["seed"], r.get("evaluations"), r.get("datapoints"), r.get("failed"),
+                             r.get("test_score"), r.get("train_score"), r.get("wall_seconds"), r.get("study"),
+                             r.get("skipped", ""), *per_group])
     (out_dir / "compare.json").write_text(json.dumps({"table": table, "runs": rows}, indent=1))
-    plot_compare(rows, out_dir / "compare.png", budget)
+    if budget_datapoints is not None:
+        plot_compare_datapoints(rows, out_dir / "compare.png", budget_datapoints)
+    else:
+        assert budget is not None
+        plot_compare(rows, out_dir / "compare.png", budget)
     print(text)
+
+
+def plot_compare_datapoints(rows: list[dict[str, Any]], path: Path, budget: int, points: int = 400) -> Path:
+    """Test score of the best-so-far member against datapoint-evaluations spent, mean ± std over
+    seeds: each run's step curve read at the same datapoint counts (a run that ended early keeps
+    its last value)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    grid_x = np.linspace(0, budget, points)
+    for name in dict.fromkeys(r["strategy"] for r in rows):
+        runs = [r for r in rows if r["strategy"] == name and r.get("curve_datapoints")]
+        if not runs:
+            continue
+        grid = np.full((len(runs), points), np.nan)
+        for i, r in enumerate(runs):
+            spent, curve = np.asarray(r["curve_datapoints"], float), np.asarray(r["curve"], float)
+            at = np.searchsorted(spent, grid_x, side="right") - 1  # the last trial within each count
+            grid[i, at >= 0] = curve[at[at >= 0]]
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean, std = np.nanmean(grid, axis=0), np.nanstd(grid, axis=0)
+        line = ax.plot(grid_x, mean, label=f"{name} ({len(runs)} seeds)", drawstyle="steps-post")[0]
+        ax.fill_between(grid_x, mean - std, mean + std, alpha=0.2, color=line.get_color(), step="post")
+    ax.set_xlabel("datapoint-evaluations")
+    ax.set_ylabel("test score of the best-so-far member")
+    ax.set_title(f"evomerge compare ({budget:,} datapoint-evaluations, mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
 
 
 def plot_compare(rows: list[dict[str, Any]], path: Path, budget: int) -> Path:

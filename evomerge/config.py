@@ -12,14 +12,45 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import to_jsonable_python
 
 from evomerge.errors import ConfigError
 
 
+UNLIMITED = 1 << 62  # "no evaluation budget": the datapoint budget ends the search
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class SubsampleSpec(_Strict):
+    """Score each child on part of the fitness set (see evomerge/strategies/subsets.py)."""
+
+    size: int | None = Field(None, ge=1, description="datapoints per child (M); or give `fraction`")
+    fraction: float | None = Field(None, gt=0.0, le=1.0, description="M as a fraction of the datapoints")
+    topup: Literal["archive", "none"] = Field(
+        "archive", description="archive: a child that wins a slot is scored on the rest first, so members are "
+                               "fully known; none: members keep what was observed, the rest is estimated")
+    strata: int = Field(4, ge=1, description="load strata of the draw; 1: a uniform draw")
+    staged: bool = Field(
+        True, description="topup: archive only. true: top up in stages that double what is observed (uniform "
+                          "over the rest), judging the child again after each and stopping a loser early; "
+                          "false: the whole rest at once")
+
+    @model_validator(mode="after")
+    def _one_size(self) -> "SubsampleSpec":
+        if (self.size is None) == (self.fraction is None):
+            raise ValueError("give exactly one of `size` (datapoints per child) and `fraction`; "
+                             "e.g. `subsample: {fraction: 0.1}`")
+        return self
+
+    def resolve(self, num_datapoints: int) -> int:
+        """M for a task of `num_datapoints`; M >= N means no subsampling at all."""
+        if self.size is not None:
+            return min(self.size, num_datapoints)
+        return min(num_datapoints, max(1, round(self.fraction * num_datapoints)))
 
 
 class FitnessSpec(_Strict):
@@ -29,6 +60,8 @@ class FitnessSpec(_Strict):
         "best", description="which children get the held-out test score (task.test_score): 'best' only a "
                             "child that becomes the new best by mean train score (on an LLM the test can take "
                             "close to half of each evaluation); 'all' every child. Selection never reads it")
+    subsample: SubsampleSpec | None = Field(
+        None, description="{size: M | fraction: F, topup: archive | none}: score each child on M datapoints")
 
 
 class StrategySpec(_Strict):
@@ -37,7 +70,21 @@ class StrategySpec(_Strict):
 
 
 class BudgetSpec(_Strict):
-    evaluations: int = Field(gt=0, description="total evaluations, initial members included")
+    evaluations: int | None = Field(None, gt=0, description="total evaluations (scoring calls, a top-up is one), "
+                                                             "initial members included")
+    datapoints: int | None = Field(None, gt=0, description="total datapoint-evaluations: a child scored on M "
+                                                            "datapoints costs M; never exceeded")
+
+    @model_validator(mode="after")
+    def _some_budget(self) -> "BudgetSpec":
+        if self.evaluations is None and self.datapoints is None:
+            raise ValueError("give `evaluations` or `datapoints` (or both: the search ends at the first spent)")
+        return self
+
+    @property
+    def max_evaluations(self) -> int:
+        """The evaluation budget; without one, a number no datapoint budget can reach."""
+        return self.evaluations if self.evaluations is not None else UNLIMITED
 
 
 class WorkersSpec(_Strict):
@@ -47,7 +94,9 @@ class WorkersSpec(_Strict):
     batch: Union[int, Literal["auto"]] = Field(
         "auto", description="children sent per worker call; amortises Ray overhead. 'auto': about 25 ms "
                             "of fitness work per call (at most 64 children), 4 in sync mode")
-    pipeline: int = Field(2, ge=1, description="batches queued per worker, so it never waits for the next")
+    pipeline: Union[int, Literal["auto"]] = Field(
+        "auto", description="batches queued per worker, so it never waits for the next. 'auto': 2, or 1 (a "
+                            "child is asked when a worker frees up) while evaluations take 1 s or more")
     breed_on_workers: bool = Field(
         True, description="dense children travel as their lineage and workers breed them (parents are "
                           "sent once per worker); false: the population breeds and ships every child")
@@ -59,6 +108,13 @@ class WorkersSpec(_Strict):
     memory_check: bool = Field(
         True, description="print the memory plan before the workers start and stop when it does not fit "
                           "the node's available memory or a GPU; false: print nothing, start anyway")
+
+    @field_validator("pipeline", mode="before")
+    @classmethod
+    def _pipeline_is_count_or_auto(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError("must be a whole number >= 1 (calls queued per worker) or 'auto'")
 
     @field_validator("batch", mode="before")
     @classmethod
@@ -159,7 +215,26 @@ def config_from_dict(data: dict[str, Any], source: str = "<config>") -> SearchCo
         raise ConfigError(format_validation_error(exc, source, SearchConfig)) from None
     config.strategy.options = validate_plugin_options(config.strategy.name, config.strategy.options, "strategy", source)
     config.fitness.options = validate_plugin_options(config.fitness.task, config.fitness.options, "fitness", source)
+    if config.fitness.subsample is not None:
+        check_subsample(config, source)
     return config
+
+
+def check_subsample(config: SearchConfig, source: str = "<config>") -> None:
+    """A subsampled search needs a task that can score a subset and a strategy that can judge one:
+    refused here, before Ray starts, naming the field."""
+    from evomerge.strategies import STRATEGIES
+    from evomerge.tasks import TASKS
+
+    task = TASKS.get(config.fitness.task)
+    if not getattr(task, "supports_subsample", False):
+        raise ConfigError(f"{source}: field `fitness.subsample`: fitness task {config.fitness.task!r} cannot score a "
+                          "subset of its datapoints (its evaluate takes no indices); remove fitness.subsample, or "
+                          "use a task that supports it (digits, lm_exact_match, lm_answer_likelihood, lm_eval)")
+    strategy = STRATEGIES.get(config.strategy.name)
+    if not getattr(strategy, "supports_subsample", False):
+        raise ConfigError(f"{source}: field `fitness.subsample`: strategy {config.strategy.name!r} does not judge "
+                          "children on a subset; remove fitness.subsample, or use m2n2, ga or cmaes")
 
 
 def validate_plugin_options(name: str, options: dict[str, Any], section: str, source: str) -> dict[str, Any]:

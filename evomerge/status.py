@@ -48,7 +48,12 @@ def run_status(run_dir: Path) -> dict[str, Any]:
     status["budget"] = config.get("budget", {}).get("evaluations")
     status["failed"] = sum(t.state == TrialState.FAIL for t in trials)
     status["failure_reasons"] = failure_reasons(trials)
-    scored = [(score, t) for t in complete if (score := train_score_of(t)) is not None]
+    status["datapoints"] = sum(int(t.user_attrs.get("datapoints", 0)) for t in trials)
+    status["datapoint_budget"] = config.get("budget", {}).get("datapoints")
+    # A child scored on a subset alone has a subset's mean as its value: not comparable with a
+    # full row's, so never the best (a last top-up's value is its full row's mean).
+    whole = [t for t in complete if not t.user_attrs.get("partial")]
+    scored = [(score, t) for t in whole if (score := train_score_of(t)) is not None]
     # The first trial with the highest mean train score: the member the population kept as best.
     best_score, best = max(scored, key=lambda st: (st[0], -st[1].number), default=(None, None))
     status["best_train"] = best_score
@@ -114,6 +119,12 @@ def _recovery_cell(counts: dict[str, int] | None) -> str | None:
             f"{counts['redone']} redone")
 
 
+def _datapoints_cell(done: int | None, budget: int | None) -> str | None:
+    if not done:
+        return None
+    return f"{done:,}" if budget is None else f"{done:,} / {budget:,}"
+
+
 def _age(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f}s"
@@ -128,6 +139,7 @@ def status_table(status: dict[str, Any]) -> str:
         ("run", status["run"]),
         ("state", status["state"]),
         ("evaluations", evaluations_cell(status["evaluations"], budget, status.get("finished_early"))),
+        ("datapoint-evaluations", _datapoints_cell(status.get("datapoints"), status.get("datapoint_budget"))),
         ("failed", status["failed"]),
         ("commonest failures", "; ".join(f"{n} x {kind}" for kind, n in status.get("failure_reasons") or []) or None),
         ("best train score", status["best_train"]),

@@ -80,9 +80,18 @@ class FitnessTask(ABC):
     def num_datapoints(self) -> int:
         """Length of the vector `evaluate` returns."""
 
+    # Whether `evaluate` can score only some datapoints. On an LLM a datapoint is a prompt and
+    # costs about the same as any other, so scoring M of N costs M/N of a full evaluation; M2N2
+    # can judge a child on that part (`fitness.subsample`). A task that leaves this False is
+    # refused for subsampled searches before any worker starts.
+    supports_subsample: ClassVar[bool] = False
+
     @abstractmethod
-    def evaluate(self, params: np.ndarray) -> np.ndarray:
-        """Per-training-datapoint scores in [0, 1]; used for selection."""
+    def evaluate(self, params: np.ndarray, indices: np.ndarray | None = None) -> np.ndarray:
+        """Per-training-datapoint scores in [0, 1]; used for selection.
+
+        `indices` (sorted, distinct datapoint indices): return the scores of those datapoints
+        only, in that order, doing only their work. None: every datapoint."""
 
     @property
     def groups(self) -> list[tuple[str, int]] | None:
@@ -146,6 +155,19 @@ def check_groups(groups: Any, num_datapoints: int) -> list[tuple[str, int]] | No
     if total != num_datapoints:
         raise ValueError(f"fitness task groups hold {total} datapoints but the task scores {num_datapoints}")
     return checked
+def check_indices(task: FitnessTask, indices: np.ndarray | None) -> np.ndarray | None:
+    """The indices as a sorted int64 array within the task's datapoints (None stays None); a
+    task that cannot subsample is told so here rather than returning the wrong length."""
+    if indices is None:
+        return None
+    if not task.supports_subsample:
+        raise ValueError(f"fitness task {type(task).__name__} cannot score a subset of its datapoints; "
+                         "remove fitness.subsample or use a task that supports it")
+    idx = np.asarray(indices, dtype=np.int64)
+    if idx.ndim != 1 or (idx.size and (idx[0] < 0 or idx[-1] >= task.num_datapoints)) \
+            or (idx.size > 1 and not (np.diff(idx) > 0).all()):
+        raise ValueError(f"datapoint indices must be sorted, distinct and in [0, {task.num_datapoints})")
+    return idx
 
 
 def build_task(name: str, options: dict[str, Any], seed: int = 0,

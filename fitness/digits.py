@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from evomerge.tasks import TASKS, FitnessTask
+from evomerge.tasks import TASKS, FitnessTask, check_indices
 
 IN_DIM, HIDDEN, CLASSES = 64, 256, 10
 NUM_ROWS, TEST_ROWS = 1797, 360
@@ -108,6 +108,7 @@ class DigitsTask(FitnessTask):
     """Per-row 0/1 correctness, because M2N2's niches are built from which rows each member gets right."""
 
     Options = DigitsOptions
+    supports_subsample = True
 
     def __init__(self, options: dict[str, Any] | BaseModel | None = None, seed: int = 0) -> None:
         super().__init__(options, seed=seed)
@@ -139,8 +140,11 @@ class DigitsTask(FitnessTask):
         """Training inputs and labels (read-only), e.g. for DAM's per-seed distillation data."""
         return self._x_train, self._y_train
 
-    def evaluate(self, params: np.ndarray) -> np.ndarray:
-        return _correct(_as_params(params), self._x_train, self._y_train)
+    def evaluate(self, params: np.ndarray, indices: np.ndarray | None = None) -> np.ndarray:
+        idx = check_indices(self, indices)
+        if idx is None:
+            return _correct(_as_params(params), self._x_train, self._y_train)
+        return _correct(_as_params(params), self._x_train[idx], self._y_train[idx])
 
     def test_score(self, params: np.ndarray) -> float:
         return float(_correct(_as_params(params), self._x_test, self._y_test).mean())

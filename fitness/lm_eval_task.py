@@ -26,7 +26,7 @@ import numpy as np
 from pydantic import BaseModel, Field, model_validator
 
 from evomerge.errors import ConfigError
-from evomerge.tasks import TASKS
+from evomerge.tasks import TASKS, check_indices
 from fitness.lm_data import resolve
 from fitness.lm_scoring import torch_threads
 from fitness.lm_tasks import BoundLMTask, LMModelOptions
@@ -176,6 +176,7 @@ class LMEvalTask(BoundLMTask):
     """Per-document scores from lm-evaluation-harness tasks on the bound candidate."""
 
     Options = LMEvalOptions
+    supports_subsample = True  # a subset is lm-eval's `samples=`: only those documents are run
 
     def __init__(self, options: dict[str, Any] | BaseModel | None = None, seed: int = 0) -> None:
         super().__init__(options, seed=seed)
@@ -380,11 +381,22 @@ class LMEvalTask(BoundLMTask):
             self.last_samples.append(sample)
         return scores
 
-    def evaluate(self, params) -> np.ndarray:
+    def evaluate(self, params, indices: np.ndarray | None = None) -> np.ndarray:
+        idx = check_indices(self, indices)
+        tasks, ids, keys = self.train_tasks, self.train_ids, self.train_keys
+        if idx is not None:  # only the chosen documents, task by task, through lm-eval's `samples=`
+            keys = [keys[i] for i in idx]
+            ids = {}
+            for name, doc in keys:
+                ids.setdefault(name, []).append(doc)
+            tasks = {name: task for name, task in tasks.items() if name in ids}
         if not self._bind(params):
             self.last_samples = []
-            return np.zeros(self.num_datapoints, dtype=np.float32)
-        return self._run(self.train_tasks, self.train_ids, self.train_keys)
+            return np.zeros(len(keys), dtype=np.float32)
+        if not keys:
+            self.last_samples = []
+            return np.zeros(0, dtype=np.float32)
+        return self._run(tasks, ids, keys)
 
     # -- one objective per task ---------------------------------------------------------------
     @property

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from evomerge.tasks import TASKS, FitnessTask
+from evomerge.tasks import TASKS, FitnessTask, check_indices
 from fitness.lm_data import Example, read_examples, resolve
 from fitness.lm_scoring import (
     answer_likelihood_scores, exact_match_scores, load_causal_lm, load_tokenizer, normalize_answer, torch_threads,
@@ -294,6 +294,7 @@ class _LMTask(BoundLMTask):
     """Prompt/answer JSONL files, one datapoint per line."""
 
     Options = LMTaskOptions
+    supports_subsample = True  # one prompt per datapoint: a subset is the chosen prompts
 
     def __init__(self, options: dict[str, Any] | BaseModel | None = None, seed: int = 0) -> None:
         super().__init__(options, seed=seed)
@@ -314,11 +315,13 @@ class _LMTask(BoundLMTask):
     def _scores(self, examples: list[Example]) -> np.ndarray:
         raise NotImplementedError
 
-    def evaluate(self, params) -> np.ndarray:
+    def evaluate(self, params, indices: np.ndarray | None = None) -> np.ndarray:
+        idx = check_indices(self, indices)
+        examples = self.train_examples if idx is None else [self.train_examples[i] for i in idx]
         if not self._bind(params):
-            return self._nonfinite(len(self.train_examples))
+            return self._nonfinite(len(examples))
         with torch_threads(self._threads()):
-            return self._scores(self.train_examples)
+            return self._scores(examples)
 
     @property
     def groups(self) -> list[tuple[str, int]] | None:

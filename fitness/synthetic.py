@@ -7,7 +7,7 @@ import time
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from evomerge.tasks import TASKS, FitnessTask
+from evomerge.tasks import TASKS, FitnessTask, check_indices
 
 
 class SleepOptions(BaseModel):
@@ -23,6 +23,7 @@ class SleepTask(FitnessTask):
     """Scores datapoint j by whether parameter j is positive, after sleeping `seconds`."""
 
     Options = SleepOptions
+    supports_subsample = True  # sleeps in proportion to the datapoints scored, like an LLM
 
     @property
     def dimension(self) -> int:
@@ -32,10 +33,12 @@ class SleepTask(FitnessTask):
     def num_datapoints(self) -> int:
         return self.options.datapoints
 
-    def evaluate(self, params: np.ndarray) -> np.ndarray:
-        time.sleep(self.options.seconds)
+    def evaluate(self, params: np.ndarray, indices: np.ndarray | None = None) -> np.ndarray:
+        idx = check_indices(self, indices)
         n = self.options.datapoints
-        return (np.resize(np.asarray(params), n) > 0).astype(np.float32)
+        time.sleep(self.options.seconds * (1.0 if idx is None else idx.size / n))
+        scores = (np.resize(np.asarray(params), n) > 0).astype(np.float32)
+        return scores if idx is None else scores[idx]
 
     def test_score(self, params: np.ndarray) -> float:
         return float(np.mean(np.asarray(params) > 0))

@@ -36,3 +36,20 @@ def test_compare_skips_strategies_that_cannot_run_the_problem(ray_session, tmp_p
     assert main(["compare", str(config), "--strategies", "m2n2,static", "--budget", "12", "--seeds", "1",
                  "--out", str(out), "--quiet"]) == 0
     assert "needs seeds" in (out / "compare.md").read_text()
+
+
+def test_compare_by_datapoints_runs_every_strategy_within_the_datapoint_budget(ray_session, tmp_path):
+    """The engine path (Ray workers) with subsampled children; static does not judge subsets and
+    runs on the whole set; the plot's x axis is datapoint-evaluations."""
+    config = tmp_path / "pre.yaml"
+    config.write_text("name: pre\nseeds: task\nfitness: {task: digits, options: {train_size: 200}, "
+                      "subsample: {size: 50}}\nbudget: {evaluations: 10}\nworkers: {count: 2}\n")
+    out = tmp_path / "cmp"
+    assert main(["compare", str(config), "--strategies", "m2n2,static", "--budget-datapoints", "2000",
+                 "--seeds", "1", "--out", str(out), "--quiet"]) == 0
+    with open(out / "compare.csv") as f:
+        runs = {r["strategy"]: r for r in csv.DictReader(f)}
+    assert 1600 < int(runs["m2n2"]["datapoints"]) <= 2000  # fewer than 50 short of the budget, never over
+    assert int(runs["m2n2"]["evaluations"]) > 10  # subsampled children: more than 2000 / 200 candidates
+    assert int(runs["static"]["datapoints"]) == 4 * 200
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

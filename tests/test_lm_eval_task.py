@@ -251,3 +251,17 @@ def test_shipped_population_validates_and_counts_its_documents_without_a_model(t
     opts.pop("model")  # models/tiny-lm may not exist here; the documents are counted without one
     task = build_task("lm_eval", opts)  # include_path and the JSONL resolve from the repo (fitness/data)
     assert task.num_datapoints == 400 and len(task.test_keys) == 400 and task._model is None
+
+
+def test_a_subset_runs_only_those_documents_through_samples(tiny):
+    """fitness.subsample: the chosen datapoints go to lm-eval as `samples=`, task by task; the
+    scores are the full evaluation's at those indices, and a task with none chosen is not run."""
+    task = build_task("lm_eval", _options(tiny, tasks=["tiny_add_mc", "tiny_rev_gen"], limit=6))
+    params = flat_params_of(tiny / "models" / "expert_add")
+    full = task.evaluate(params)
+    idx = np.array([1, 4, 7])  # two add_mc docs (1, 4), one rev_gen doc (index 7 = doc 1)
+    np.testing.assert_array_equal(task.evaluate(params, idx), full[idx])
+    assert [(s["doc_id"]) for s in task.last_samples] == [1, 4, 1]
+    only_add = task.evaluate(params, np.array([0, 2]))
+    np.testing.assert_array_equal(only_add, full[[0, 2]])
+    assert len(task.last_samples) == 2

@@ -272,3 +272,18 @@ def test_population_yaml_options_validate():
     assert len(opts.data) == 2 and len(opts.test_data) == 2
     for path in [*opts.data, *opts.test_data]:
         assert lm_data.resolve(path).is_file()
+
+
+def test_a_subset_scores_only_those_prompts(tiny):
+    """fitness.subsample: evaluate(params, indices) is the full evaluation read at those indices,
+    and only those prompts are run (the answers logged are theirs)."""
+    params = flat_params_of(tiny / "models" / "expert_add")
+    idx = np.array([0, 3, 11, 12, 20])
+    exact = LMExactMatchTask(_options(tiny))
+    full, answers = exact.evaluate(params), list(exact.last_answers)
+    np.testing.assert_array_equal(exact.evaluate(params, idx), full[idx])
+    assert exact.last_answers == [answers[i] for i in idx]
+    likely = LMAnswerLikelihoodTask(_options(tiny))
+    hits, logprobs = likely.evaluate_detailed(params)
+    np.testing.assert_array_equal(likely.evaluate(params, idx), hits[idx])
+    np.testing.assert_allclose(likely.last_logprobs, logprobs[idx], rtol=1e-5, atol=1e-6)

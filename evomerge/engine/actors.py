@@ -48,13 +48,15 @@ def build_problem(config: SearchConfig, gram: PrefixGram | None = None, seeds_ch
         problem = Problem(dimension=task.dimension, num_datapoints=task.num_datapoints, initial=initial)
     problem.groups = groups
     problem.task, problem.basis = task, basis  # DAM trains against the task's forward and the seeds
+    problem.subsample = config.fitness.subsample
     return problem
 
 
 def build_population(config: SearchConfig, problem: Problem | None = None) -> Population:
     problem = problem or build_problem(config)
     strategy = build_strategy(config.strategy.name, config.strategy.options, problem, config.seed)
-    return Population(strategy, config.budget.evaluations, test_every=config.fitness.test_every)
+    return Population(strategy, config.budget.max_evaluations, test_every=config.fitness.test_every,
+                      datapoint_budget=config.budget.datapoints)
 
 
 def start_workers(config: SearchConfig, seeds_checked: bool = False) -> list[Any]:

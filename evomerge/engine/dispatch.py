@@ -75,18 +75,35 @@ class BatchSizer:
         return max(1, min(size, math.ceil(unissued / max(1, slots))))
 
 
+SLOW_SECONDS = 1.0  # `pipeline: auto`: from this many seconds per evaluation, nothing is queued ahead
+AUTO_DEPTH = 2  # `pipeline: auto` below that: what `pipeline: 2` queues
+
+
+def auto_depth(sizer: BatchSizer) -> int:
+    """`workers.pipeline: auto`: one call per worker (a child is asked the moment a worker frees
+    up) while nothing is measured yet or an evaluation takes SLOW_SECONDS or more, else
+    AUTO_DEPTH. A queued call saves a worker the round trip to the population (about a
+    millisecond), which matters for a 2 ms fitness and not at all for a 5 s one; but every child
+    queued is bred from an archive one call older, and at LLM budgets (a few thousand
+    evaluations) that staleness costs accuracy (benchmarks/staleness.py)."""
+    if not sizer.recent:
+        return 1
+    return 1 if statistics.median(sizer.recent) >= SLOW_SECONDS else AUTO_DEPTH
+
+
 class Dispatcher:
     def __init__(self, population: Population, workers: list[Any], batch: int | str, sync: bool,
-                 max_retries_per_child: int, max_worker_deaths: int, depth: int = 2,
+                 max_retries_per_child: int, max_worker_deaths: int, depth: int | str = 2,
                  timeout: float | None = None, grace_seconds: float | None = None) -> None:
         self.population = population
         self.workers = list(workers)
         self.sizer = BatchSizer(batch, sync)
         self.sync = sync
-        self.depth = depth
+        self.auto_depth = depth == "auto"
+        self.depth = AUTO_DEPTH if self.auto_depth else int(depth)
         self.max_retries = max_retries_per_child
         # A death fails every call queued on the worker, so allow that many failures per death.
-        self.max_failed_calls = max_worker_deaths * depth
+        self.max_failed_calls = max_worker_deaths * self.depth
         self.load = [0] * len(workers)
         self.inflight: dict[Any, tuple[int, list[Candidate]]] = {}
         self.retry: deque[Candidate] = deque()
@@ -174,7 +191,9 @@ class Dispatcher:
     def _submit(self, worker_index: int, batch: list[Candidate]) -> Any:
         genomes, parents = self.mirror.wire(worker_index, [c.genome for c in batch])
         # The best's train score now: a child told later is judged against this or a higher one.
-        ref = self.workers[worker_index].evaluate.remote([(c.member_id, g) for c, g in zip(batch, genomes)],
+        items = [(c.member_id, g) if c.indices is None else (c.member_id, g, self.population.job(c))
+                 for c, g in zip(batch, genomes)]
+        ref = self.workers[worker_index].evaluate.remote(items,
                                                          self._elements(), *parents,
                                                          test_above=self.population.test_threshold())
         self.inflight[ref] = (worker_index, batch)
@@ -196,6 +215,8 @@ class Dispatcher:
 
     def _fill(self) -> None:
         ready = self.ready_workers
+        if self.auto_depth:
+            self.depth = auto_depth(self.sizer)
         for level in range(self.depth):
             for worker_index in ready:
                 if self.load[worker_index] <= level:

@@ -30,6 +30,8 @@ def run_local(config: SearchConfig, on_record: Callable[[EvalRecord], None] | No
             if candidate is None:  # e.g. the initial members must come back first
                 break
             queue.append(candidate)
+        if not queue and population.done:  # the next child did not fit the datapoint budget
+            break
         if not queue:
             raise RuntimeError("the strategy produced no candidate while nothing is in flight")
         child = queue.popleft()
@@ -37,7 +39,8 @@ def run_local(config: SearchConfig, on_record: Callable[[EvalRecord], None] | No
             worker.sync_elements(population.basis_elements)
         # Told right after it is scored: the threshold is the very best it is judged against.
         record = population.tell(worker.evaluate_one(child.member_id, child.genome,
-                                                     test_above=population.test_threshold()))
+                                                     test_above=population.test_threshold(),
+                                                     job=population.job(child)))
         if on_record is not None:
             on_record(record)
     return population

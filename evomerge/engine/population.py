@@ -13,6 +13,7 @@ import numpy as np
 
 from evomerge.strategies.base import Candidate, Evaluation, Strategy
 from evomerge.tracking import replay_payload
+from evomerge.strategies.subsets import encode_indices
 
 
 @dataclass
@@ -37,6 +38,10 @@ class EvalRecord:
     test_scores: dict[str, float] | None = None
     started: float | None = None  # wall clock when the worker began it (None: never ran)
     replay: str | None = None  # what a resume needs to tell it back, as JSON text (replay_payload.py)
+    datapoints: int = 0  # datapoints this evaluation scored (the datapoint budget's unit)
+    indices: str | None = None  # which, as subsets.encode_indices' bitmask text; None: all of them
+    topup_of: int | None = None  # a top-up: the rest of the set for this member
+    partial: bool = False  # train_score is a mean over part of the set only (never a best)
 
     @property
     def failed(self) -> bool:
@@ -55,12 +60,25 @@ class BestMember:
     test_scores: dict[str, float] | None = None
 
 
-def group_means(scores: np.ndarray, groups: list[tuple[str, int]]) -> dict[str, float]:
-    """The mean score of each group's contiguous run of datapoints, in group order."""
+def group_means(scores: np.ndarray, groups: list[tuple[str, int]],
+                indices: np.ndarray | None = None) -> dict[str, float]:
+    """The mean score of each group's contiguous run of datapoints, in group order.
+
+    `indices`: `scores` are those datapoints only (a subsampled child); each group's mean is over
+    its observed datapoints, and a group with none observed takes the mean of all observed ones
+    (the study needs a value per objective; the trial is marked partial)."""
     means: dict[str, float] = {}
     start = 0
+    if indices is None:
+        for name, size in groups:
+            means[name] = float(np.mean(scores[start:start + size]))
+            start += size
+        return means
+    indices = np.asarray(indices)
+    overall = float(np.mean(scores)) if len(scores) else 0.0
     for name, size in groups:
-        means[name] = float(np.mean(scores[start:start + size]))
+        mask = (indices >= start) & (indices < start + size)
+        means[name] = float(np.mean(scores[mask])) if mask.any() else overall
         start += size
     return means
 
@@ -104,11 +122,18 @@ def recovery(population_meta: dict[str, Any]) -> dict[str, int]:
 
 
 class Population:
-    def __init__(self, strategy: Strategy, budget: int, test_every: str = "best") -> None:
+    def __init__(self, strategy: Strategy, budget: int, test_every: str = "best",
+                 datapoint_budget: int | None = None) -> None:
         if test_every not in ("best", "all"):
             raise ValueError(f"test_every must be 'best' or 'all', got {test_every!r}")
         self.strategy = strategy
         self.budget = budget
+        # budget.datapoints: a child is issued only if its datapoints fit, so the total is never
+        # exceeded; the first child that does not fit ends the search (it is kept, never sent).
+        self.datapoint_budget = datapoint_budget
+        self.issued_datapoints = 0
+        self.told_datapoints = 0
+        self._held: Candidate | None = None
         self.test_every = test_every  # fitness.test_every: which children get the held-out test
         self.issued = 0
         self.told = 0
@@ -130,7 +155,35 @@ class Population:
 
     @property
     def done(self) -> bool:
-        return self.told >= self.budget or self.finished_early
+        return self.told >= self.budget or self.finished_early or (self.datapoints_spent and not self.inflight)
+
+    @property
+    def datapoints_spent(self) -> bool:
+        """The datapoint budget allows no further child (one was held back, or it is used up)."""
+        if self.datapoint_budget is None:
+            return False
+        if self.issued_datapoints >= self.datapoint_budget:
+            return True
+        return self._held is not None and self.issued_datapoints + self.cost(self._held) > self.datapoint_budget
+
+    def cost(self, candidate: Candidate) -> int:
+        """Datapoints the candidate will be scored on."""
+        n = self.strategy.problem.num_datapoints
+        return n if candidate.indices is None else int(len(candidate.indices))
+
+    def job(self, candidate: Candidate) -> tuple[Any, ...] | None:
+        """What a worker needs besides the genome: None (the whole set), or (indices, observed
+        sum): a top-up's test threshold is on its full row's mean, so the worker is told the sum
+        of the scores already observed; a plain subsampled child gets no test (None sum)."""
+        if candidate.indices is None:
+            return None
+        observed = float(np.sum(candidate.observed[1])) if self.completes(candidate) else None
+        return (candidate.indices, observed)
+
+    def completes(self, candidate: Candidate) -> bool:
+        """A top-up whose datapoints and the child's observed ones make the whole set."""
+        return (candidate.observed is not None and candidate.indices is not None and
+                len(candidate.observed[0]) + len(candidate.indices) == self.strategy.problem.num_datapoints)
 
     @property
     def finished_early(self) -> bool:
@@ -154,11 +207,18 @@ class Population:
         return self.budget - self.told - len(self.inflight)
 
     def ask(self) -> Candidate | None:
-        if self.unasked <= 0 or self.strategy.exhausted:
+        if self.unasked <= 0 or self.strategy.exhausted or self.datapoints_spent:
             return None
-        candidate = self.strategy.ask()
+        # a child held back by the datapoint budget goes first once it fits (a resume with a larger one)
+        candidate, self._held = (self._held, None) if self._held is not None else (self.strategy.ask(), None)
         if candidate is None:
             return None
+        if self.datapoint_budget is not None:
+            cost = self.cost(candidate)
+            if self.issued_datapoints + cost > self.datapoint_budget:
+                self._held = candidate
+                return None
+            self.issued_datapoints += cost
         candidate.member_id = self.issued
         self.issued += 1
         self.inflight[candidate.member_id] = candidate
@@ -187,20 +247,35 @@ class Population:
         if asked_at is not None:
             self.staleness_total += self.told - asked_at
             self.staleness_count += 1
-        problem = evaluation.error if evaluation.error else check_scores(evaluation.scores, self.strategy.problem.num_datapoints)
+        n = self.strategy.problem.num_datapoints
+        cost = self.cost(candidate)
+        self.told_datapoints += cost
+        problem = evaluation.error if evaluation.error else check_scores(evaluation.scores, cost)
         if problem is not None:
             evaluation = Evaluation(evaluation.member_id, None, None, problem, evaluation.seconds,
                                     started=evaluation.started)
             self.failed += 1
+        elif self.completes(candidate):  # the last top-up: the strategy and the best see the full row
+            assert candidate.indices is not None
+            full = np.empty(n, dtype=np.float64)
+            full[candidate.observed[0]] = candidate.observed[1]
+            full[candidate.indices] = evaluation.scores
+            evaluation = Evaluation(evaluation.member_id, full, evaluation.test_score, None, evaluation.seconds,
+                                    test_scores=evaluation.test_scores, started=evaluation.started)
         self.strategy.tell(candidate, evaluation)
         train = evaluation.train_score
         test = evaluation.test_score if evaluation.test_score is None or math.isfinite(evaluation.test_score) else None
+        # Only a mean over the whole set can be the best: a subset's mean is a noisy estimate, and
+        # the highest of many noisy estimates is biased upward.
+        whole = candidate.indices is None or self.completes(candidate)
         train_groups = test_groups = None
         if self.groups is not None and train is not None:
-            train_groups = group_means(evaluation.scores, self.groups)
+            train_groups = group_means(evaluation.scores, self.groups,
+                                       None if whole else candidate.indices)
             test_groups = finite_scores(evaluation.test_scores)
-        if train is not None and (self.best is None or train > self.best.train_score):
-            self.best = BestMember(candidate.member_id, train, test, candidate.genome,
+        if whole and train is not None and (self.best is None or train > self.best.train_score):
+            member = candidate.member_id if candidate.topup_of is None else candidate.topup_of  # the child itself
+            self.best = BestMember(member, train, test, candidate.genome,
                                    candidate.generation, list(candidate.parents), train_groups, test_groups)
         curve_of = getattr(self.strategy, "intermediate_values", None)
         intermediate = curve_of(candidate) if curve_of is not None and train is not None else None
@@ -215,6 +290,8 @@ class Population:
             started=evaluation.started,
             replay=replay_payload.encode_text(evaluation.scores, asked_at, candidate.origin, ask_state)
             if self.record_replay else None,
+            datapoints=cost, topup_of=candidate.topup_of, partial=not whole,
+            indices=None if candidate.indices is None else encode_indices(candidate.indices, n),
         )
         self.told += 1
         return record
@@ -231,6 +308,7 @@ class Population:
                     "test_score": self.best.test_score, **self.best_groups()}
         return {
             "evaluations": self.told, "issued": self.issued, "failed": self.failed, "budget": self.budget,
+            "datapoints": self.told_datapoints, "datapoint_budget": self.datapoint_budget,
             "best": best, "archive": self.strategy.archive_summary(), "recovery": dict(self.recovery),
         }
 
@@ -249,19 +327,29 @@ class Population:
         arrays = {f"strategy/{k}": np.asarray(v) for k, v in strategy_arrays.items()}
         pending = [candidate for _, candidate in sorted(self.inflight.items())]
         inflight = [{"member_id": c.member_id, "params": dict(c.params), "parents": list(c.parents),
-                     "generation": c.generation} for c in pending]
+                     "generation": c.generation, "topup_of": c.topup_of} for c in pending]
         arrays.update(space.pack([c.genome for c in pending], "inflight"))
+        for c in pending:  # a subsampled child goes out again on the same datapoints
+            arrays.update(_pack_subset(c, f"inflight_subsets/{c.member_id}"))
         best = None
         if self.best is not None:
             best = {"member_id": self.best.member_id, "train_score": self.best.train_score,
                     "test_score": self.best.test_score, "generation": self.best.generation,
                     "parents": list(self.best.parents), **self.best_groups()}
             arrays.update(space.pack([self.best.genome], "best"))
+        if self._held is not None:  # asked of the strategy but never issued: kept for a larger budget
+            held = self._held
+            arrays.update(space.pack([held.genome], "held"))
+            arrays.update(_pack_subset(held, "held_subset"))
         meta = {"issued": self.issued, "told": self.told, "failed": self.failed, "budget": self.budget,
                 "inflight": inflight, "best": best, "strategy": strategy_meta,
                 "staleness": [self.staleness_total, self.staleness_count], "recovery": dict(self.recovery),
                 "asked_at": {str(k): v for k, v in self._asked_at.items()},
-                "ask_states": {str(k): v for k, v in self._ask_states.items()}}
+                "ask_states": {str(k): v for k, v in self._ask_states.items()},
+                "datapoints": [self.issued_datapoints, self.told_datapoints],
+                "held": None if self._held is None else {
+                    "params": dict(self._held.params), "parents": list(self._held.parents),
+                    "generation": self._held.generation, "topup_of": self._held.topup_of}}
         return meta, arrays
 
     def load_state_dict(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> list[Candidate]:
@@ -276,6 +364,14 @@ class Population:
         self._asked_at = {int(k): int(v) for k, v in meta.get("asked_at", {}).items()}
         self._ask_states = {int(k): v for k, v in meta.get("ask_states", {}).items()}
         self.recovery = {**{"replayed": 0, "resent": 0, "redone": 0}, **meta.get("recovery", {})}
+        self.issued_datapoints, self.told_datapoints = (int(v) for v in meta.get("datapoints", (0, 0)))
+        self._held = None
+        held = meta.get("held")
+        if held:
+            self._held = Candidate(genome=self.strategy.problem.space.unpack(arrays, "held")[0],
+                                   params=dict(held["params"]), parents=tuple(held["parents"]),
+                                   generation=int(held["generation"]), topup_of=held.get("topup_of"))
+            _unpack_subset(self._held, arrays, "held_subset")
         space = self.strategy.problem.space
         self.best = None
         if meta.get("best"):
@@ -288,6 +384,29 @@ class Population:
         for item, genome in zip(meta["inflight"], genomes):
             candidate = Candidate(genome=genome, params=dict(item["params"]),
                                   parents=tuple(item["parents"]), generation=int(item["generation"]),
-                                  member_id=int(item["member_id"]))
+                                  member_id=int(item["member_id"]), topup_of=item.get("topup_of"))
+            _unpack_subset(candidate, arrays, f"inflight_subsets/{candidate.member_id}")
             self.inflight[candidate.member_id] = candidate
         return list(self.inflight.values())
+
+
+def _pack_subset(candidate: Candidate, prefix: str) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    if candidate.indices is not None:
+        out[f"{prefix}/indices"] = np.asarray(candidate.indices, dtype=np.int64)
+    if candidate.inclusion is not None:
+        out[f"{prefix}/inclusion"] = np.asarray(candidate.inclusion, dtype=np.float64)
+    if candidate.observed is not None:
+        out[f"{prefix}/observed_indices"] = np.asarray(candidate.observed[0], dtype=np.int64)
+        out[f"{prefix}/observed_scores"] = np.asarray(candidate.observed[1], dtype=np.float64)
+    return out
+
+
+def _unpack_subset(candidate: Candidate, arrays: dict[str, np.ndarray], prefix: str) -> None:
+    if f"{prefix}/indices" in arrays:
+        candidate.indices = np.asarray(arrays[f"{prefix}/indices"], dtype=np.int64)
+    if f"{prefix}/inclusion" in arrays:
+        candidate.inclusion = np.asarray(arrays[f"{prefix}/inclusion"], dtype=np.float64)
+    if f"{prefix}/observed_indices" in arrays:
+        candidate.observed = (np.asarray(arrays[f"{prefix}/observed_indices"], dtype=np.int64),
+                              np.asarray(arrays[f"{prefix}/observed_scores"], dtype=np.float64))

@@ -38,8 +38,9 @@ def finish_run(config: SearchConfig, out_dir: Path, study: optuna.Study, state: 
     summary = {
         "name": config.name, "strategy": config.strategy.name, "fitness": config.fitness.task,
         "evaluations": evaluations, "failed": failed, "budget": config.budget.evaluations,
+        "datapoints": int(state[0].get("datapoints", (0, 0))[1]), "datapoint_budget": config.budget.datapoints,
         # The strategy ran out of new candidates (DAM trained, static merges scored) before the budget.
-        "finished_early": evaluations < config.budget.evaluations,
+        "finished_early": evaluations < config.budget.max_evaluations and config.budget.datapoints is None,
         "best": None if best is None else best_meta(best),
         "wall_seconds": round(wall_seconds, 3),
         "evals_per_second": round(evaluations / wall_seconds, 2) if wall_seconds > 0 else None,
@@ -49,6 +50,11 @@ def finish_run(config: SearchConfig, out_dir: Path, study: optuna.Study, state: 
         # What resumes saved: evaluations told back from the study, children re-sent, redone.
         "recovery": recovery(state[0]),
     }
+    try:  # the study says what the search cost, in candidates and in datapoint-evaluations
+        study.set_user_attr("evaluations", evaluations)
+        study.set_user_attr("datapoints", summary["datapoints"])
+    except Exception as exc:  # recording a total must never cost the user the search's results
+        print(f"warning: could not record the totals in the study: {exc}", file=sys.stderr)
     if best is not None:
         write_best(out_dir, best, config)
         if isinstance(best["genome"], (Recipe, ColumnGenome, LayerwiseGenome)):  # merged checkpoints: leave a loadable model

@@ -76,7 +76,7 @@ def run_search(config: SearchConfig, options: SearchOptions) -> dict[str, Any]:
 
 
 def resume_search(run_dir: Path, options: SearchOptions, budget: int | None = None,
-                  force: bool = False) -> dict[str, Any]:
+                  force: bool = False, budget_datapoints: int | None = None) -> dict[str, Any]:
     """Continue from the newest snapshot that verifies, with the run folder's config.json."""
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"
@@ -92,8 +92,13 @@ def resume_search(run_dir: Path, options: SearchOptions, budget: int | None = No
             "undo the change, or pass --force to resume with the new values")
     if budget is not None:
         config.budget.evaluations = budget
+    if budget_datapoints is not None:
+        spent = int(meta["population"].get("datapoints", (0, 0))[0])
+        if budget_datapoints < spent:
+            raise EvomergeError(f"--budget-datapoints {budget_datapoints} is below the {spent} datapoints already spent")
+        config.budget.datapoints = budget_datapoints
     told = int(meta["population"]["told"])
-    if config.budget.evaluations < told:
+    if config.budget.max_evaluations < told:
         raise EvomergeError(f"--budget {config.budget.evaluations} is below the {told} evaluations already done")
     (run_dir / "summary.json").unlink(missing_ok=True)
     dropped = repair_journal_tail(storage_url(config.optuna.storage, run_dir))
@@ -116,7 +121,7 @@ def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "
     fields = []
     for key in sorted(set(old) | set(new)):
         name = f"{prefix}{key}"
-        if name in ("budget", "budget.evaluations") or name in RESUME_FREE:
+        if name in ("budget", "budget.evaluations", "budget.datapoints") or name in RESUME_FREE:
             continue
         a, b = old.get(key, MISSING), new.get(key, MISSING)
         if a is MISSING or b is MISSING:
@@ -220,7 +225,8 @@ class _Driver:
         self.first_result: tuple[float, int] | None = None
         self.last_result: tuple[float, int] | None = None
         self.queued: Any = None  # the advance call the actor runs next (None: nothing queued)
-        self.over = self.told >= config.budget.evaluations  # the actor said the search is done
+        self.over = self.told >= config.budget.max_evaluations  # the actor said the search is done
+        self.datapoints = int(status.get("datapoints", 0))
         self.bar: tqdm | None = None
 
     def steady_rate(self) -> float | None:
@@ -233,9 +239,13 @@ class _Driver:
         return self.previous_seconds + time.perf_counter() - self.started
 
     def loop(self, guard: InterruptGuard) -> None:
-        budget, every = self.config.budget.evaluations, self.config.snapshots.every
-        self.bar = tqdm(total=budget, initial=self.told, unit="eval", disable=not self.options.progress,
-                        dynamic_ncols=True, desc=self.config.name)
+        budget, every = self.config.budget.max_evaluations, self.config.snapshots.every
+        # A datapoint budget: the bar counts datapoint-evaluations (the cost), the postfix candidates.
+        self.by_datapoints = self.config.budget.datapoints is not None
+        total, initial = ((self.config.budget.datapoints, self.datapoints) if self.by_datapoints
+                          else (budget, self.told))
+        self.bar = tqdm(total=total, initial=initial, unit="dp" if self.by_datapoints else "eval",
+                        disable=not self.options.progress, dynamic_ncols=True, desc=self.config.name)
         try:
             if self.told == 0 and not snapshots.list_snapshots(Path(self.options.out_dir)):
                 # Step 0: a crash before the first `snapshots.every` evaluations still resumes,
@@ -253,7 +263,7 @@ class _Driver:
                 self._record(*ray.get(ref))
                 if self.told // every > self.last_snapshot_step // every and not self.over:
                     self.snapshot()
-            if self.told < budget:
+            if self.told < budget and not self.by_datapoints:
                 self.bar.total = self.told
                 self.bar.refresh()
                 print(f"strategy {self.config.strategy.name} has nothing new to offer: the search ends at "
@@ -278,11 +288,14 @@ class _Driver:
             self.first_result = (now, self.told)
         self.last_result = (now, self.told)
         self.failed += sum(r.failed for r in records)
+        spent = sum(r.datapoints for r in records)
+        self.datapoints += spent
         last = records[-1]
         if self.bar is not None:
-            self.bar.update(len(records))
+            self.bar.update(spent if self.by_datapoints else len(records))
+            extra = {"evals": self.told} if self.by_datapoints else {"datapoints": self.datapoints}
             self.bar.set_postfix(best_train=_fmt(last.best_train), best_test=_fmt(last.best_test),
-                                 failed=self.failed, refresh=False)
+                                 failed=self.failed, **extra, refresh=False)
 
     def snapshot(self, resume: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
         """Study and snapshot must agree about what is recorded. The state is taken after the

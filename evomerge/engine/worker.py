@@ -64,7 +64,9 @@ class FitnessWorker:
             self.parents.update(parents)
         evaluations: list[Evaluation] = []
         stale: list[int] = []
-        for member_id, genome in batch:
+        for item in batch:
+            member_id, genome = item[0], item[1]
+            job = item[2] if len(item) > 2 else None  # subsampling: (indices, observed sum)
             start, wall = time.perf_counter(), time.time()  # the trial's start in the study
             if isinstance(genome, Lineage):
                 try:
@@ -76,7 +78,7 @@ class FitnessWorker:
                     evaluations.append(Evaluation(member_id, None, None, f"breeding the child failed: {exc!r}",
                                                   time.perf_counter() - start, started=wall))
                     continue
-            evaluation = self.evaluate_one(member_id, genome, test_above=test_above)
+            evaluation = self.evaluate_one(member_id, genome, test_above=test_above, job=job)
             evaluation.seconds = time.perf_counter() - start  # breeding is this worker's work too
             evaluation.started = wall
             evaluations.append(evaluation)
@@ -134,19 +136,31 @@ class FitnessWorker:
         where = resolve_seeds_on(self._seeds_on, device, fits_on_device=need < free)
         self.basis.place(device if where == "device" else None)
 
-    def evaluate_one(self, member_id: int, genome: Any, test_above: float | None = None) -> Evaluation:
+    def evaluate_one(self, member_id: int, genome: Any, test_above: float | None = None,
+                     job: tuple[Any, ...] | None = None) -> Evaluation:
         """Score one genome; the test score only when the train mean is strictly above
         `test_above` (None: always). The population's best only rises and a child must beat it
         strictly, so a threshold taken when the child was sent never skips a child that becomes
-        the new best when it is told; at worst it tests one that is beaten meanwhile."""
+        the new best when it is told; at worst it tests one that is beaten meanwhile.
+
+        `job` (Population.job): the datapoints to score and, for a top-up, the sum of the scores
+        already observed, so that the test is decided on the full row's mean. A child scored on a
+        subset alone (sum None) cannot be the best, so it is never tested."""
         start, wall = time.perf_counter(), time.time()
         try:
             with Alarm(self.timeout):
                 params = self.materialise(genome)
-                scores = np.asarray(self.task.evaluate(params), dtype=np.float32)
+                if job is None:
+                    scores = np.asarray(self.task.evaluate(params), dtype=np.float32)
+                else:
+                    scores = np.asarray(self.task.evaluate(params, job[0]), dtype=np.float32)
                 evaluation = Evaluation(member_id, scores)
                 # The same mean the population compares with its best (it travels with the scores).
-                if test_above is None or evaluation.train_score > test_above:  # NaN: not tested
+                mean, whole = evaluation.train_score, job is None or job[1] is not None
+                if job is not None and whole:
+                    mean = (job[1] + float(scores.sum(dtype=np.float64))) / self.task.num_datapoints
+                # a subset-only child is never tested, even with test_every: all (it is never the best)
+                if whole and (test_above is None or mean > test_above):  # NaN: not tested
                     test, by_group = self.task.held_out(params)
                     evaluation.test_score = None if test is None else float(test)
                     evaluation.test_scores = finite_scores(by_group)

@@ -26,6 +26,8 @@ class Problem:
     space: Any = None  # a genome space (evomerge.genomes.spaces); dense over `initial` by default
     task: Any = field(default=None, repr=False, compare=False)   # fitness task: DAM trains on its forward and data
     basis: Any = field(default=None, repr=False, compare=False)  # the seeds as a Basis when merging checkpoints
+    # fitness.subsample (a SubsampleSpec) when children are scored on part of the set; None: all of it
+    subsample: Any = field(default=None, compare=False)
     # The engine's async mode: a strategy may do long work (DAM's training) on a thread and let
     # ask() return None meanwhile. Off in sync mode, where the order of candidates must not
     # depend on timing.
@@ -55,6 +57,18 @@ class Candidate:
     # How the strategy made the genome (a `Lineage`, `{"seed": i}`, ...): what a trial records so
     # that a resume can rebuild the child without evaluating it again (evomerge/engine/replay.py).
     origin: Any = field(default=None, repr=False, compare=False)
+    # Subsampling (fitness.subsample): the datapoints to score, sorted; None: all of them.
+    indices: np.ndarray | None = None
+    # (N,) each datapoint's probability of being observed by the child's draw (strategies/subsets.py)
+    inclusion: np.ndarray | None = None
+    # A top-up: the rest of the set for child `topup_of`, whose `observed` (indices, scores) are
+    # merged with this evaluation's into its full row before the strategy is told.
+    topup_of: int | None = None
+    observed: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def subsampled(self) -> bool:
+        return self.indices is not None
 
 
 @dataclass
@@ -118,6 +132,8 @@ class Strategy(ABC):
     # Which searches a strategy can run: from scratch (dense genomes), and/or from seeds.
     supports_scratch: ClassVar[bool] = True
     supports_seeds: ClassVar[bool] = True
+    # Whether the strategy reads `Problem.subsample` (fitness.subsample) and judges children on a subset.
+    supports_subsample: ClassVar[bool] = False
 
     def __init__(self, options: dict[str, Any] | StrategyOptions, problem: Problem, seed: int) -> None:
         self.options = options if isinstance(options, BaseModel) else self.Options.model_validate(options or {})

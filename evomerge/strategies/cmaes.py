@@ -59,6 +59,7 @@ from evomerge.genomes.layerwise import (BASE_METHODS, SPARSE_METHODS, LayerGroup
                                         layer_groups)
 from evomerge.strategies import STRATEGIES
 from evomerge.strategies.base import Candidate, Evaluation, Problem, Strategy, StrategyOptions
+from evomerge.strategies.subsets import subset_rng, uniform_subset
 
 FAILED_FITNESS = 1.0  # fitness is -mean(score) in [-1, 0]; a failure ranks below every real result
 DENSE_SIGMA0 = 0.05  # digits from scratch: 0.01..0.05 all reach ~0.75 test accuracy in 5k evaluations
@@ -205,9 +206,15 @@ def _resolve_groups(problem: Problem, opts: CMAESOptions) -> LayerGroups:
 # -- the strategy --------------------------------------------------------------------------------
 @STRATEGIES.register("cmaes")
 class CMAES(Strategy):
+    """Subsampling (`fitness.subsample`): every sample of a generation is scored on one subset,
+    drawn uniformly from the generation's own seed (subsets.subset_rng(seed, generation)), so the
+    ranking pycma sees compares like with like; the next generation draws afresh. Nothing to
+    snapshot: the subset is a function of the generation. No top-up: pycma needs ranks only."""
+
     Options = CMAESOptions
     supports_scratch = True
     supports_seeds = True
+    supports_subsample = True
 
     def __init__(self, options: dict[str, Any] | CMAESOptions, problem: Problem, seed: int) -> None:
         super().__init__(options, problem, seed)
@@ -232,6 +239,9 @@ class CMAES(Strategy):
         self.best_train: float | None = None
         self.updates = 0  # generations told to pycma (== es.countiter)
         self.stale = 0  # evaluations that came back after their generation was updated
+        n = problem.num_datapoints
+        self.subset_size = problem.subsample.resolve(n) if problem.subsample is not None else n
+        self.subset_seed = seed
 
     def _new_es(self) -> cma.CMAEvolutionStrategy:
         strategy = self
@@ -271,7 +281,14 @@ class CMAES(Strategy):
         self.issued += 1
         x = self.samples[index]
         params: dict[str, float | int] = {"generation": self.generation, "index": index, **self.coder.params(x)}
-        return Candidate(genome=self.coder.decode(x), params=params, parents=(), generation=self.generation)
+        candidate = Candidate(genome=self.coder.decode(x), params=params, parents=(), generation=self.generation)
+        if self.subset_size < self.problem.num_datapoints:
+            candidate.indices = self.generation_subset(self.generation)
+        return candidate
+
+    def generation_subset(self, generation: int) -> np.ndarray:
+        """The datapoints every sample of `generation` is scored on."""
+        return uniform_subset(self.problem.num_datapoints, self.subset_size, subset_rng(self.subset_seed, generation))
 
     def _sample(self, number: int) -> None:
         with warnings.catch_warnings():

@@ -2,6 +2,29 @@
 
 `ga` is the same machinery with competition (alpha = 0) and attraction switched off, which is
 how the paper's GA baseline is defined; the ablation flags reproduce its ablation figure.
+
+Subsampled fitness (`fitness.subsample: {size: M | fraction: F, topup}`), in the rules' terms:
+- Ask. A child is scored on M datapoints drawn from its own seed, stratified by the archive's
+  load (strategies/subsets.py). Initial members (and guides' merges) are scored on the whole set.
+  With M >= N nothing is drawn at all, so the search is bitwise the full one.
+- Competition and replacement. The child is compared with the archive on its subset O only
+  (`niches.screen_slot`): loads, shared scores and fitness over O, weighted by the draw.
+  If the child is the least fit there, it is dropped, as in the full rule.
+- `topup: archive`. A child that wins on O is not inserted yet: it is queued to be scored on the
+  rest of the set (the next ask hands that out before any new child; it is one more evaluation
+  of N - M datapoints). With `staged: true` the rest comes in stages that double what is
+  observed (uniform over the unobserved, `subsets.widen`), and after each stage the child is
+  judged again on everything observed so far, with exact inclusion weights; a child that loses
+  there stops (no slot, its datapoints spent), one that wins goes on to the next stage. When the
+  rest comes back, its full row goes through the full replacement rule against the archive as
+  it is then. If the full rule says the child is the least fit
+  (the subset flattered it, or the archive moved on), the archive is unchanged and the child is
+  dropped: its datapoints are spent, nothing else happens. So every member is fully known, and
+  the parent draws (fitness, attraction) are the full-set rules on full rows.
+- `topup: none`. The winner on O takes the slot `screen_slot` names with its observed entries;
+  the archive keeps an observed mask, and every rule (the screen, parent draws, and the full
+  rule for fully scored children) reads the matrix with unobserved entries estimated by
+  `niches.estimate_unobserved` (member ability + datapoint difficulty).
 """
 
 from __future__ import annotations
@@ -17,7 +40,8 @@ from evomerge.genomes.offspring import Lineage, draw_noise_seed
 from evomerge.strategies import STRATEGIES
 from evomerge.strategies.base import Candidate, Evaluation, Problem, Strategy, StrategyOptions
 from evomerge.strategies.guide import Guide, GuideOptions
-from evomerge.strategies.niches import Niches, replacement_slot
+from evomerge.strategies.niches import Niches, estimate_unobserved, replacement_slot, screen_slot
+from evomerge.strategies.subsets import draw_subset, subset_rng, widen
 from evomerge.tracking.replay_payload import rng_from_json, rng_to_json
 
 
@@ -41,6 +65,7 @@ class GAOptions(M2N2Options):
 @STRATEGIES.register("m2n2")
 class M2N2(Strategy):
     Options = M2N2Options
+    supports_subsample = True
 
     def __init__(self, options: dict[str, Any] | M2N2Options, problem: Problem, seed: int) -> None:
         super().__init__(options, problem, seed)
@@ -67,6 +92,22 @@ class M2N2(Strategy):
         self.init_target = self.space.num_seeds or self.options.init_members
         self.told = 0
         self.guide = Guide(opts.guide, problem, seed) if opts.guide is not None else None
+        spec = problem.subsample
+        n = problem.num_datapoints
+        self.subset_size = spec.resolve(n) if spec is not None else n
+        self.subsampling = self.subset_size < n
+        self.topup = spec.topup if spec is not None else "archive"
+        self.strata = spec.strata if spec is not None else 1
+        self.subset_seed = seed
+        self.subsets_drawn = 0  # the next child's subset stream (subsets.subset_rng)
+        # topup: none: which entries of each member were scored; the rest are estimated
+        self.observed = np.ones((size, n), dtype=bool) if self.subsampling and self.topup == "none" else None
+        self._estimated: np.ndarray | None = None
+        self.topups: list[Candidate] = []  # winners on their subset, waiting for the rest of the set
+        self.staged = bool(spec is not None and spec.staged)
+        # asked: top-up evaluations handed out; kept / dropped: by the full rule on the full row;
+        # stopped: a staged top-up that lost on the union at an intermediate stage
+        self.topup_counts = {"asked": 0, "kept": 0, "dropped": 0, "stopped": 0}
 
     # -- ask ---------------------------------------------------------------------------------
     def _initial_genome(self, index: int) -> Any:
@@ -89,12 +130,15 @@ class M2N2(Strategy):
         if not filled.any():
             raise FitnessError("every pretrained seed failed to evaluate, so there is nothing to merge; "
                                "see the FAIL trials for the fitness task's errors")
+        if self.topups:  # a winner on its subset is scored on the rest before anything new
+            self.topup_counts["asked"] += 1
+            return self.topups.pop(0)
         if self.guide is not None and self.guide.wants_turn():
             guided = self.guide.ask()
             if guided is not None:
                 return guided
         opts = self.options
-        a, b = self._niches.choose_parents(self.scores, filled, opts.attraction, self.rng)
+        a, b = self._niches.choose_parents(self.matrix, filled, opts.attraction, self.rng)
         params: dict[str, float | int] = {"parent_a": int(self.ids[a]), "parent_b": int(self.ids[b])}
         size = self.space.size
         slots = (a, b) if opts.crossover else (a,)
@@ -109,7 +153,28 @@ class M2N2(Strategy):
                           sigma=self.sigma, noise_seed=draw_noise_seed(self.rng) if self.sigma > 0 else None)
         child = self.space.breed([self.genomes[k] for k in slots], lineage)
         generation = int(max(self.generations[a], self.generations[b] if opts.crossover else 0)) + 1
-        return Candidate(genome=child, params=params, parents=parents, generation=generation, origin=lineage)
+        candidate = Candidate(genome=child, params=params, parents=parents, generation=generation, origin=lineage)
+        if self.subsampling:
+            rng = subset_rng(self.subset_seed, self.subsets_drawn)
+            self.subsets_drawn += 1
+            load = self.matrix.sum(axis=0)
+            subset = draw_subset(load, self.subset_size, opts.alpha, self.strata, rng)
+            candidate.indices, candidate.inclusion = subset.indices, subset.inclusion
+        return candidate
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """The score matrix every rule reads: S, or with `topup: none` S with its unobserved
+        entries estimated (kept until the archive changes)."""
+        if self.observed is None:
+            return self.scores
+        if self._estimated is None:
+            self._estimated = estimate_unobserved(self.scores, self.observed, self.ids >= 0)
+        return self._estimated
+
+    def _changed(self) -> None:
+        self._niches.changed()
+        self._estimated = None
 
     # -- tell --------------------------------------------------------------------------------
     def tell(self, candidate: Candidate, evaluation: Evaluation) -> None:
@@ -119,7 +184,22 @@ class M2N2(Strategy):
         else:
             if not candidate.parents:
                 self.init_told += 1
-            if not evaluation.failed:
+            if evaluation.failed:
+                pass
+            elif candidate.topup_of is not None and len(evaluation.scores) == self.problem.num_datapoints:
+                # the full row of a winner on its subset (the population merged the parts)
+                entered = self._insert(candidate.genome, evaluation.scores, candidate.topup_of, candidate.generation)
+                self.topup_counts["kept" if entered else "dropped"] += 1
+            elif candidate.topup_of is not None:  # a stage of a staged top-up: judged again on the union
+                assert candidate.observed is not None and candidate.indices is not None
+                indices = np.concatenate([candidate.observed[0], candidate.indices])
+                scores = np.concatenate([candidate.observed[1], np.asarray(evaluation.scores, dtype=np.float64)])
+                order = np.argsort(indices, kind="stable")
+                if not self._screen(candidate, indices[order], scores[order], candidate.topup_of):
+                    self.topup_counts["stopped"] += 1
+            elif candidate.subsampled:
+                self._screen(candidate, candidate.indices, evaluation.scores, candidate.member_id)
+            else:
                 self._insert(candidate.genome, evaluation.scores, candidate.member_id, candidate.generation)
         if self.guide is not None:
             best = self.guide.due(self.told)
@@ -131,16 +211,51 @@ class M2N2(Strategy):
         genome = best["genome"]
         if self.guide.needs_element(genome):
             # Grow the basis only for a merge that wins a slot: each element costs a model-sized buffer.
-            if replacement_slot(self.scores, best["scores"], self.options.alpha, filled=self.ids >= 0) is None:
+            if replacement_slot(self.matrix, best["scores"], self.options.alpha, filled=self.ids >= 0) is None:
                 return
             genome = self.space.add_element(genome)
         self._insert(genome, best["scores"], best["member_id"], best["generation"])
 
-    def _insert(self, genome: Any, scores: np.ndarray, member_id: int, generation: int) -> None:
-        slot = self._niches.replacement_slot(self.scores, scores, filled=self.ids >= 0)
+    def _screen(self, candidate: Candidate, indices: np.ndarray, observed: np.ndarray,
+                member_id: int) -> bool:
+        """The child against the archive on what it was scored on (see the module docstring):
+        its subset, or after a stage of a staged top-up, the union so far. True if it goes on."""
+        assert candidate.inclusion is not None
+        weights = 1.0 / candidate.inclusion[indices]
+        slot = screen_slot(self.matrix, observed, indices, weights, self.options.alpha, self.ids >= 0)
         if slot is None:
-            return
-        self._niches.changed()
+            return False
+        if self.observed is None:  # topup: archive: the rest of the set decides
+            n = self.problem.num_datapoints
+            if self.staged:
+                stage = widen(indices, candidate.inclusion, subset_rng(self.subset_seed, self.subsets_drawn))
+                self.subsets_drawn += 1
+                rest, inclusion = stage.indices, stage.inclusion
+            else:
+                rest, inclusion = np.setdiff1d(np.arange(n, dtype=np.int64), indices), np.ones(n)
+            self.topups.append(Candidate(
+                genome=self.space.realise(candidate.genome), params=dict(candidate.params),
+                parents=candidate.parents, generation=candidate.generation, indices=rest, inclusion=inclusion,
+                topup_of=member_id, observed=(np.asarray(indices), np.asarray(observed, dtype=np.float64))))
+            return True
+        row = np.zeros(self.problem.num_datapoints)
+        row[indices] = observed
+        self._place(slot, candidate.genome, row, member_id, candidate.generation)
+        self.observed[slot] = False
+        self.observed[slot, indices] = True
+        return True
+
+    def _insert(self, genome: Any, scores: np.ndarray, member_id: int, generation: int) -> bool:
+        slot = self._niches.replacement_slot(self.matrix, scores, filled=self.ids >= 0)
+        if slot is None:
+            return False
+        self._place(slot, genome, scores, member_id, generation)
+        if self.observed is not None:
+            self.observed[slot] = True
+        return True
+
+    def _place(self, slot: int, genome: Any, scores: np.ndarray, member_id: int, generation: int) -> None:
+        self._changed()
         self.genomes[slot] = self.space.copy(genome)
         self.scores[slot] = scores
         self.ids[slot] = member_id
@@ -149,6 +264,8 @@ class M2N2(Strategy):
     # -- replay (evomerge/engine/replay.py) --------------------------------------------------
     def ask_state(self) -> dict[str, Any] | None:
         if self.guide is not None:  # the guide's own strategy has state of its own: not recorded
+            return None
+        if self.subsampling:  # subset draws and top-ups are not in the payload yet: re-evaluated on resume
             return None
         return {"rng": rng_to_json(self.rng), "init": [self.init_issued, self.init_target]}
 
@@ -165,6 +282,21 @@ class M2N2(Strategy):
                 "init_target": self.init_target, "sigma": self.sigma, "told": self.told}
         arrays = {"scores": self.scores, "ids": self.ids, "generations": self.generations,
                   **self.space.pack(self.genomes, "genomes")}
+        if self.subsampling:
+            meta["subsets_drawn"] = self.subsets_drawn
+            meta["topup_counts"] = dict(self.topup_counts)
+            meta["topups"] = [{"params": dict(c.params), "parents": list(c.parents), "generation": c.generation,
+                               "topup_of": c.topup_of} for c in self.topups]
+            for k, c in enumerate(self.topups):
+                assert c.indices is not None and c.observed is not None
+                arrays[f"topups/{k}/indices"] = c.indices
+                arrays[f"topups/{k}/observed_indices"] = c.observed[0]
+                arrays[f"topups/{k}/observed_scores"] = c.observed[1]
+                arrays[f"topups/{k}/inclusion"] = c.inclusion
+            if self.topups:
+                arrays.update(self.space.pack([c.genome for c in self.topups], "topups/genomes"))
+            if self.observed is not None:
+                arrays["observed"] = self.observed
         extensions = getattr(self.space, "extensions", [])
         if extensions:
             arrays.update(pack_elements(extensions, "elements"))
@@ -186,7 +318,21 @@ class M2N2(Strategy):
             if arrays[name].shape != current.shape:
                 raise ValueError(f"snapshot array {name!r} has shape {arrays[name].shape}, expected {current.shape}")
             setattr(self, name, np.array(arrays[name], dtype=current.dtype))
-        self._niches.changed()
+        self._changed()
+        if self.subsampling:
+            self.subsets_drawn = int(meta["subsets_drawn"])
+            self.topup_counts = {**self.topup_counts, **meta["topup_counts"]}
+            items = meta["topups"]
+            genomes = self.space.unpack(arrays, "topups/genomes") if items else []
+            self.topups = [Candidate(genome=g, params=dict(item["params"]), parents=tuple(item["parents"]),
+                                     generation=int(item["generation"]), topup_of=int(item["topup_of"]),
+                                     indices=np.asarray(arrays[f"topups/{k}/indices"], dtype=np.int64),
+                                     inclusion=np.asarray(arrays[f"topups/{k}/inclusion"], dtype=np.float64),
+                                     observed=(np.asarray(arrays[f"topups/{k}/observed_indices"], dtype=np.int64),
+                                               np.asarray(arrays[f"topups/{k}/observed_scores"], dtype=np.float64)))
+                           for k, (item, g) in enumerate(zip(items, genomes))]
+            if self.observed is not None:
+                self.observed = np.array(arrays["observed"], dtype=bool)
         self._set_rng_state(meta["rng"])
         self.init_issued = int(meta["init_issued"])
         self.init_told = int(meta["init_told"])
@@ -198,13 +344,17 @@ class M2N2(Strategy):
 
     def archive_summary(self) -> dict[str, Any]:
         filled = self.ids >= 0
-        means = self.scores[filled].mean(axis=1) if filled.any() else np.zeros(0)
-        return {
+        matrix = self.matrix
+        means = matrix[filled].mean(axis=1) if filled.any() else np.zeros(0)
+        summary = {
             "size": int(filled.sum()),
             "best_train": float(means.max()) if means.size else None,
             "mean_train": float(means.mean()) if means.size else None,
-            "coverage": float((self.scores[filled].max(axis=0) > 0).mean()) if filled.any() else 0.0,
+            "coverage": float((matrix[filled].max(axis=0) > 0).mean()) if filled.any() else 0.0,
         }
+        if self.subsampling:
+            summary["topups"] = dict(self.topup_counts)
+        return summary
 
 
 @STRATEGIES.register("ga")

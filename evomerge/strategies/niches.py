@@ -114,6 +114,60 @@ def replacement_slot(scores: np.ndarray, child_scores: np.ndarray, alpha: float,
     return None if worst == scores.shape[0] else worst
 
 
+def screen_slot(scores: np.ndarray, child_scores: np.ndarray, indices: np.ndarray, weights: np.ndarray,
+                alpha: float, filled: np.ndarray | None = None) -> int | None:
+    """The replacement rule on the datapoints a subsampled child was scored on.
+
+    A child observed on the set O (its subset, with draw weights w_j = N_h / m_h, see
+    strategies/subsets.py) is compared with the archive on O only, everyone on the same columns:
+      - load      z'_j = sum_k S[k, j] + c_j                       for j in O (the child counts)
+      - fitness   f'_k = sum_{j in O} w_j S[k, j] / z'_j^alpha     (0 where z'_j = 0), and
+                  f'_c = sum_{j in O} w_j c_j / z'_j^alpha for the child.
+    The least fit of the archive plus the child loses, ties dropping existing members first (the
+    full rule's order); empty slots fill first. S[k, j] is the member's score where known and its
+    estimate elsewhere (`estimate_unobserved`, used when `topup: none`). With O the whole set
+    every w_j is 1 and this is `replacement_slot`. The weighted sums estimate the full sums
+    without bias (Horvitz-Thompson), so the decision is an estimate of the full rule's.
+    """
+    if filled is not None and not np.all(filled):
+        return int(np.argmin(filled))
+    idx = np.asarray(indices, dtype=np.int64)
+    columns = np.asarray(scores, dtype=np.float64)[:, idx]
+    child = np.asarray(child_scores, dtype=np.float64)
+    load = columns.sum(axis=0) + child
+    denominator = np.where(load > 0, load, 1.0) ** alpha  # where z' = 0 every score is 0 as well
+    w = np.asarray(weights, dtype=np.float64) / denominator
+    fitness = np.append(columns @ w, child @ w)
+    worst = int(np.argmin(fitness))
+    return None if worst == columns.shape[0] else worst
+
+
+def estimate_unobserved(scores: np.ndarray, observed: np.ndarray, filled: np.ndarray) -> np.ndarray:
+    """S with every unobserved entry of a filled member estimated (`topup: none`).
+
+    The estimate is a two-way additive model, member ability plus datapoint difficulty:
+      m_k = mean of member k's observed scores,
+      d_j = mean over the members observed at j of (S[k, j] - m_k)   (0 where nobody is),
+      S^[k, j] = clip(m_k + d_j, 0, 1) where k was not observed at j.
+    Why not the member's mean alone: that gives every unobserved datapoint the same value, so the
+    estimated loads z_j of rarely observed datapoints all look alike and the niches the
+    competition is about blur into one. The difficulty term keeps a datapoint that the members
+    observed on mostly miss looking uncontested. It is closed-form (no fitting loop in the
+    population actor) and, with every entry observed, returns S unchanged. Empty slots stay 0.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    mask = np.asarray(observed, dtype=bool) & np.asarray(filled, dtype=bool)[:, None]
+    counts = mask.sum(axis=1)
+    ability = np.where(counts > 0, (scores * mask).sum(axis=1) / np.maximum(counts, 1), 0.0)
+    residual = np.where(mask, scores - ability[:, None], 0.0)
+    seen = mask.sum(axis=0)
+    difficulty = np.where(seen > 0, residual.sum(axis=0) / np.maximum(seen, 1), 0.0)
+    estimate = np.clip(ability[:, None] + difficulty[None, :], 0.0, 1.0)
+    out = np.where(mask, scores, estimate)
+    out[~np.asarray(filled, dtype=bool)] = 0.0
+    return out
+
+
 _UNSURE = object()
 _EPS = float(np.finfo(np.float64).eps)
 

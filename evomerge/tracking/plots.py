@@ -92,10 +92,12 @@ def progress_series(trials: Sequence[optuna.trial.FrozenTrial]) -> dict[str, np.
     failed = np.fromiter((t.state == TrialState.FAIL for t in ordered), dtype=bool, count=n)
 
     ok = ~np.isnan(train)
-    filled = np.where(ok, train, -np.inf)
+    # a subset's mean (fitness.subsample) is never the best: only full rows compete for it
+    whole = np.fromiter((not t.user_attrs.get("partial") for t in ordered), dtype=bool, count=n)
+    filled = np.where(ok & whole, train, -np.inf)
     best = np.maximum.accumulate(filled) if n else filled
     prev = np.concatenate(([-np.inf], best[:-1])) if n else best
-    improved = ok & (filled > prev)
+    improved = ok & whole & (filled > prev)
     setter = np.maximum.accumulate(np.where(improved, x - 1, -1)) if n else np.zeros(0, np.int64)
     has_best = setter >= 0
     best_train = np.where(has_best, best, np.nan)
@@ -111,8 +113,10 @@ def progress_series(trials: Sequence[optuna.trial.FrozenTrial]) -> dict[str, np.
         rolling = (csum[idx] - csum[lo]) / (idx - lo)
     else:
         rolling = np.zeros(0)
+    spent = np.fromiter((int(t.user_attrs.get("datapoints", 0)) for t in ordered), dtype=np.int64, count=n)
     return {"x": x, "train": train, "test": test, "failed": failed, "best_train": best_train,
-            "best_test": best_test, "rolling_x": ok_x, "rolling": rolling, "window": np.int64(window)}
+            "best_test": best_test, "rolling_x": ok_x, "rolling": rolling, "window": np.int64(window),
+            "datapoints": np.cumsum(spent)}  # datapoint-evaluations spent up to each trial
 
 
 def plot_progress(trials: list[optuna.trial.FrozenTrial], path: Path, title: str = "") -> Path:

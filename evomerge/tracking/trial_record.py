@@ -57,6 +57,14 @@ def user_attrs(record: EvalRecord, replay: bool = True) -> dict[str, Any]:
     if record.train_scores is not None:  # a task with groups: the values are the groups' means
         attrs["train_score"] = record.train_score
         attrs["test_scores"] = record.test_scores
+    if record.datapoints:  # datapoint-evaluations this trial cost (budget.datapoints' unit)
+        attrs["datapoints"] = record.datapoints
+    if record.indices is not None:  # which ones: subsets.decode_indices(text, num_datapoints)
+        attrs["datapoint_indices"] = record.indices
+    if record.topup_of is not None:
+        attrs["topup_of"] = record.topup_of
+    if record.partial:  # the value is a subset's mean: not comparable with a full row's, never a best
+        attrs["partial"] = True
     if record.failed:
         attrs["error"] = record.error
     if replay and record.replay is not None:
