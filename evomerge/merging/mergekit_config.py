@@ -129,6 +129,14 @@ def _check_method(config: MergeConfig, errors: list[str]) -> Optional[MergeMetho
             errors.append(f"field `models`: slerp merges exactly two models: base_model plus one other "
                           f"(or both listed, base_model being one of them); got {len(names)} listed "
                           f"({', '.join(names)}) and base_model {config.base_model!r}")
+    names = [m.model for m in config.models]
+    count = len([n for n in names if n != config.base_model]) if method.uses_base else len(names)
+    if method.min_tensors > 1 and count < method.min_tensors:
+        errors.append(f"field `models`: {method.name} needs at least {method.min_tensors} models besides "
+                      f"base_model; got {count} ({', '.join(names)})")
+    if method.max_tensors is not None and not method.pairwise and count > method.max_tensors:
+        errors.append(f"field `models`: {method.name} merges at most {method.max_tensors} models besides "
+                      f"base_model; got {count} ({', '.join(names)})")
     return method
 
 
@@ -183,11 +191,13 @@ def _resolve_paths(config: MergeConfig, base_dir: Path | None, errors: list[str]
 
 def _plan(config: MergeConfig, method: MergeMethod, paths: dict[str, Path]) -> MergePlan:
     base = paths[config.base_model] if config.base_model else None
-    if method.needs_base or method.pairwise:
+    if method.uses_base and base is not None:
         entries = [m for m in config.models if paths[m.model] != base]  # the base's own entry is skipped
         op_base = base
     else:
         entries, op_base = list(config.models), None
+        if method.base_is_model and base is not None and all(paths[m.model] != base for m in entries):
+            entries.append(InputModel(model=config.base_model))  # mergekit gathers the base as one more model
     first = paths[config.models[0].model]
     if config.tokenizer_source in (None, "base"):
         tokenizer = base or first

@@ -59,6 +59,7 @@ class TaskArithmeticParams(Params):
 
 class TiesParams(TaskArithmeticParams):
     normalize: bool = Field(True, description="divide by the weights of the sign-agreeing entries")
+    rescale: bool = Field(False, description="scale each trimmed task vector back to its L1 norm (mergekit)")
 
 
 class DareParams(TaskArithmeticParams):
@@ -80,6 +81,16 @@ class MergeMethod:
     needs_base: bool  # merges task vectors against a base model
     pairwise: bool = False  # exactly one model besides the base (slerp)
     doc: str = ""
+    base_optional: bool = False  # uses base_model when one is given, merges the models themselves otherwise
+    base_is_model: bool = False  # a given base_model is just one more input model (karcher)
+    min_tensors: int = 1  # how many `tensors` (models besides a base) the method needs
+    max_tensors: Optional[int] = None
+    random: bool = False  # draws random masks from its `seed` parameter
+
+    @property
+    def uses_base(self) -> bool:
+        """Whether a base tensor (when present) is passed as `base` rather than as a model."""
+        return self.needs_base or self.pairwise or self.base_optional
 
     def __call__(self, base: Tensor | None, tensors: Sequence[Tensor], per_model: Sequence[BaseModel],
                  params: BaseModel, *, key: str = "") -> Tensor:
@@ -92,6 +103,12 @@ class MergeMethod:
             raise ValueError(f"{self.name} merges the base with exactly one other tensor, got {len(tensors)}")
         if not self.needs_base and not self.pairwise and not tensors:
             raise ValueError(f"{self.name} needs at least one tensor")
+        if tensors and len(tensors) < self.min_tensors:
+            raise ValueError(f"{self.name} needs at least {self.min_tensors} models besides the base, "
+                             f"got {len(tensors)}")
+        if self.max_tensors is not None and len(tensors) > self.max_tensors:
+            raise ValueError(f"{self.name} merges at most {self.max_tensors} models besides the base, "
+                             f"got {len(tensors)}")
         reference = base if base is not None else tensors[0]
         if any(x.shape != reference.shape for x in tensors):
             raise ValueError(f"{self.name}: shapes differ for {key or 'tensor'}: "
@@ -154,6 +171,9 @@ def _task_arithmetic(base: Optional[Tensor], tensors: Sequence[Tensor], per_mode
 def _ties(base: Optional[Tensor], tensors: Sequence[Tensor], per_model: Sequence[Any], params: Any,
           key: str) -> Tensor:
     taus = [ops.magnitude_trim(tau, p.density) for tau, p in zip(ops.task_vectors(base, tensors), per_model)]
+    if params.rescale:
+        taus = [ops.l1_rescaled(tau, kept) if p.density < 1 else kept
+                for tau, kept, p in zip(ops.task_vectors(base, tensors), taus, per_model)]
     merged = ops.ties_combine(taus, [p.weight for p in per_model], params.normalize)
     return ops.as_f32(base) + params.lambda_ * merged
 
