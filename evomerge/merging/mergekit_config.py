@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from evomerge.config import format_validation_error, read_yaml
+from evomerge.yamlio import format_validation_error, read_yaml
 from evomerge.errors import ConfigError
 from evomerge.merging.methods import MERGE_METHODS, MergeMethod, param_names
 from evomerge.merging.params import Setting, field_adapter, setting_leaves
@@ -102,8 +102,7 @@ def _format(exc: ValidationError, source: str) -> str:
     """The shared formatter, plus the allowed names inside `models[i]`, which it cannot see
     (it does not step over list indices)."""
     lines = [line.replace(": Value error, ", ": ", 1)
-             for line in format_validation_error(exc, source, MergeConfig).splitlines()]
-    lines[0] = lines[0].replace("invalid search definition:", _HEADER, 1)
+             for line in format_validation_error(exc, source, MergeConfig, what="merge config").splitlines()]
     for err in exc.errors():
         loc = [str(p) for p in err["loc"]]
         if err["type"] == "extra_forbidden" and len(loc) == 3 and loc[0] == "models":
