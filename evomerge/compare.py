@@ -40,7 +40,12 @@ def run_compare(config_path: Path, strategies: Sequence[str], budget: int, seeds
     try:
         for name in strategies:
             for seed in range(seeds):
-                rows.append(_one_run(config_path, base, name, seed, budget, out_dir, storage, address, progress))
+                row = _one_run(config_path, base, name, seed, budget, out_dir, storage, address, progress)
+                rows.append({k: v for k, v in row.items() if k != "baselines"})
+                for b in row.get("baselines", []):  # each static merge is a baseline row of its own
+                    rows.append({"strategy": f"static: {b['label']}", "seed": seed, "evaluations": 1, "failed": 0,
+                                 "test_score": b["test_score"], "train_score": b["train_score"],
+                                 "wall_seconds": 0.0, "study": row["study"]})
     finally:
         if started:
             import ray
@@ -62,6 +67,11 @@ def _one_run(config_path: Path, base: SearchConfig, name: str, seed: int, budget
                  "optuna.storage": storage, "optuna.study_name": study}
     if name != base.strategy.name:
         overrides["strategy.options"] = {}
+        seed_with = base.strategy.options.get("seed_with") or []
+        if name == "static" and seed_with:  # the merges M2N2 starts from are the baselines it must beat
+            overrides["strategy.options"] = {"merges": seed_with}
+    if name == "static":
+        overrides["fitness.test_every"] = "all"  # every baseline gets its own held-out score
     config = load_config(config_path, overrides)
     if progress:
         # One-shot strategies (static, dam) end when they have nothing new to offer.
@@ -73,9 +83,31 @@ def _one_run(config_path: Path, base: SearchConfig, name: str, seed: int, budget
     best = summary.get("best") or {}
     trials = optuna.load_study(study_name=study, storage=open_storage(storage)).get_trials(deepcopy=False)
     series = progress_series(trials)
-    return {"strategy": name, "seed": seed, "evaluations": summary["evaluations"], "failed": summary["failed"],
-            "test_score": best.get("test_score"), "train_score": best.get("train_score"),
-            "wall_seconds": round(wall, 3), "curve": series["best_test"].tolist(), "study": study}
+    row = {"strategy": name, "seed": seed, "evaluations": summary["evaluations"], "failed": summary["failed"],
+           "test_score": best.get("test_score"), "train_score": best.get("train_score"),
+           "wall_seconds": round(wall, 3), "curve": series["best_test"].tolist(), "study": study}
+    if name != "static":
+        return row
+    return {**row, "baselines": static_baselines(trials, config.strategy.options)}
+
+
+def static_baselines(trials: Sequence[Any], options: dict[str, Any]) -> list[dict[str, Any]]:
+    """One entry per `merges` entry the static strategy scored: its label, train and test score."""
+    from evomerge.strategies.merge_specs import MergeSpec
+
+    merges = [MergeSpec.model_validate(m).label() for m in options.get("merges") or []]
+    out = []
+    for trial in sorted(trials, key=lambda t: t.number):
+        if trial.state != optuna.trial.TrialState.COMPLETE:
+            continue
+        p = trial.params
+        if "merge" not in p or int(p["merge"]) >= len(merges):
+            continue  # the seeds, SLERP and the soup: the static row's best already covers them
+        label = merges[int(p["merge"])]
+        values = [v for v in (trial.values or []) if v is not None]
+        train = float(np.mean(values)) if values else None
+        out.append({"label": label, "train_score": train, "test_score": trial.user_attrs.get("test_score")})
+    return out
 
 
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

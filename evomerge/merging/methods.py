@@ -123,15 +123,16 @@ class MergeMethod:
         """Global parameters from keywords, e.g. `METHOD.params(t=0.3)` or `params(**{"lambda": 2})`."""
         return self.global_params.model_validate(values)
 
-    def model_params_list(self, weights: Sequence[float],
-                          densities: Sequence[float] | None = None) -> list[BaseModel]:
+    def model_params_list(self, weights: Sequence[float], densities: Sequence[float] | None = None,
+                          defaults: dict[str, Any] | None = None) -> list[BaseModel]:
         """Per-model parameters from coefficient lists: the shape a layerwise genome produces.
 
         Values a method does not take are dropped (slerp has no weights; linear no densities).
+        `defaults` gives every model the same other parameters (breadcrumbs' gamma, della's epsilon).
         """
         out = []
         for i, weight in enumerate(weights):
-            values = {"weight": float(weight)}
+            values = {**(defaults or {}), "weight": float(weight)}
             if densities is not None:
                 values["density"] = float(densities[i])
             known = {k: v for k, v in values.items() if k in self.model_params.model_fields}
