@@ -62,8 +62,9 @@ class _MethodsWhere:
 
 BASE_METHODS = _MethodsWhere(lambda m: m.needs_base or m.pairwise, "needs a base seed")
 SPARSE_METHODS = _MethodsWhere(lambda m: "density" in m.model_params.model_fields, "takes per-model densities")
-WEIGHTED_METHODS = _MethodsWhere(lambda m: bool({"weight", "density"} & set(m.model_params.model_fields)),
-                                 "takes per-model weights or densities")
+WEIGHTED_METHODS = _MethodsWhere(lambda m: m.data_kind is None
+                                 and bool({"weight", "density"} & set(m.model_params.model_fields)),
+                                 "takes per-model weights or densities (and no data)")
 
 # `model.layers.3.mlp...` (llama, mistral, qwen), `transformer.h.3...` (gpt2), `encoder.layer.3...`
 # (bert), `blocks.3...`: the decoder/encoder block index.

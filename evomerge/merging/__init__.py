@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from evomerge.merging.methods import MERGE_METHODS, MergeMethod, Params, param_names
-from evomerge.merging import methods_geometric, methods_papers, methods_sparse  # noqa: F401  (they register their methods)
+from evomerge.merging import methods_data, methods_geometric, methods_papers, methods_sparse  # noqa: F401  (they register their methods)
 
 __all__ = ["MERGE_METHODS", "MergeMethod", "Params", "param_names", "run_merge", "load_merge_config"]
 

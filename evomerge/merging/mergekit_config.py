@@ -6,6 +6,7 @@ that names the field and lists what is allowed, before any checkpoint is opened.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -43,6 +44,8 @@ class MergeConfig(_Strict):
     dtype: Dtype = Field("float32", description="dtype written; the math always runs in float32")
     out_dtype: Optional[Dtype] = Field(None, description="mergekit's name for the written dtype; wins over dtype")
     tokenizer_source: Optional[str] = Field(None, description="model path or 'base'; default base, else first model")
+    data: Optional[list[str]] = Field(None, description="fisher/regmean: one prompt/answer JSONL per entry of "
+                                      "`models` (the base's entry, if listed, excluded)")
 
     @field_validator("parameters", mode="before")
     @classmethod
@@ -62,6 +65,7 @@ class MergePlan:
     config_source: Path  # where config.json comes from
     tokenizer_source: Path
     dtype: Dtype
+    data: tuple[Path, ...] = ()  # one per entry of `others` (data methods only)
 
     @property
     def paths(self) -> list[Path]:
@@ -92,10 +96,40 @@ def plan_from_dict(data: Any, source: str = "<merge config>", base_dir: Path | N
     if method is not None:
         _check_parameters(config, method, errors)
     paths = _resolve_paths(config, base_dir, errors)
+    data = _resolve_data(config, method, base_dir, errors) if method is not None else []
     if errors:
         raise ConfigError("\n".join([f"{source}: {_HEADER}"] + [f"  {e}" for e in errors]))
     assert method is not None
-    return _plan(config, method, paths)
+    plan = _plan(config, method, paths)
+    if method.data_kind is not None and len(data) != len(plan.others):
+        raise ConfigError(f"{source}: {_HEADER}\n  field `data`: {method.name} needs one data file per merged "
+                          f"model ({len(plan.others)}: {', '.join(p.name for p in plan.others)}), got {len(data)}")
+    return dataclasses.replace(plan, data=tuple(data))
+
+
+def _resolve_data(config: MergeConfig, method: MergeMethod, base_dir: Path | None, errors: list[str]) -> list[Path]:
+    """Data files: from the CWD, the config's folder, then the shipped `fitness/data/`."""
+    if method.data_kind is None:
+        if config.data is not None:
+            errors.append(f"field `data`: {method.name} reads no data (only fisher and regmean do); drop it")
+        return []
+    if not config.data:
+        errors.append(f"field `data`: required by {method.name} (each model's own examples, prompt/answer "
+                      "JSONL as the LM tasks read) but missing; add one file per model")
+        return []
+    from fitness.lm_data import resolve
+
+    out = []
+    for i, raw in enumerate(config.data):
+        found = _existing(raw, base_dir)
+        if found is None:
+            try:
+                found = resolve(raw)
+            except FileNotFoundError:
+                errors.append(f"field `data.{i}`: data file {raw!r} does not exist")
+                continue
+        out.append(found)
+    return out
 
 
 def _format(exc: ValidationError, source: str) -> str:

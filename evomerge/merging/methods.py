@@ -86,6 +86,7 @@ class MergeMethod:
     min_tensors: int = 1  # how many `tensors` (models besides a base) the method needs
     max_tensors: Optional[int] = None
     random: bool = False  # draws random masks from its `seed` parameter
+    data_kind: Optional[str] = None  # "fisher" / "gram": statistics of each model on its own `data:`
 
     @property
     def uses_base(self) -> bool:
@@ -93,8 +94,11 @@ class MergeMethod:
         return self.needs_base or self.pairwise or self.base_optional
 
     def __call__(self, base: Tensor | None, tensors: Sequence[Tensor], per_model: Sequence[BaseModel],
-                 params: BaseModel, *, key: str = "") -> Tensor:
-        """Check the inputs, pass non-floating tensors through, and run the float32 math."""
+                 params: BaseModel, *, key: str = "", stats: Optional[Sequence[Optional[Tensor]]] = None) -> Tensor:
+        """Check the inputs, pass non-floating tensors through, and run the float32 math.
+
+        `stats` (data methods only): each model's statistic for this tensor, None where it has none.
+        """
         if len(per_model) != len(tensors):
             raise ValueError(f"{self.name}: {len(tensors)} tensors but {len(per_model)} parameter sets")
         if (self.needs_base or self.pairwise) and base is None:
@@ -117,6 +121,10 @@ class MergeMethod:
             return reference.clone()  # integer buffers (positions, masks) are not averaged
         if self.needs_base and not tensors:
             return ops.as_f32(base).clone()
+        if self.data_kind is not None:
+            if stats is None or len(stats) != len(tensors):
+                raise ValueError(f"{self.name} needs one {self.data_kind} statistic per model (from `data:`)")
+            return self.fn(base, tensors, per_model, params, key, stats)  # type: ignore[call-arg]
         return self.fn(base, tensors, per_model, params, key)
 
     def params(self, **values: object) -> BaseModel:

@@ -35,6 +35,9 @@ class MergeSpec(BaseModel):
 
         if value not in MERGE_METHODS:
             raise ValueError(f"unknown merge method {value!r}; allowed: {', '.join(MERGE_METHODS.names())}")
+        if MERGE_METHODS.get(value).data_kind is not None:
+            raise ValueError(f"{value} needs each model's data, which a search does not have here; run "
+                             f"`evomerge merge` with `data:` and give the merged folder as a seed")
         return value
 
     @model_validator(mode="after")
