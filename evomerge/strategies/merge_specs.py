@@ -22,7 +22,8 @@ class MergeSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: str = Field(description="a registered merge method (evomerge merge's merge_method)")
-    base: int = Field(0, ge=0, description="index of the base seed, for methods that take one")
+    base: Optional[int] = Field(None, ge=0, description="index of the base seed: default 0 for methods that "
+                                "need one; nuslerp/multislerp merge task vectors only when it is given")
     weights: Optional[list[float]] = Field(None, description="one per seed (the base's is ignored); default 1 each")
     densities: Optional[list[float]] = Field(None, description="one per seed, for methods with a density")
     parameters: dict[str, Any] = Field(default_factory=dict,
@@ -77,9 +78,8 @@ def spec_genome(spec: MergeSpec, num_seeds: int, size: int) -> LayerwiseGenome:
     for name, values in (("weights", spec.weights), ("densities", spec.densities)):
         if values is not None and len(values) != k:
             raise ValueError(f"{spec.method}: {name} has {len(values)} values but there are {k} seeds")
-    if method.needs_base or method.pairwise:
-        if spec.base >= k:
-            raise ValueError(f"{spec.method}: base={spec.base} but there are only {k} seeds (0..{k - 1})")
+    if spec.base is not None and spec.base >= k:
+        raise ValueError(f"{spec.method}: base={spec.base} but there are only {k} seeds (0..{k - 1})")
     if method.pairwise and k != 2:
         raise ValueError(f"{spec.method} merges exactly two seeds; there are {k}")
     settings = dict(spec.parameters)
@@ -91,8 +91,8 @@ def spec_genome(spec: MergeSpec, num_seeds: int, size: int) -> LayerwiseGenome:
     elif "density" in settings and "density" in method.model_params.model_fields:
         densities = np.full(k, float(settings.pop("density")))
     if method.needs_base or method.pairwise:
-        base: int | None = spec.base
-    elif method.base_optional and "base" in spec.model_fields_set:
+        base: int | None = spec.base or 0
+    elif method.base_optional:
         base = spec.base  # nuslerp / multislerp merge task vectors only when a base is named
     else:
         base = None
