@@ -300,3 +300,34 @@ def test_karcher_mean_on_the_circle():
     close(run("karcher", None, [T([1.0, 0.0]), T([0.0, 3.0])]), [R2, R2])
     # a zero tensor keeps its share of the scale but no direction: (2 + 0)/2 along e1
     close(run("karcher", None, [T([2.0, 0.0]), T([0.0, 0.0])]), [1.0, 0.0])
+
+
+def test_merge_config_checks_model_counts_and_new_parameters(tmp_path):
+    from evomerge.errors import ConfigError
+    from evomerge.merging.mergekit_config import plan_from_dict
+
+    paths = []
+    for name in "abcd":
+        (tmp_path / name).mkdir()
+        paths.append(str(tmp_path / name))
+    a, b, c, d = paths
+
+    def error(data: dict) -> str:
+        with pytest.raises(ConfigError) as info:
+            plan_from_dict(data, source="m.yml")
+        return str(info.value)
+
+    msg = error({"merge_method": "model_stock", "base_model": a, "models": [{"model": b}]})
+    assert "field `models`: model_stock needs at least 2 models besides base_model" in msg
+    msg = error({"merge_method": "nuslerp", "models": [{"model": b}, {"model": c}, {"model": d}]})
+    assert "field `models`: nuslerp merges at most 2" in msg
+    msg = error({"merge_method": "breadcrumbs", "base_model": a, "models": [{"model": b, "parameters": {"gama": 0.1}}]})
+    assert "`models.0.parameters.gama`" in msg and "gamma" in msg
+    msg = error({"merge_method": "della", "base_model": a, "models": [{"model": b}], "parameters": {"epsilon": 1.5}})
+    assert "`parameters.epsilon`" in msg
+    # karcher: a base_model not listed among the models is gathered as one more model
+    plan = plan_from_dict({"merge_method": "karcher", "base_model": a, "models": [{"model": b}, {"model": c}]})
+    assert plan.base is None and [p.name for p in plan.others] == ["b", "c", "a"]
+    # nuslerp with a base: task vectors of the two others
+    plan = plan_from_dict({"merge_method": "nuslerp", "base_model": a, "models": [{"model": b}, {"model": c}]})
+    assert plan.base is not None and plan.base.name == "a" and [p.name for p in plan.others] == ["b", "c"]
