@@ -9,6 +9,9 @@ per-call objects, a layerwise genome calls the same method once per tensor with 
 coefficients, and `evomerge merge` calls it with coefficients read from a mergekit-style YAML.
 
 Parameter names and defaults follow mergekit, so a mergekit config means the same thing here.
+This module holds the registry, the parameter models and the six core methods; the others live
+in one module per family (`methods_sparse`, `methods_geometric`, `methods_papers`,
+`methods_data`), each registering its methods by name.
 """
 
 from __future__ import annotations
