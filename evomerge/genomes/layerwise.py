@@ -164,7 +164,7 @@ class LayerwiseGenome:
         if self.method not in MERGE_METHODS:
             raise ValueError(f"unknown merge method {self.method!r}; choose one of {', '.join(MERGE_METHODS.names())}")
         object.__setattr__(self, "settings", dict(self.settings or {}))
-        if self.settings:  # unknown names and bad values fail here, not in a worker
+        if self.method not in LINEAR_METHODS or self.settings:  # bad names/values (or slerp without t) fail here
             method = merge_method(self.method)
             per_model, global_ = _split_settings(method, self.settings)
             try:
