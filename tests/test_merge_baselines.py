@@ -205,3 +205,16 @@ def _flat_ties() -> np.ndarray:
     s0, s1 = (torch.from_numpy(s.copy()) for s in SEEDS)
     models = op.model_params_list([1.0], [0.5])
     return op(s0, [s1], models, op.params(), key="0:19210").numpy()
+
+
+def test_a_run_folder_from_before_seed_with_resumes_without_force():
+    from evomerge.engine.search import config_differences
+
+    old = {"strategy": {"name": "m2n2", "options": {"archive_size": 20, "alpha": 1.0}}}
+    new = {"strategy": {"name": "m2n2", "options": {"archive_size": 20, "alpha": 1.0, "seed_with": []}}}
+    assert config_differences(old, new) == []  # a missing option counts as the strategy's default
+    changed = {"strategy": {"name": "m2n2", "options": {"archive_size": 20, "alpha": 1.0,
+                                                        "seed_with": [{"method": "ties"}]}}}
+    assert [d.split(" ")[0] for d in config_differences(old, changed)] == ["strategy.options.seed_with"]
+    static_new = {"strategy": {"name": "static", "options": {"linear": True, "merges": []}}}
+    assert config_differences({"strategy": {"name": "static", "options": {"linear": True}}}, static_new) == []
