@@ -12,6 +12,11 @@ of the best-by-train member at each checkpoint, mean ± std over seeds. The stat
 only its plan to offer (4 evaluations) and DAM its training trajectory; their searches end there
 (instead of re-scoring the same merges) and their last value is carried forward. A method that raises, or whose every
 evaluation fails, shows ERROR in the table and the error is printed below it.
+
+Merge methods (`--merges`, on by default; `--merges-only` runs just this part): every static merge
+method at mergekit's defaults and the best of a small grid (by train score), against M2N2 with and
+without `seed_with` (the 3 best static merges join its archive at the start). Here the seeds are
+[base, expert_add, expert_rev] (base = seed 0), so the task-vector methods have their real base.
 """
 
 from __future__ import annotations
@@ -96,12 +101,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--population", default=POPULATION)
     parser.add_argument("--quick", action="store_true", help="100 evaluations, 1 seed")
     parser.add_argument("--out", help="write the numbers as JSON")
+    parser.add_argument("--merges", action=argparse.BooleanOptionalAction, default=True,
+                        help="static merge methods vs M2N2 with/without seed_with")
+    parser.add_argument("--merges-only", action="store_true", help="run only the merge-method comparison")
+    parser.add_argument("--quick-grid", action="store_true", help="fewer methods and grid points")
     args = parser.parse_args(argv)
     if args.quick:
         args.evals, args.seeds = 100, 1
     if args.out:
         args.out = str(Path(args.out).resolve())
     os.chdir(REPO_ROOT)  # the population's seed paths are relative to the repo root
+    if args.merges_only:
+        return merge_comparison(args)
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -179,7 +190,21 @@ def main(argv: list[str] | None = None) -> int:
                               "results": {"/".join(map(str, k)): v for k, v in results.items()},
                               "errors": {"/".join(map(str, k)): v for k, v in errors.items()},
                               "table": rows, "wall_seconds": total["seconds"]})
-    return 1 if errors else 0
+    code = 1 if errors else 0
+    if args.merges:
+        code = max(code, merge_comparison(args))
+    return code
+
+
+def merge_comparison(args: argparse.Namespace) -> int:
+    """compare_digits' merge-method comparison on the tiny experts, with their base as seed 0."""
+    from compare_digits import merge_methods
+
+    seeds = ["models/tiny-lm/base", "models/tiny-lm/expert_add", "models/tiny-lm/expert_rev"]
+    out = args.out and args.out.replace(".json", "-merges.json")
+    return merge_methods(args.evals, args.seeds, args.jobs, out, population=args.population,
+                         base_overrides={"seeds": seeds, "strategy.options.guide": None},
+                         quick=args.quick_grid, num_seeds=3)
 
 
 if __name__ == "__main__":

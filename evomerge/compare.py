@@ -25,6 +25,7 @@ from evomerge.report import format_table
 from evomerge.strategies import STRATEGIES
 from evomerge.tracking.plots import progress_series
 from evomerge.tracking.storage import open_storage
+from evomerge.tracking.trial_record import train_score_of
 
 
 def run_compare(config_path: Path, strategies: Sequence[str], budget: int | None, seeds: int, out_dir: Path,
@@ -47,8 +48,13 @@ def run_compare(config_path: Path, strategies: Sequence[str], budget: int | None
     try:
         for name in strategies:
             for seed in range(seeds):
-                rows.append(_one_run(config_path, base, name, seed, budget, out_dir, storage, address, progress,
-                                     budget_datapoints))
+                row = _one_run(config_path, base, name, seed, budget, out_dir, storage, address, progress,
+                               budget_datapoints)
+                rows.append({k: v for k, v in row.items() if k != "baselines"})
+                for b in row.get("baselines", []):  # each static merge is a baseline row of its own
+                    rows.append({"strategy": f"static: {b['label']}", "seed": seed, "evaluations": 1, "failed": 0,
+                                 "test_score": b["test_score"], "train_score": b["train_score"],
+                                 "wall_seconds": 0.0, "study": row["study"]})
     finally:
         if started:
             import ray
@@ -73,6 +79,11 @@ def _one_run(config_path: Path, base: SearchConfig, name: str, seed: int, budget
         overrides["budget.datapoints"] = budget_datapoints
     if name != base.strategy.name:
         overrides["strategy.options"] = {}
+        seed_with = base.strategy.options.get("seed_with") or []
+        if name == "static" and seed_with:  # the merges M2N2 starts from are the baselines it must beat
+            overrides["strategy.options"] = {"merges": seed_with}
+    if name == "static":
+        overrides["fitness.test_every"] = "all"  # every baseline gets its own held-out score
     if base.fitness.subsample is not None and not getattr(strategy, "supports_subsample", False):
         overrides["fitness.subsample"] = None
     config = load_config(config_path, overrides)
@@ -87,13 +98,34 @@ def _one_run(config_path: Path, base: SearchConfig, name: str, seed: int, budget
     best = summary.get("best") or {}
     trials = optuna.load_study(study_name=study, storage=open_storage(storage)).get_trials(deepcopy=False)
     series = progress_series(trials)
-    return {"strategy": name, "seed": seed, "evaluations": summary["evaluations"], "failed": summary["failed"],
-            "test_score": best.get("test_score"), "train_score": best.get("train_score"),
-            "wall_seconds": round(wall, 3), "curve": series["best_test"].tolist(), "study": study,
-            "datapoints": summary.get("datapoints"), "curve_datapoints": series["datapoints"].tolist(),
-            # a task with groups: the best member's train and test score per group (skill)
-            **({"train_scores": best["train_scores"], "test_scores": best.get("test_scores")}
-               if best.get("train_scores") is not None else {})}
+    row = {"strategy": name, "seed": seed, "evaluations": summary["evaluations"], "failed": summary["failed"],
+           "test_score": best.get("test_score"), "train_score": best.get("train_score"),
+           "wall_seconds": round(wall, 3), "curve": series["best_test"].tolist(), "study": study,
+           "datapoints": summary.get("datapoints"), "curve_datapoints": series["datapoints"].tolist(),
+           # a task with groups: the best member's train and test score per group (skill)
+           **({"train_scores": best["train_scores"], "test_scores": best.get("test_scores")}
+              if best.get("train_scores") is not None else {})}
+    if name != "static":
+        return row
+    return {**row, "baselines": static_baselines(trials, config.strategy.options)}
+
+
+def static_baselines(trials: Sequence[Any], options: dict[str, Any]) -> list[dict[str, Any]]:
+    """One entry per `merges` entry the static strategy scored: its label, train and test score."""
+    from evomerge.strategies.merge_specs import MergeSpec
+
+    merges = [MergeSpec.model_validate(m).label() for m in options.get("merges") or []]
+    out = []
+    for trial in sorted(trials, key=lambda t: t.number):
+        if trial.state != optuna.trial.TrialState.COMPLETE:
+            continue
+        p = trial.params
+        if "merge" not in p or int(p["merge"]) >= len(merges):
+            continue  # the seeds, SLERP and the soup: the static row's best already covers them
+        label = merges[int(p["merge"])]
+        train = train_score_of(trial)  # the mean over all datapoints, also where the values are groups
+        out.append({"label": label, "train_score": train, "test_score": trial.user_attrs.get("test_score")})
+    return out
 
 
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -9,13 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import to_jsonable_python
 
 from evomerge.errors import ConfigError
+from evomerge.yamlio import format_validation_error, read_yaml, unwrap_model  # noqa: F401  (re-exported)
 
 
 UNLIMITED = 1 << 62  # "no evaluation budget": the datapoint budget ends the search
@@ -186,17 +186,6 @@ class SearchConfig(_Strict):
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def read_yaml(path: str | Path, what: str) -> Any:
-    """Parse a YAML file, with errors that say which file and what it should have been."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{what} {str(path)!r} not found; give the path to a YAML {what}")
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-
-
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SearchConfig:
     """Read and validate a YAML search definition; `overrides` use dotted keys (CLI flags)."""
     path = Path(path)
@@ -259,35 +248,6 @@ def validate_plugin_options(name: str, options: dict[str, Any], section: str, so
     return validated.model_dump(mode="json", by_alias=True)
 
 
-def format_validation_error(exc: ValidationError, source: str, model: type[BaseModel], prefix: str = "") -> str:
-    lines = [f"{source}: invalid search definition:"]
-    for err in exc.errors():
-        loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal[", "list["))]
-        field = ".".join(([prefix] if prefix else []) + loc) or "(top level)"
-        if err["type"] == "extra_forbidden":
-            allowed = _allowed_fields(model, err["loc"][:-1])
-            hint = f"; allowed here: {', '.join(allowed)}" if allowed else ""
-            lines.append(f"  field `{field}`: unknown field (check the spelling){hint}")
-        elif err["type"] == "missing":
-            lines.append(f"  field `{field}`: required but missing; add it")
-        else:
-            got = err.get("input")
-            got_text = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
-            lines.append(f"  field `{field}`: {err['msg']}{got_text}")
-    return "\n".join(lines)
-
-
-def _allowed_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    current: Any = model
-    for part in loc:
-        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
-            return []
-        current = _unwrap_model(current.model_fields[part].annotation)
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return list(current.model_fields)
-    return []
-
-
 MISSING: Any = object()  # a field a config dict does not have
 
 
@@ -295,7 +255,7 @@ def submodel(model: type[BaseModel] | None, key: str) -> type[BaseModel] | None:
     """The model of field `key` of `model` when that field is a section (None otherwise)."""
     if model is None or key not in model.model_fields:
         return None
-    return _unwrap_model(model.model_fields[key].annotation)
+    return unwrap_model(model.model_fields[key].annotation)
 
 
 def field_default_json(model: type[BaseModel] | None, key: str) -> Any:
@@ -307,17 +267,6 @@ def field_default_json(model: type[BaseModel] | None, key: str) -> Any:
     if isinstance(value, BaseModel):
         return value.model_dump(mode="json")
     return to_jsonable_python(value)
-
-
-def _unwrap_model(annotation: Any) -> Any:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    if get_origin(annotation) is not None:
-        for arg in get_args(annotation):
-            found = _unwrap_model(arg)
-            if found is not None:
-                return found
-    return None
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

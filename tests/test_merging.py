@@ -76,9 +76,11 @@ def test_slerp_midpoint_of_orthogonal_vectors():
 
 
 def test_slerp_parallel_falls_back_to_linear():
-    # b = 2a: Ω = 0, |sin Ω| < 1e-6, so 0.75 a + 0.25 b = [1.25, 2.5]
+    # b = 2a: cos = 1 > 0.9995 (mergekit's threshold), so 0.75 a + 0.25 b = [1.25, 2.5]
     close(run("slerp", T([1.0, 2.0]), [T([2.0, 4.0])], t=0.25), [1.25, 2.5])
-    close(run("slerp", T([0.0, 0.0]), [T([2.0, 4.0])], t=0.25), [0.5, 1.0])  # zero vector: no angle
+    # zero vector: mergekit does not normalise it, so cos = 0, Ω = π/2 and b gets sin(π/8)
+    s = math.sin(math.pi / 8)
+    close(run("slerp", T([0.0, 0.0]), [T([2.0, 4.0])], t=0.25), [2 * s, 4 * s])
 
 
 # ---- task arithmetic -------------------------------------------------------------------------

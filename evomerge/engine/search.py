@@ -129,10 +129,28 @@ def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "
             a, b = (default if v is MISSING else v for v in (a, b))
         a, b = (None if v is MISSING else v for v in (a, b))
         if isinstance(a, dict) and isinstance(b, dict):
-            fields.extend(config_differences(a, b, prefix=f"{name}.", model=submodel(model, key)))
+            sub = submodel(model, key) or _plugin_options_model(name, new)
+            fields.extend(config_differences(a, b, prefix=f"{name}.", model=sub))
         elif a != b:
             fields.append(f"{name} ({a!r} -> {b!r})")
     return fields
+
+
+def _plugin_options_model(name: str, section: dict[str, Any]) -> type[BaseModel] | None:
+    """`strategy.options` / `fitness.options`: the plugin's Options model, so an option added after
+    a run folder was written (e.g. `seed_with`) counts as its default there too."""
+    if name == "strategy.options":
+        from evomerge.strategies import STRATEGIES as registry
+        plugin = section.get("name")
+    elif name == "fitness.options":
+        from evomerge.tasks import TASKS as registry
+        plugin = section.get("task")
+    else:
+        return None
+    try:
+        return getattr(registry.get(plugin), "Options", None) if isinstance(plugin, str) else None
+    except KeyError:
+        return None
 
 
 def _execute(config: SearchConfig, options: SearchOptions, restore: _Restore | None) -> dict[str, Any]:

@@ -10,26 +10,61 @@ group need not be contiguous (checkpoints that store `layers.10` before `layers.
 - `task_arithmetic`: θ = θ_b + Σ_{k≠b} w_k (θ_k − θ_b), i.e. coefficients (1 − Σ w, w_k).
   Both are linear in the seeds, so they ARE recipes (`to_recipe`) and workers materialise them
   with the fused recipe pass, unchanged.
-- `ties` / `dare_ties`: not linear (trimming, sign election, random drops); `materialise` runs
+- any other registered merge method (`ties`, `dare_ties`, `breadcrumbs`, `della`, `pcb`, `tsv`,
+  `karcher`, ...): not linear (trimming, sign election, random drops, angles); `materialise` runs
   `evomerge.merging.MERGE_METHODS` once per tensor (per basis piece ∩ segment) with that group's
-  weights and densities, so the result equals a static mergekit-style merge with those numbers.
-  The base seed's column of `weights`/`densities` is ignored by every method with a base.
+  weights and densities and the genome's `settings` (the method's global parameters, and defaults
+  of its per-model ones such as `gamma`), so the result equals a static mergekit-style merge with
+  those numbers. The base seed's column of `weights`/`densities` is ignored by every method with a
+  base. A one-group genome is a whole-model static merge: that is how static baselines and
+  M2N2's `seed_with` write one down.
 """
 
 from __future__ import annotations
 
+import json
 import re
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from evomerge.genomes.recipe import Recipe, pack_recipes, simplify, unpack_recipes
 
-METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")
-BASE_METHODS = frozenset({"task_arithmetic", "ties", "dare_ties"})
-SPARSE_METHODS = frozenset({"ties", "dare_ties"})
+METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")  # the index order of old snapshots
+LINEAR_METHODS = frozenset({"linear", "task_arithmetic"})  # exact as recipes
+
+
+def merge_method(name: str) -> Any:
+    """The registered merge method `name` (imported here: merging sits below genomes)."""
+    from evomerge.merging import MERGE_METHODS
+
+    return MERGE_METHODS.get(name)
+
+
+class _MethodsWhere:
+    """The registered merge methods with a property, as a set one can test with `in`."""
+
+    def __init__(self, test: Callable[[Any], bool], what: str) -> None:
+        self.test, self.what = test, what
+
+    def __contains__(self, name: object) -> bool:
+        from evomerge.merging import MERGE_METHODS
+
+        return isinstance(name, str) and name in MERGE_METHODS and self.test(MERGE_METHODS.get(name))
+
+    def names(self) -> list[str]:
+        from evomerge.merging import MERGE_METHODS
+
+        return [n for n in MERGE_METHODS.names() if n in self]
+
+
+BASE_METHODS = _MethodsWhere(lambda m: m.needs_base or m.pairwise, "needs a base seed")
+SPARSE_METHODS = _MethodsWhere(lambda m: "density" in m.model_params.model_fields, "takes per-model densities")
+WEIGHTED_METHODS = _MethodsWhere(lambda m: m.data_kind is None
+                                 and bool({"weight", "density"} & set(m.model_params.model_fields)),
+                                 "takes per-model weights or densities (and no data)")
 
 # `model.layers.3.mlp...` (llama, mistral, qwen), `transformer.h.3...` (gpt2), `encoder.layer.3...`
 # (bert), `blocks.3...`: the decoder/encoder block index.
@@ -121,10 +156,22 @@ class LayerwiseGenome:
     base: int | None
     boundaries: np.ndarray  # int64 (S + 1,) over the flat layout
     segment_group: np.ndarray | None = None  # int64 (S,); None = segment s is group s
+    settings: dict[str, Any] = field(default_factory=dict)  # the method's other parameters, mergekit names
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown layerwise method {self.method!r}; choose one of {', '.join(METHODS)}")
+        from evomerge.merging import MERGE_METHODS
+
+        if self.method not in MERGE_METHODS:
+            raise ValueError(f"unknown merge method {self.method!r}; choose one of {', '.join(MERGE_METHODS.names())}")
+        object.__setattr__(self, "settings", dict(self.settings or {}))
+        if self.method not in LINEAR_METHODS or self.settings:  # bad names/values (or slerp without t) fail here
+            method = merge_method(self.method)
+            per_model, global_ = _split_settings(method, self.settings)
+            try:
+                method.params(**global_)
+                method.model_params_list([1.0], None, per_model)
+            except Exception as exc:  # pydantic's ValidationError: say which method it was
+                raise ValueError(f"{self.method} parameters {self.settings}: {exc}") from None
         weights = np.asarray(self.weights, dtype=np.float64)
         if weights.ndim != 2:
             raise ValueError(f"weights must be (groups, seeds), got shape {weights.shape}")
@@ -146,10 +193,13 @@ class LayerwiseGenome:
             if not np.all((densities > 0) & (densities <= 1)):
                 raise ValueError("densities must lie in (0, 1]")
             object.__setattr__(self, "densities", densities)
-        if self.method in BASE_METHODS:
+        method = merge_method(self.method)
+        if self.method in BASE_METHODS or (method.base_optional and self.base is not None):
             if self.base is None or not 0 <= int(self.base) < weights.shape[1]:
                 raise ValueError(f"method {self.method} needs a base seed index in [0, {weights.shape[1]})")
             object.__setattr__(self, "base", int(self.base))
+        elif not method.uses_base and self.method not in LINEAR_METHODS:
+            object.__setattr__(self, "base", None)  # karcher, linear-like: every seed is a model
 
     @property
     def num_groups(self) -> int:
@@ -165,7 +215,7 @@ class LayerwiseGenome:
 
     @property
     def is_linear(self) -> bool:
-        return self.method in ("linear", "task_arithmetic")
+        return self.method in LINEAR_METHODS and not self.settings
 
     def coefficients(self) -> np.ndarray:
         """(G, K) seed coefficients of a linear genome: what each group's recipe row is."""
@@ -194,20 +244,25 @@ class LayerwiseGenome:
         from evomerge.merging import MERGE_METHODS
 
         method = MERGE_METHODS.get(self.method)
-        params = method.params()
-        base = self.base
+        per_model_settings, global_settings = _split_settings(method, self.settings)
+        params = method.params(**global_settings)
+        base = self.base if method.uses_base else None
         others = [k for k in range(self.num_seeds) if k != base]
-        names = _piece_names(basis)
+        names, shapes = _piece_names(basis), _piece_shapes(basis)
         for p, piece in enumerate(basis.pieces):
             for s in _overlapping(self.boundaries, piece.start, piece.stop):
                 lo, hi = max(piece.start, int(self.boundaries[s])), min(piece.stop, int(self.boundaries[s + 1]))
                 g = int(self.segment_group[s])
                 views = [v[lo - piece.start:hi - piece.start] for v in piece.views]
                 densities = None if self.densities is None else self.densities[g, others]
-                per_model = method.model_params_list(self.weights[g, others], densities)
+                per_model = method.model_params_list(self.weights[g, others], densities, per_model_settings)
                 whole = lo == piece.start and hi == piece.stop
                 key = names[p] if whole else f"{names[p]}[{lo - piece.start}:{hi - piece.start}]"
-                out[lo:hi] = method(views[base], [views[k] for k in others], per_model, params, key=key)
+                if whole and shapes[p] is not None:  # matrices keep their shape: SVD, row-wise methods need it
+                    views = [v.view(shapes[p]) for v in views]
+                base_view = views[base] if base is not None else None
+                merged = method(base_view, [views[k] for k in others], per_model, params, key=key)
+                out[lo:hi] = merged.reshape(-1)
         return out
 
     def equals(self, other: "LayerwiseGenome") -> bool:
@@ -215,9 +270,23 @@ class LayerwiseGenome:
             self.densities is not None and other.densities is not None
             and np.array_equal(self.densities, other.densities))
         return (self.method == other.method and self.base == other.base and same_density
+                and self.settings == other.settings
                 and np.array_equal(self.weights, other.weights)
                 and np.array_equal(self.boundaries, other.boundaries)
                 and np.array_equal(self.segment_group, other.segment_group))
+
+
+def _split_settings(method: Any, settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(per-model defaults, global parameters) of a method from one flat mapping, mergekit-style."""
+    from evomerge.merging import param_names
+
+    model_names, global_names = set(param_names(method.model_params)), set(param_names(method.global_params))
+    unknown = sorted(set(settings) - model_names - global_names)
+    if unknown:
+        allowed = sorted((model_names | global_names) - {"weight", "density"})
+        raise ValueError(f"{method.name} has no parameter {', '.join(unknown)}; allowed: {', '.join(allowed) or '(none)'}")
+    return ({k: v for k, v in settings.items() if k in model_names},
+            {k: v for k, v in settings.items() if k in global_names})
 
 
 def _piece_names(basis: Any) -> list[str]:
@@ -226,6 +295,15 @@ def _piece_names(basis: Any) -> list[str]:
     if layout is not None and len(layout.tensors) == len(basis.pieces):
         return [t.name for t in layout.tensors]
     return [f"{piece.start}:{piece.stop}" for piece in basis.pieces]
+
+
+def _piece_shapes(basis: Any) -> list[tuple[int, ...] | None]:
+    """Each piece's tensor shape when the basis has a matching layout, else None (flat)."""
+    layout = getattr(basis, "layout", None)
+    if layout is None or len(layout.tensors) != len(basis.pieces):
+        return [None] * len(basis.pieces)
+    return [tuple(t.shape) if t.numel == piece.stop - piece.start else None
+            for t, piece in zip(layout.tensors, basis.pieces)]
 
 
 def _overlapping(bounds: np.ndarray, start: int, stop: int) -> range:
@@ -244,8 +322,14 @@ def pack_layerwise(genomes: list[LayerwiseGenome | None], prefix: str) -> dict[s
             return np.concatenate(parts).astype(dtype)
         return np.zeros((0, width) if width is not None else 0, dtype=dtype)
 
+    def text(value: Any) -> np.ndarray:  # JSON as bytes: names and settings, no pickle
+        return np.frombuffer(json.dumps(value, sort_keys=True).encode(), dtype=np.uint8).copy()
+
     return {
-        f"{prefix}/method": np.array([-1 if g is None else METHODS.index(g.method) for g in genomes], np.int64),
+        f"{prefix}/method": np.array([-1 if g is None else METHODS.index(g.method) if g.method in METHODS else -2
+                                      for g in genomes], np.int64),
+        f"{prefix}/method_names": text([None if g is None else g.method for g in genomes]),
+        f"{prefix}/settings": text([None if g is None else g.settings for g in genomes]),
         f"{prefix}/base": np.array([-1 if g is None or g.base is None else g.base for g in genomes], np.int64),
         f"{prefix}/groups": np.array([0 if g is None else g.num_groups for g in genomes], np.int64),
         f"{prefix}/segments": np.array([0 if g is None else g.boundaries.size - 1 for g in genomes], np.int64),
@@ -263,19 +347,24 @@ def unpack_layerwise(arrays: dict[str, np.ndarray], prefix: str) -> list[Layerwi
     has_density = arrays[f"{prefix}/has_density"]
     weights, densities = arrays[f"{prefix}/weights"], arrays[f"{prefix}/densities"]
     bounds, seg_group = arrays[f"{prefix}/boundaries"], arrays[f"{prefix}/segment_group"]
+    names: list[Any] = [None if m < 0 else METHODS[int(m)] for m in methods]  # snapshots before any method
+    settings: list[Any] = [None] * methods.size
+    if f"{prefix}/method_names" in arrays:
+        names = json.loads(bytes(np.asarray(arrays[f"{prefix}/method_names"], np.uint8)).decode())
+        settings = json.loads(bytes(np.asarray(arrays[f"{prefix}/settings"], np.uint8)).decode())
     out: list[LayerwiseGenome | None] = []
     w = d = b = s = 0
     for i in range(methods.size):
-        if methods[i] < 0:
+        if methods[i] == -1:
             out.append(None)
             continue
         g, n = int(groups[i]), int(segments[i])
         dens = None
         if has_density[i]:
             dens, d = densities[d:d + g].copy(), d + g
-        out.append(LayerwiseGenome(METHODS[int(methods[i])], weights[w:w + g].copy(), dens,
+        out.append(LayerwiseGenome(names[i], weights[w:w + g].copy(), dens,
                                    None if bases[i] < 0 else int(bases[i]),
-                                   bounds[b:b + n + 1].copy(), seg_group[s:s + n].copy()))
+                                   bounds[b:b + n + 1].copy(), seg_group[s:s + n].copy(), settings[i] or {}))
         w, b, s = w + g, b + n + 1, s + n
     return out
 

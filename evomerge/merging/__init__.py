@@ -1,4 +1,4 @@
-"""Static merge operators (linear, slerp, task arithmetic, ties, dare) and `evomerge merge`.
+"""Static merge operators (mergekit's set and methods from the literature) and `evomerge merge`.
 
 The operators in `methods` work on one tensor at a time with explicit coefficients, so they serve
 one-shot baselines, layerwise genomes and the mergekit-style `evomerge merge CONFIG OUT/` alike.
@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from evomerge.merging.methods import MERGE_METHODS, MergeMethod, Params, param_names
+from evomerge.merging import methods_data, methods_geometric, methods_papers, methods_sparse  # noqa: F401  (they register their methods)
 
 __all__ = ["MERGE_METHODS", "MergeMethod", "Params", "param_names", "run_merge", "load_merge_config"]
 

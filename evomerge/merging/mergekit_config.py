@@ -6,13 +6,14 @@ that names the field and lists what is allowed, before any checkpoint is opened.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from evomerge.config import format_validation_error, read_yaml
+from evomerge.yamlio import format_validation_error, read_yaml
 from evomerge.errors import ConfigError
 from evomerge.merging.methods import MERGE_METHODS, MergeMethod, param_names
 from evomerge.merging.params import Setting, field_adapter, setting_leaves
@@ -43,6 +44,8 @@ class MergeConfig(_Strict):
     dtype: Dtype = Field("float32", description="dtype written; the math always runs in float32")
     out_dtype: Optional[Dtype] = Field(None, description="mergekit's name for the written dtype; wins over dtype")
     tokenizer_source: Optional[str] = Field(None, description="model path or 'base'; default base, else first model")
+    data: Optional[list[str]] = Field(None, description="fisher/regmean: one prompt/answer JSONL per entry of "
+                                      "`models` (the base's entry, if listed, excluded)")
 
     @field_validator("parameters", mode="before")
     @classmethod
@@ -62,6 +65,7 @@ class MergePlan:
     config_source: Path  # where config.json comes from
     tokenizer_source: Path
     dtype: Dtype
+    data: tuple[Path, ...] = ()  # one per entry of `others` (data methods only)
 
     @property
     def paths(self) -> list[Path]:
@@ -92,18 +96,47 @@ def plan_from_dict(data: Any, source: str = "<merge config>", base_dir: Path | N
     if method is not None:
         _check_parameters(config, method, errors)
     paths = _resolve_paths(config, base_dir, errors)
+    data = _resolve_data(config, method, base_dir, errors) if method is not None else []
     if errors:
         raise ConfigError("\n".join([f"{source}: {_HEADER}"] + [f"  {e}" for e in errors]))
     assert method is not None
-    return _plan(config, method, paths)
+    plan = _plan(config, method, paths)
+    if method.data_kind is not None and len(data) != len(plan.others):
+        raise ConfigError(f"{source}: {_HEADER}\n  field `data`: {method.name} needs one data file per merged "
+                          f"model ({len(plan.others)}: {', '.join(p.name for p in plan.others)}), got {len(data)}")
+    return dataclasses.replace(plan, data=tuple(data))
+
+
+def _resolve_data(config: MergeConfig, method: MergeMethod, base_dir: Path | None, errors: list[str]) -> list[Path]:
+    """Data files: from the CWD, the config's folder, then the shipped `fitness/data/`."""
+    if method.data_kind is None:
+        if config.data is not None:
+            errors.append(f"field `data`: {method.name} reads no data (only fisher and regmean do); drop it")
+        return []
+    if not config.data:
+        errors.append(f"field `data`: required by {method.name} (each model's own examples, prompt/answer "
+                      "JSONL as the LM tasks read) but missing; add one file per model")
+        return []
+    from fitness.lm_data import resolve
+
+    out = []
+    for i, raw in enumerate(config.data):
+        found = _existing(raw, base_dir)
+        if found is None:
+            try:
+                found = resolve(raw)
+            except FileNotFoundError:
+                errors.append(f"field `data.{i}`: data file {raw!r} does not exist")
+                continue
+        out.append(found)
+    return out
 
 
 def _format(exc: ValidationError, source: str) -> str:
     """The shared formatter, plus the allowed names inside `models[i]`, which it cannot see
     (it does not step over list indices)."""
     lines = [line.replace(": Value error, ", ": ", 1)
-             for line in format_validation_error(exc, source, MergeConfig).splitlines()]
-    lines[0] = lines[0].replace("invalid search definition:", _HEADER, 1)
+             for line in format_validation_error(exc, source, MergeConfig, what="merge config").splitlines()]
     for err in exc.errors():
         loc = [str(p) for p in err["loc"]]
         if err["type"] == "extra_forbidden" and len(loc) == 3 and loc[0] == "models":
@@ -129,6 +162,14 @@ def _check_method(config: MergeConfig, errors: list[str]) -> Optional[MergeMetho
             errors.append(f"field `models`: slerp merges exactly two models: base_model plus one other "
                           f"(or both listed, base_model being one of them); got {len(names)} listed "
                           f"({', '.join(names)}) and base_model {config.base_model!r}")
+    names = [m.model for m in config.models]
+    count = len([n for n in names if n != config.base_model]) if method.uses_base else len(names)
+    if method.min_tensors > 1 and count < method.min_tensors:
+        errors.append(f"field `models`: {method.name} needs at least {method.min_tensors} models besides "
+                      f"base_model; got {count} ({', '.join(names)})")
+    if method.max_tensors is not None and not method.pairwise and count > method.max_tensors:
+        errors.append(f"field `models`: {method.name} merges at most {method.max_tensors} models besides "
+                      f"base_model; got {count} ({', '.join(names)})")
     return method
 
 
@@ -183,11 +224,13 @@ def _resolve_paths(config: MergeConfig, base_dir: Path | None, errors: list[str]
 
 def _plan(config: MergeConfig, method: MergeMethod, paths: dict[str, Path]) -> MergePlan:
     base = paths[config.base_model] if config.base_model else None
-    if method.needs_base or method.pairwise:
+    if method.uses_base and base is not None:
         entries = [m for m in config.models if paths[m.model] != base]  # the base's own entry is skipped
         op_base = base
     else:
         entries, op_base = list(config.models), None
+        if method.base_is_model and base is not None and all(paths[m.model] != base for m in entries):
+            entries.append(InputModel(model=config.base_model))  # mergekit gathers the base as one more model
     first = paths[config.models[0].model]
     if config.tokenizer_source in (None, "base"):
         tokenizer = base or first

@@ -9,6 +9,9 @@ per-call objects, a layerwise genome calls the same method once per tensor with 
 coefficients, and `evomerge merge` calls it with coefficients read from a mergekit-style YAML.
 
 Parameter names and defaults follow mergekit, so a mergekit config means the same thing here.
+This module holds the registry, the parameter models and the six core methods; the others live
+in one module per family (`methods_sparse`, `methods_geometric`, `methods_papers`,
+`methods_data`), each registering its methods by name.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ class TaskArithmeticParams(Params):
 
 class TiesParams(TaskArithmeticParams):
     normalize: bool = Field(True, description="divide by the weights of the sign-agreeing entries")
+    rescale: bool = Field(False, description="scale each trimmed task vector back to its L1 norm (mergekit)")
 
 
 class DareParams(TaskArithmeticParams):
@@ -80,10 +84,24 @@ class MergeMethod:
     needs_base: bool  # merges task vectors against a base model
     pairwise: bool = False  # exactly one model besides the base (slerp)
     doc: str = ""
+    base_optional: bool = False  # uses base_model when one is given, merges the models themselves otherwise
+    base_is_model: bool = False  # a given base_model is just one more input model (karcher)
+    min_tensors: int = 1  # how many `tensors` (models besides a base) the method needs
+    max_tensors: Optional[int] = None
+    random: bool = False  # draws random masks from its `seed` parameter
+    data_kind: Optional[str] = None  # "fisher" / "gram": statistics of each model on its own `data:`
+
+    @property
+    def uses_base(self) -> bool:
+        """Whether a base tensor (when present) is passed as `base` rather than as a model."""
+        return self.needs_base or self.pairwise or self.base_optional
 
     def __call__(self, base: Tensor | None, tensors: Sequence[Tensor], per_model: Sequence[BaseModel],
-                 params: BaseModel, *, key: str = "") -> Tensor:
-        """Check the inputs, pass non-floating tensors through, and run the float32 math."""
+                 params: BaseModel, *, key: str = "", stats: Optional[Sequence[Optional[Tensor]]] = None) -> Tensor:
+        """Check the inputs, pass non-floating tensors through, and run the float32 math.
+
+        `stats` (data methods only): each model's statistic for this tensor, None where it has none.
+        """
         if len(per_model) != len(tensors):
             raise ValueError(f"{self.name}: {len(tensors)} tensors but {len(per_model)} parameter sets")
         if (self.needs_base or self.pairwise) and base is None:
@@ -92,6 +110,12 @@ class MergeMethod:
             raise ValueError(f"{self.name} merges the base with exactly one other tensor, got {len(tensors)}")
         if not self.needs_base and not self.pairwise and not tensors:
             raise ValueError(f"{self.name} needs at least one tensor")
+        if tensors and len(tensors) < self.min_tensors:
+            raise ValueError(f"{self.name} needs at least {self.min_tensors} models besides the base, "
+                             f"got {len(tensors)}")
+        if self.max_tensors is not None and len(tensors) > self.max_tensors:
+            raise ValueError(f"{self.name} merges at most {self.max_tensors} models besides the base, "
+                             f"got {len(tensors)}")
         reference = base if base is not None else tensors[0]
         if any(x.shape != reference.shape for x in tensors):
             raise ValueError(f"{self.name}: shapes differ for {key or 'tensor'}: "
@@ -100,21 +124,26 @@ class MergeMethod:
             return reference.clone()  # integer buffers (positions, masks) are not averaged
         if self.needs_base and not tensors:
             return ops.as_f32(base).clone()
+        if self.data_kind is not None:
+            if stats is None or len(stats) != len(tensors):
+                raise ValueError(f"{self.name} needs one {self.data_kind} statistic per model (from `data:`)")
+            return self.fn(base, tensors, per_model, params, key, stats)  # type: ignore[call-arg]
         return self.fn(base, tensors, per_model, params, key)
 
     def params(self, **values: object) -> BaseModel:
         """Global parameters from keywords, e.g. `METHOD.params(t=0.3)` or `params(**{"lambda": 2})`."""
         return self.global_params.model_validate(values)
 
-    def model_params_list(self, weights: Sequence[float],
-                          densities: Sequence[float] | None = None) -> list[BaseModel]:
+    def model_params_list(self, weights: Sequence[float], densities: Sequence[float] | None = None,
+                          defaults: dict[str, Any] | None = None) -> list[BaseModel]:
         """Per-model parameters from coefficient lists: the shape a layerwise genome produces.
 
         Values a method does not take are dropped (slerp has no weights; linear no densities).
+        `defaults` gives every model the same other parameters (breadcrumbs' gamma, della's epsilon).
         """
         out = []
         for i, weight in enumerate(weights):
-            values = {"weight": float(weight)}
+            values = {**(defaults or {}), "weight": float(weight)}
             if densities is not None:
                 values["density"] = float(densities[i])
             known = {k: v for k, v in values.items() if k in self.model_params.model_fields}
@@ -154,6 +183,9 @@ def _task_arithmetic(base: Optional[Tensor], tensors: Sequence[Tensor], per_mode
 def _ties(base: Optional[Tensor], tensors: Sequence[Tensor], per_model: Sequence[Any], params: Any,
           key: str) -> Tensor:
     taus = [ops.magnitude_trim(tau, p.density) for tau, p in zip(ops.task_vectors(base, tensors), per_model)]
+    if params.rescale:
+        taus = [ops.l1_rescaled(tau, kept) if p.density < 1 else kept
+                for tau, kept, p in zip(ops.task_vectors(base, tensors), taus, per_model)]
     merged = ops.ties_combine(taus, [p.weight for p in per_model], params.normalize)
     return ops.as_f32(base) + params.lambda_ * merged
 

@@ -13,7 +13,6 @@ from typing import Sequence
 
 import torch
 
-from evomerge.genomes.dense import slerp_weights
 
 Tensor = torch.Tensor
 
@@ -65,15 +64,39 @@ def tensor_angle(a: Tensor, b: Tensor) -> float:
     return math.acos(min(1.0, max(-1.0, exact_dot(a, b) / norm)))
 
 
+SLERP_DOT_THRESHOLD = 0.9995  # mergekit's: above this |cos| the two tensors count as parallel
+_SLERP_NORM_EPS = 1e-8  # mergekit's: a tensor with a smaller norm is not normalised for the cosine
+
+
 def slerp(a: Tensor, b: Tensor, t: float) -> Tensor:
     """Spherical interpolation from `a` (t=0) to `b` (t=1), angle over the whole flattened tensor.
 
-    Uses `evomerge.genomes.dense.slerp_weights`, so a static slerp and an M2N2 crossover agree on
-    the nearly-parallel fallback (|sin Ω| < 1e-6 → linear interpolation).
+    mergekit's rule, so a mergekit slerp YAML gives mergekit's tensors: the cosine is taken between
+    the normalised tensors (one with norm <= 1e-8 is used as is) and, when |cos| > 0.9995, the
+    result is the linear interpolation (1 - t) a + t b. Norm weights of fine-tunes of one base
+    sit right there (cosine ~0.9996), so the threshold decides what they become. The M2N2
+    crossover keeps its own, tighter fallback (`evomerge.genomes.dense.slerp_weights`).
     """
     a32, b32 = as_f32(a), as_f32(b)
-    ca, cb = slerp_weights(float(t), tensor_angle(a32, b32))
-    return a32 * ca + b32 * cb
+    t = float(t)
+    na, nb = math.sqrt(exact_dot(a32, a32)), math.sqrt(exact_dot(b32, b32))
+    dot = exact_dot(a32, b32) / ((na if na > _SLERP_NORM_EPS else 1.0) * (nb if nb > _SLERP_NORM_EPS else 1.0))
+    if abs(dot) > SLERP_DOT_THRESHOLD:
+        return (1 - t) * a32 + t * b32
+    theta = math.acos(dot)
+    sin_theta = math.sin(theta)
+    return a32 * (math.sin(theta - theta * t) / sin_theta) + b32 * (math.sin(theta * t) / sin_theta)
+
+
+def l1_rescaled(tau: Tensor, kept: Tensor, eps: float = 1e-7) -> Tensor:
+    """`kept` (a masked `tau`) scaled back to tau's L1 norm: mergekit's `rescale: true`.
+
+    Left as is when either norm is below 1e-7 (nothing to match, or nothing kept).
+    """
+    before, after = float(tau.abs().sum()), float(kept.abs().sum())
+    if before < eps or after < eps:
+        return kept
+    return kept * (before / after)
 
 
 def task_vectors(base: Tensor, tensors: Sequence[Tensor]) -> list[Tensor]:

@@ -46,11 +46,13 @@ def merge_plan(plan: MergePlan, out_dir: Path, *, allow_pickle: bool = False) ->
         names = checkpoints[0].names()
         num_layers = count_layers(names)
         out_dtype = _OUT_DTYPES[plan.dtype]
+        stats = _statistics(plan)
         merged: dict[str, torch.Tensor] = {}
         for name in names:
             result = merge_named_tensor(
                 plan, name, depth(name, num_layers),
-                base.view(name) if base is not None else None, [c.view(name) for c in others])
+                base.view(name) if base is not None else None, [c.view(name) for c in others],
+                None if stats is None else [s.get(name) for s in stats])
             merged[name] = result.to(out_dtype) if result.is_floating_point() else result
         saved = save_model_folder(merged, out_dir, source=plan.config_source, dtype=plan.dtype)
     finally:
@@ -60,8 +62,20 @@ def merge_plan(plan: MergePlan, out_dir: Path, *, allow_pickle: bool = False) ->
     return saved
 
 
+def _statistics(plan: MergePlan) -> Optional[list[dict[str, torch.Tensor]]]:
+    """Each model's Fisher or Gram matrices on its own data file (data methods only)."""
+    kind = plan.method.data_kind
+    if kind is None:
+        return None
+    from evomerge.merging.statistics import model_statistics
+
+    limit = resolve(plan.method.global_params, [plan.global_settings], "", 0.0).num_examples
+    return model_statistics(kind, plan.others, plan.data, plan.tokenizer_source, int(limit))
+
+
 def merge_named_tensor(plan: MergePlan, name: str, t: float, base: Optional[torch.Tensor],
-                       tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+                       tensors: Sequence[torch.Tensor],
+                       stats: Optional[Sequence[Optional[torch.Tensor]]] = None) -> torch.Tensor:
     """Resolve this tensor's parameters (filters, gradients at depth t) and apply the method."""
     method = plan.method
     try:
@@ -73,7 +87,7 @@ def merge_named_tensor(plan: MergePlan, name: str, t: float, base: Optional[torc
         raise ConfigError(f"tensor {name}: parameters do not resolve ({problems}); a filter list "
                           "needs an entry without `filter` as the fallback") from None
     try:
-        return method(base, tensors, per_model, params, key=name)
+        return method(base, tensors, per_model, params, key=name, stats=stats)
     except ValueError as exc:
         raise ConfigError(f"tensor {name}: {exc}") from None
 

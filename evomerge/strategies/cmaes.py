@@ -35,7 +35,9 @@ candidate's params, so candidates re-sent after a resume are recognised. tests/t
 proves that a resumed search continues bit-identically.
 
 Genomes. From scratch: a dense vector (x0 = 0). With seeds: a layerwise genome by default
-(`evomerge.genomes.layerwise`: per layer-group weights per seed, optional TIES/DARE densities),
+(`evomerge.genomes.layerwise`: per layer-group weights per seed, optional densities; `method` is
+any registered merge method with per-model weights or densities, its other parameters fixed by
+`parameters`, e.g. `{method: breadcrumbs, parameters: {gamma: 0.02}}`),
 or a dense vector starting at the seeds' mean (`genome: dense`, dense seeds only). Layerwise
 weights are bounded to `weight_bounds` ([0, 1] by default for every method; widen it, e.g. to
 [-1, 2], for task-arithmetic extrapolation), densities to [0.1, 1], with pycma's `bounds`.
@@ -55,8 +57,8 @@ from cma.sigma_adaptation import CMAAdaptSigmaCSA
 from cma.utilities.utils import ElapsedWCTime
 from pydantic import Field, model_validator
 
-from evomerge.genomes.layerwise import (BASE_METHODS, SPARSE_METHODS, LayerGroups, LayerwiseGenome, LayerwiseSpace,
-                                        layer_groups)
+from evomerge.genomes.layerwise import (BASE_METHODS, LINEAR_METHODS, SPARSE_METHODS, WEIGHTED_METHODS, LayerGroups,
+                                        LayerwiseGenome, LayerwiseSpace, layer_groups)
 from evomerge.strategies import STRATEGIES
 from evomerge.strategies.base import Candidate, Evaluation, Problem, Strategy, StrategyOptions
 from evomerge.strategies.subsets import subset_rng, uniform_subset
@@ -77,8 +79,10 @@ class CMAESOptions(StrategyOptions):
     diagonal: Literal["auto"] | bool = Field(
         "auto", description="separable CMA (CMA_diagonal); auto: above auto_threshold")
     auto_threshold: int = Field(2000, ge=1, description="dimension above which diagonal=auto goes separable")
-    method: Literal["linear", "task_arithmetic", "ties", "dare_ties"] = "linear"
-    base: int = Field(0, ge=0, description="base seed of task_arithmetic / ties / dare_ties")
+    method: str = Field("linear", description="a merge method with per-model weights or densities "
+                        "(linear, task_arithmetic, ties, dare_ties, breadcrumbs, della, pcb, star, tsv, ...)")
+    parameters: dict[str, Any] = Field(default_factory=dict, description="the method's fixed other parameters")
+    base: int = Field(0, ge=0, description="base seed of the methods that merge task vectors")
     group_size: int = Field(1, ge=1, description="transformer layers per layer group")
     boundaries: list[int] | None = Field(None, description="explicit group boundaries over the flat layout")
     density: bool | None = Field(None, description="search per-group densities; None: for ties/dare_ties only")
@@ -90,9 +94,17 @@ class CMAESOptions(StrategyOptions):
         lo, hi = self.weight_bounds
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
             raise ValueError(f"strategy.options.weight_bounds must be finite with low < high, got {self.weight_bounds}")
+        if self.method not in WEIGHTED_METHODS:
+            raise ValueError(f"strategy.options.method: {self.method!r} is not a merge method with per-model "
+                             f"weights or densities; choose one of {', '.join(WEIGHTED_METHODS.names())}")
         if self.density and self.method not in SPARSE_METHODS:
-            raise ValueError(f"strategy.options.density needs method ties or dare_ties (method {self.method} "
-                             "keeps every parameter); drop density or change the method")
+            raise ValueError(f"strategy.options.density needs a method with densities ({', '.join(SPARSE_METHODS.names())}; "
+                             f"method {self.method} keeps every parameter); drop density or change the method")
+        if self.parameters:
+            try:  # the genome checks names and values against the method's parameter models
+                LayerwiseGenome(self.method, np.ones((1, 2)), None, 0, np.array([0, 1]), None, dict(self.parameters))
+            except ValueError as exc:
+                raise ValueError(f"strategy.options.parameters: {exc}") from None
         return self
 
 
@@ -129,8 +141,8 @@ class _LayerwiseCoder:
             raise ValueError("strategy.options.genome=layerwise needs seeds to merge; use genome: dense from scratch")
         if isinstance(problem.space, LayerwiseSpace):
             problem.space = problem.space.inner
-        if problem.space.kind == "recipe" and opts.method in SPARSE_METHODS:
-            # Checkpoint seeds + TIES/DARE: members are LayerwiseGenomes, so the population must be
+        if problem.space.kind == "recipe" and (opts.method not in LINEAR_METHODS or opts.parameters):
+            # Checkpoint seeds + a non-linear method: members are LayerwiseGenomes, so the population must be
             # able to snapshot those (recipes stay recipes).
             problem.space = LayerwiseSpace(problem.space)
         space = self.space = problem.space
@@ -138,6 +150,7 @@ class _LayerwiseCoder:
         if self.groups.size != space.size:
             raise ValueError(f"layer groups cover {self.groups.size} parameters but the problem has {space.size}")
         self.method = opts.method
+        self.settings = dict(opts.parameters)
         k = space.num_seeds
         self.base = opts.base if opts.method in BASE_METHODS else None
         if self.base is not None and self.base >= k:
@@ -145,7 +158,8 @@ class _LayerwiseCoder:
         if self.base is not None and k < 2:
             raise ValueError(f"method {opts.method} needs at least two seeds: a base and one to merge into it")
         self.cols = [j for j in range(k) if j != self.base]
-        self.density = opts.method in SPARSE_METHODS if opts.density is None else bool(opts.density)
+        self.density = (opts.method in SPARSE_METHODS and opts.method not in LINEAR_METHODS
+                        if opts.density is None else bool(opts.density))
         g, c = self.groups.num_groups, len(self.cols)
         self.num_weights = g * c
         self.dimension = self.num_weights * (2 if self.density else 1)
@@ -158,9 +172,9 @@ class _LayerwiseCoder:
         self.record = self.dimension <= opts.max_param_coefficients
         self.basis = None
         if space.kind == "dense":  # small in-memory seeds: materialise here, workers get plain vectors
-            from evomerge.genomes.basis import Basis
+            from evomerge.strategies.merge_specs import dense_basis
 
-            self.basis = Basis.from_arrays(space.seeds)
+            self.basis = dense_basis(space.seeds, getattr(problem.task, "layout", None))
 
     def genome(self, x: np.ndarray) -> LayerwiseGenome:
         g, k = self.groups.num_groups, self.space.num_seeds
@@ -171,7 +185,7 @@ class _LayerwiseCoder:
             densities = np.ones((g, k))
             densities[:, self.cols] = np.clip(x[self.num_weights:].reshape(g, len(self.cols)), *DENSITY_BOUNDS)
         return LayerwiseGenome(self.method, weights, densities, self.base, self.groups.boundaries,
-                               self.groups.segment_group)
+                               self.groups.segment_group, self.settings)
 
     def decode(self, x: np.ndarray) -> Any:
         genome = self.genome(x)

@@ -40,6 +40,7 @@ from evomerge.genomes.offspring import Lineage, draw_noise_seed
 from evomerge.strategies import STRATEGIES
 from evomerge.strategies.base import Candidate, Evaluation, Problem, Strategy, StrategyOptions
 from evomerge.strategies.guide import Guide, GuideOptions
+from evomerge.strategies.merge_specs import MergeSpec, spec_genome, spec_member
 from evomerge.strategies.niches import Niches, estimate_unobserved, replacement_slot, screen_slot
 from evomerge.strategies.subsets import draw_subset, subset_rng, widen
 from evomerge.tracking.replay_payload import rng_from_json, rng_to_json
@@ -55,6 +56,8 @@ class M2N2Options(StrategyOptions):
     split_point: bool = True
     attraction: bool = True
     guide: GuideOptions | None = Field(None, description="hybrid: {from: cmaes|dam, every: N, share, options}")
+    seed_with: list[MergeSpec] = Field(default_factory=list, description="static merges evaluated with the seeds "
+                                       "at the start, e.g. [{method: ties, parameters: {density: 0.5}}]")
 
 
 class GAOptions(M2N2Options):
@@ -89,7 +92,14 @@ class M2N2(Strategy):
         self._niches = Niches(opts.alpha)  # F and f of `scores`, kept until the archive changes
         self.init_issued = 0
         self.init_told = 0
-        self.init_target = self.space.num_seeds or self.options.init_members
+        if opts.seed_with and not self.space.num_seeds:
+            raise ValueError("strategy.options.seed_with merges the seeds; give `seeds:` or drop seed_with")
+        for j, spec in enumerate(opts.seed_with):  # fail at start, not when the merge is first issued
+            try:
+                spec_genome(spec, self.space.num_seeds, self.space.size)
+            except ValueError as exc:
+                raise ValueError(f"strategy.options.seed_with.{j}: {exc}") from None
+        self.init_target = (self.space.num_seeds + len(opts.seed_with)) or self.options.init_members
         self.told = 0
         self.guide = Guide(opts.guide, problem, seed) if opts.guide is not None else None
         spec = problem.subsample
@@ -111,9 +121,22 @@ class M2N2(Strategy):
 
     # -- ask ---------------------------------------------------------------------------------
     def _initial_genome(self, index: int) -> Any:
-        if self.space.num_seeds:
+        k = self.space.num_seeds
+        if k and index >= k:
+            return self._seed_merge(index - k)
+        if k:
             return self.space.seed_genome(index)
         return self.space.random_genome(self.rng, self.options.init_sigma)
+
+    def _seed_merge(self, j: int) -> Any:
+        """`seed_with[j]` as an archive member. Over checkpoints a non-linear merge joins the basis
+        as a new element (one model-sized buffer per process) and the member is the recipe "all of
+        that element", so crossover mixes it with the seeds like any recipe; a linear one is its
+        recipe; in-memory seeds get the merged vector."""
+        member = spec_member(self.options.seed_with[j], self.space, getattr(self.problem.task, "layout", None))
+        if self.space.kind == "recipe" and hasattr(member, "materialise"):
+            member = self.space.add_element(member)
+        return member
 
     def ask(self) -> Candidate | None:
         filled = self.ids >= 0
@@ -123,8 +146,12 @@ class M2N2(Strategy):
             origin: dict[str, Any] = ({"seed": self.init_issued} if self.space.num_seeds else
                                       {"random": [self.options.init_sigma, rng_to_json(self.rng)]})
             genome = self._initial_genome(self.init_issued)
+            k = self.space.num_seeds
+            params = {"seed_with": self.init_issued - k} if k and self.init_issued >= k else {}
             self.init_issued += 1
-            return Candidate(genome=genome, params={}, parents=(), generation=0, origin=origin)
+            if params:  # a seed_with merge (a basis element added as it is asked): not replayed
+                origin = None
+            return Candidate(genome=genome, params=params, parents=(), generation=0, origin=origin)
         if self.init_told < self.init_target:
             return None  # children need an archive: wait for the initial members' scores
         if not filled.any():

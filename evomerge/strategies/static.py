@@ -3,6 +3,10 @@
 It evaluates the seeds, then each static merge of them once: the baselines that a search has to
 beat. Whole-model SLERP is split-point SLERP with the split at the end; the linear soup is the
 uniform recipe. Both are exact as recipes, so this runs on checkpoints of any size.
+
+`merges` adds any registered merge method with its parameters (mergekit's names), e.g.
+`merges: [{method: ties, parameters: {density: 0.5}}, {method: della, base: 0}]`; each is one
+candidate with the param `merge` = its index in that list (`MergeSpec.label` names it).
 """
 
 from __future__ import annotations
@@ -15,11 +19,14 @@ from pydantic import Field
 from evomerge.genomes.recipe import Recipe
 from evomerge.strategies import STRATEGIES
 from evomerge.strategies.base import Candidate, Evaluation, Problem, Strategy, StrategyOptions
+from evomerge.strategies.merge_specs import MergeSpec, spec_member
 
 
 class StaticOptions(StrategyOptions):
     slerp_points: list[float] = Field(default_factory=lambda: [0.5], description="t values for 2-seed SLERP")
     linear: bool = Field(True, description="the uniform average of all seeds (model soup)")
+    merges: list[MergeSpec] = Field(default_factory=list, description="static merges by method, e.g. "
+                                    "[{method: ties, parameters: {density: 0.5}}]")
 
 
 @STRATEGIES.register("static")
@@ -45,6 +52,11 @@ class StaticMerges(Strategy):
                 plan.append(({"slerp_t": float(t)}, space.crossover(seeds[0], seeds[1], space.size, float(t))))
         if self.options.linear and k >= 2:
             plan.append(({"linear": k}, self._uniform(k)))
+        for j, spec in enumerate(self.options.merges):
+            try:
+                plan.append(({"merge": j}, spec_member(spec, space, getattr(self.problem.task, "layout", None))))
+            except ValueError as exc:
+                raise ValueError(f"strategy.options.merges.{j}: {exc}") from None
         return plan
 
     def _uniform(self, k: int) -> Any:
