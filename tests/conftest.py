@@ -23,7 +23,7 @@ def ray_session():
     quiet_token_auth_notice()
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024 * 1024,
-                 logging_level="WARNING", runtime_env={"env_vars": {"PYTHONPATH": str(TESTS_DIR)}})
+                 logging_level="WARNING", runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(TESTS_DIR), str(REPO)])}})
     yield ray
     ray.shutdown()
 
