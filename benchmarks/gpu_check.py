@@ -122,6 +122,10 @@ def run(params: str, k: int, device: torch.device, batch_size: int) -> dict:
                                                   batch_size=batch_size), device, repeats=1)
     hits, logprobs = answer_likelihood_scores(model, tokenizer, PROMPTS, batch_size=batch_size)
     peak = torch.cuda.max_memory_allocated(device) if gpu else None
+    start = time.perf_counter()
+    basis.prefix_gram(device=device)  # what the driver computes once per run on a GPU node
+    sync(device)
+    gram_seconds = time.perf_counter() - start
     return {
         "device": str(device), "gpu": torch.cuda.get_device_name(device) if gpu else None,
         "params": layout.size, "layers": shape.layers, "F_bytes": f_bytes, "seeds": k,
@@ -129,7 +133,7 @@ def run(params: str, k: int, device: torch.device, batch_size: int) -> dict:
         "materialise_s": materialise, "copy_s": copy, "materialise_vs_copy": copy / materialise,
         "peak_device_bytes": peak, "peak_device_F": None if peak is None else peak / f_bytes,
         "peak_target_F": k + 1.3,
-        "likelihood_64_s": likelihood, "generate_64_s": generation,
+        "likelihood_64_s": likelihood, "generate_64_s": generation, "prefix_gram_s": gram_seconds,
         "logprobs_finite": bool(torch.isfinite(torch.from_numpy(logprobs)).all()),
     }
 

@@ -61,6 +61,8 @@ def _print_outcome(summary: dict[str, Any], out_dir: Path) -> None:
     best = summary.get("best") or {}
     if best.get("test_score") is not None:
         print(f"\nbest test accuracy: {best['test_score']:.4f} (member {best['member_id']})")
+    if best.get("train_scores"):
+        print("one Optuna objective per group (the dashboard shows their Pareto front)")
     print(f"results: {out_dir}/summary.json, best member: {out_dir}/best.safetensors")
     print(f"dashboard: evomerge dashboard {shlex.quote(str(out_dir))}")
 

@@ -90,7 +90,10 @@ def _one_run(config_path: Path, base: SearchConfig, name: str, seed: int, budget
     return {"strategy": name, "seed": seed, "evaluations": summary["evaluations"], "failed": summary["failed"],
             "test_score": best.get("test_score"), "train_score": best.get("train_score"),
             "wall_seconds": round(wall, 3), "curve": series["best_test"].tolist(), "study": study,
-            "datapoints": summary.get("datapoints"), "curve_datapoints": series["datapoints"].tolist()}
+            "datapoints": summary.get("datapoints"), "curve_datapoints": series["datapoints"].tolist(),
+            # a task with groups: the best member's train and test score per group (skill)
+            **({"train_scores": best["train_scores"], "test_scores": best.get("test_scores")}
+               if best.get("train_scores") is not None else {})}
 
 
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -111,18 +114,41 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "evaluations": statistics.fmean(r["evaluations"] for r in done),
             "datapoints": statistics.fmean(r.get("datapoints") or 0 for r in done),
             "wall_seconds": statistics.fmean(r["wall_seconds"] for r in done), "note": "",
+            **_group_means(done),
         })
     return table
+
+
+def _group_means(done: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per group (a task with groups): the mean over seeds of the best member's train and test
+    scores, as {"train_groups": {name: mean}, "test_groups": {...}}; nothing without groups."""
+    out: dict[str, Any] = {}
+    for key, name in (("train_scores", "train_groups"), ("test_scores", "test_groups")):
+        by_group: dict[str, list[float]] = {}
+        for r in done:
+            for group, score in (r.get(key) or {}).items():
+                by_group.setdefault(group, []).append(score)
+        if by_group:
+            out[name] = {group: statistics.fmean(scores) for group, scores in by_group.items()}
+    return out
+
+
+def _groups_cell(table_row: dict[str, Any]) -> str:
+    train, test = table_row.get("train_groups") or {}, table_row.get("test_groups") or {}
+    return ", ".join(f"{g} {train[g]:.4f} / " + ("-" if test.get(g) is None else f"{test[g]:.4f}") for g in train)
 
 
 def write_outputs(rows: list[dict[str, Any]], out_dir: Path, budget: int | None,
                   budget_datapoints: int | None = None) -> None:
     table = aggregate(rows)
-    headers = ("strategy", "runs", "test score (mean ± std)", "train score", "evaluations", "datapoints", "wall s",
+    grouped = any(t.get("train_groups") for t in table)
+    headers = ("strategy", "runs", "test score (mean ± std)", "train score",
+               *(("per group: train / test (means)",) if grouped else ()), "evaluations", "datapoints", "wall s",
                "note")
     body = [(t["strategy"], t["runs"],
              "-" if t.get("test_mean") is None else f"{t['test_mean']:.4f} ± {t['test_std']:.4f}",
-             t.get("train_mean"), None if "evaluations" not in t else round(t["evaluations"]),
+             t.get("train_mean"), *((_groups_cell(t) or None,) if grouped else ()),
+             None if "evaluations" not in t else round(t["evaluations"]),
              None if "datapoints" not in t else round(t["datapoints"]),
              None if "wall_seconds" not in t else round(t["wall_seconds"], 1), t.get("note", "")) for t in table]
     text = format_table(headers, body)
@@ -132,12 +158,15 @@ def write_outputs(rows: list[dict[str, Any]], out_dir: Path, budget: int | None,
     (out_dir / "compare.md").write_text("# evomerge compare\n\n" + "\n".join(lines) + "\n")
     with open(out_dir / "compare.csv", "w", newline="") as f:
         writer = csv.writer(f)
+        groups = list(dict.fromkeys(g for r in rows for g in (r.get("train_scores") or {})))
         writer.writerow(["strategy", "seed", "evaluations", "datapoints", "failed", "test_score", "train_score",
-                         "wall_seconds", "study", "skipped"])
+                         "wall_seconds", "study", "skipped",
+                         *(f"{kind}_score/{g}" for g in groups for kind in ("train", "test"))])
         for r in rows:
+            per_group = [(r.get(f"{kind}_scores") or {}).get(g) for g in groups for kind in ("train", "test")]
             writer.writerow([r["strategy"], r["seed"], r.get("evaluations"), r.get("datapoints"), r.get("failed"),
-                             r.get("test_score"),
-                             r.get("train_score"), r.get("wall_seconds"), r.get("study"), r.get("skipped", "")])
+                             r.get("test_score"), r.get("train_score"), r.get("wall_seconds"), r.get("study"),
+                             r.get("skipped", ""), *per_group])
     (out_dir / "compare.json").write_text(json.dumps({"table": table, "runs": rows}, indent=1))
     if budget_datapoints is not None:
         plot_compare_datapoints(rows, out_dir / "compare.png", budget_datapoints)

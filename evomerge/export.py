@@ -1,12 +1,14 @@
 """`evomerge export`: turn a run's best member into a loadable model.
 
 Merges of checkpoint seeds (recipes, column and layer-wise genomes) are exported "as the seeds
-are", without building the fitness task: the seeds are memory-mapped, the merge is materialised
-once into one flat buffer in the seeds' dtype (the only model-sized allocation in this process),
-and every tensor is written by name from the seeds' own layout as a view of that buffer, so a
-base sharded unlike its seeds cannot scramble anything. Tensors keep their own dtype (a bf16
-model's float32 `inv_freq` stays float32), non-floating tensors are copied from the first seed,
-and config, tokenizer, chat template and generation config come from the first seed too.
+are", without building the fitness task: the seeds are memory-mapped and every tensor is written
+by name from the seeds' own layout, so a base sharded unlike its seeds cannot scramble anything.
+A recipe (M2N2, linear layer-wise) is merged one tensor at a time as the writer reaches it
+(`DeferredTensor`), so this process holds one tensor, not a model; column and non-linear
+layer-wise genomes materialise once into one flat buffer in the seeds' dtype. Tensors keep their
+own dtype (a bf16 model's float32 `inv_freq` stays float32), non-floating tensors are copied from
+the first seed, and config, tokenizer, chat template and generation config come from the first
+seed too.
 
 Dense members (from-scratch tasks) and merges of task-made seeds go through `task.export`.
 """
@@ -147,14 +149,21 @@ def export_merge(arrays: dict[str, np.ndarray], config: SearchConfig, out_dir: P
     layout = basis.layout  # type: ignore[attr-defined]
     try:
         target = basis.dtype if dtype == "auto" else SAVE_DTYPES[dtype]
-        buffer = basis.new_buffer() if target == basis.dtype else torch.empty(basis.size, dtype=target)
-        nbytes = basis.size * buffer.element_size()
-        bar = tqdm(total=2 * nbytes, unit="B", unit_scale=True, unit_divisor=1024, desc="export: merging",
-                   disable=not progress, leave=False)
+        nbytes = basis.size * torch.empty((), dtype=target).element_size()
+        if isinstance(genome, LayerwiseGenome) and genome.is_linear:
+            genome = genome.to_recipe()
+        streamed = isinstance(genome, Recipe)
+        bar = tqdm(total=nbytes if streamed else 2 * nbytes, unit="B", unit_scale=True, unit_divisor=1024,
+                   desc="export" if streamed else "export: merging", disable=not progress, leave=False)
         try:
-            tensors = _materialised_tensors(arrays, genome, basis, layout, checkpoints[0], buffer,
-                                            exact_dtypes=dtype == "auto", step=bar.update)
-            bar.set_description("export: writing")
+            if streamed:  # each tensor merged as it is written: nothing model-sized in this process
+                tensors = _streamed_tensors(arrays, genome, basis, layout, checkpoints[0], target,
+                                            exact_dtypes=dtype == "auto")
+            else:
+                buffer = basis.new_buffer() if target == basis.dtype else torch.empty(basis.size, dtype=target)
+                tensors = _materialised_tensors(arrays, genome, basis, layout, checkpoints[0], buffer,
+                                                exact_dtypes=dtype == "auto", step=bar.update)
+                bar.set_description("export: writing")
             out = save_model_folder(tensors, out_dir, source=_seed_folder(config.seeds[0]),
                                     dtype=None if dtype == "auto" else dtype,
                                     include_code=bool(config.fitness.options.get("trust_remote_code")),
@@ -165,6 +174,33 @@ def export_merge(arrays: dict[str, np.ndarray], config: SearchConfig, out_dir: P
         for c in checkpoints:
             c.close()
     return sorted(p for p in Path(out).iterdir() if p.is_file() and p.name != "evomerge.json")
+
+
+def _streamed_tensors(arrays: dict[str, np.ndarray], genome: Recipe, basis: Basis, layout: Any, first: Any,
+                      target: torch.dtype, *, exact_dtypes: bool) -> dict[str, Any]:
+    """Every tensor of the first seed, in its order; floating ones deferred: merged by
+    `materialise_span` (the same bits as one whole pass) when the writer reaches them. With
+    `exact_dtypes` each keeps its own dtype (a float32 `inv_freq` in a bf16 model), else `target`."""
+    from evomerge.models.deferred import DeferredTensor
+    from evomerge.models.safetensors_format import DTYPES
+
+    # Merged models that joined the basis during the search (hybrid guidance), in basis order;
+    # each is one more model-sized vector in the seeds' dtype.
+    for element in unpack_elements(arrays, "elements"):
+        basis.add_element(element.materialise(basis, out=basis.new_buffer()))
+
+    def deferred(spec: Any) -> DeferredTensor:
+        dtype = DTYPES[spec.dtype] if exact_dtypes else target
+
+        def make() -> torch.Tensor:
+            with torch.no_grad():
+                out = torch.empty(spec.numel, dtype=dtype)
+                return basis.materialise_span(genome, spec.offset, spec.end, out).view(spec.shape)
+
+        return DeferredTensor(tuple(spec.shape), dtype, make)
+
+    specs = {spec.name: spec for spec in layout.tensors}
+    return {name: deferred(specs[name]) if name in specs else first.view(name) for name in first.names()}
 
 
 def _materialised_tensors(arrays: dict[str, np.ndarray], genome: Any, basis: Basis, layout: Any, first: Any,

@@ -32,11 +32,20 @@ def summary_table(summary: dict[str, Any]) -> str:
         ("best member", best.get("member_id")),
         ("best train score", best.get("train_score")),
         ("best test score", held_out_cell(best.get("test_score"), bool(best))),
+        *group_rows(best.get("train_scores"), best.get("test_scores")),
         ("wall seconds", summary["wall_seconds"]),
         ("evaluations / s", summary.get("evals_per_second")),
         ("optuna storage", summary["storage"]),
     ]
     return format_table(("", "value"), rows)
+
+
+def group_rows(train: dict[str, float] | None, test: dict[str, float] | None) -> list[tuple[str, str]]:
+    """One row per group (skill) of a task with groups: the best member's train / test score."""
+    if not train:
+        return []
+    test = test or {}
+    return [(f"  {name}: train / test", f"{_cell(score)} / {_cell(test.get(name))}") for name, score in train.items()]
 
 
 def held_out_cell(score: float | None, has_best: bool) -> Any:

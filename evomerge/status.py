@@ -17,9 +17,10 @@ from optuna.trial import TrialState
 from evomerge import snapshots
 from evomerge.engine.population import mean_staleness
 from evomerge.errors import EvomergeError, SnapshotError
-from evomerge.report import evaluations_cell, format_table, held_out_cell
+from evomerge.report import evaluations_cell, format_table, group_rows, held_out_cell
 from evomerge.tracking.dashboard import run_storage_url
 from evomerge.tracking.storage import open_storage
+from evomerge.tracking.trial_record import train_score_of
 
 
 def run_status(run_dir: Path) -> dict[str, Any]:
@@ -40,7 +41,7 @@ def run_status(run_dir: Path) -> dict[str, Any]:
     status["mean_staleness"] = None if staleness is None else round(staleness, 1)
     ids = arrays.get("strategy/ids")
     status["archive_size"] = int((np.asarray(ids) >= 0).sum()) if ids is not None else None
-    trials = _trials(run_dir, config)
+    study, trials = _study(run_dir, config)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     status["evaluations"] = len(trials)
     status["budget"] = config.get("budget", {}).get("evaluations")
@@ -50,11 +51,18 @@ def run_status(run_dir: Path) -> dict[str, Any]:
     status["datapoint_budget"] = config.get("budget", {}).get("datapoints")
     # A child scored on a subset alone has a subset's mean as its value: not comparable with a
     # full row's, so never the best (a last top-up's value is its full row's mean).
-    whole = [t for t in complete if not t.user_attrs.get("partial")]
-    best = max(whole, key=lambda t: t.value, default=None)
-    status["best_train"] = None if best is None else best.value
+    scored = [(score, t) for t in complete
+              if not t.user_attrs.get("partial") and (score := train_score_of(t)) is not None]
+    # The first trial with the highest mean train score: the member the population kept as best.
+    best_score, best = max(scored, key=lambda st: (st[0], -st[1].number), default=(None, None))
+    status["best_train"] = best_score
     status["best_test"] = None if best is None else best.user_attrs.get("test_score")
     status["best_member"] = None if best is None else best.user_attrs.get("member_id")
+    groups = study_groups(study)
+    status["groups"] = groups
+    if groups is not None:  # a multi-objective study: each group's train (the trial values) and test scores
+        status["best_train_scores"] = None if best is None else dict(zip(groups, best.values))
+        status["best_test_scores"] = None if best is None else best.user_attrs.get("test_scores")
     parents = {p for t in trials for p in t.user_attrs.get("parents", [])}
     status["distinct_parents"] = len(parents)
     status["finished_early"] = bool(summary and summary.get("finished_early"))
@@ -82,14 +90,24 @@ def failure_reasons(trials: list[optuna.trial.FrozenTrial], top: int = 3) -> lis
     return kinds.most_common(top)
 
 
-def _trials(run_dir: Path, config: dict[str, Any]) -> list[optuna.trial.FrozenTrial]:
+def _study(run_dir: Path, config: dict[str, Any]) -> tuple[optuna.Study | None, list[optuna.trial.FrozenTrial]]:
     url = run_storage_url(run_dir)
     name = (config.get("optuna") or {}).get("study_name") or config.get("name")
     try:
         study = optuna.load_study(study_name=name, storage=open_storage(url))
     except KeyError:
-        return []
-    return study.get_trials(deepcopy=False)
+        return None, []
+    return study, study.get_trials(deepcopy=False)
+
+
+def study_groups(study: optuna.Study | None) -> list[str] | None:
+    """The group names of a study recorded with one objective per group, else None."""
+    if study is None:
+        return None
+    groups = study.user_attrs.get("groups")
+    if not groups:
+        return None
+    return [str(name) for name, _ in groups]
 
 
 def _datapoints_cell(done: int | None, budget: int | None) -> str | None:
@@ -117,6 +135,7 @@ def status_table(status: dict[str, Any]) -> str:
         ("commonest failures", "; ".join(f"{n} x {kind}" for kind, n in status.get("failure_reasons") or []) or None),
         ("best train score", status["best_train"]),
         ("best test score", held_out_cell(status["best_test"], status["best_train"] is not None)),
+        *group_rows(status.get("best_train_scores"), status.get("best_test_scores")),
         ("best member", status["best_member"]),
         ("archive size", status["archive_size"]),
         ("distinct parents used", status["distinct_parents"]),

@@ -59,6 +59,18 @@ def build_skeleton(folder: str | Path, dtype: torch.dtype, trust_remote_code: bo
     return model
 
 
+def check_binding(folder: str | Path, layout: Layout, trust_remote_code: bool = False) -> BindingPlan:
+    """`plan_binding` against a model built entirely on the meta device: names and shapes are
+    checked with no bytes allocated (not a skeleton: nothing here can be bound or run)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return plan_binding(model, layout, str(folder))
+
+
 def _load_generation_config(model: nn.Module, folder: str | Path) -> None:
     """`from_config` derives a generation config from config.json; the folder's own file (its EOS
     list, e.g. an instruct model's end-of-turn token) is what `from_pretrained` would use."""

@@ -142,6 +142,10 @@ class LMEvalOptions(LMModelOptions):
     test_samples: dict[str, list[int]] | None = Field(
         None, description="held-out doc ids per task (fitness tasks or test_tasks) for test_score")
     fewshot_seed: int = 1234
+    groups: bool | None = Field(
+        None, description="one study objective per fitness task; default (null): on when tasks expand to "
+                          "more than one task. Held-out scores per group come from test_samples of the same "
+                          "task, or from test_tasks matched to tasks by position when they expand to as many tasks")
 
     @model_validator(mode="after")
     def _check(self) -> "LMEvalOptions":
@@ -394,9 +398,44 @@ class LMEvalTask(BoundLMTask):
             return np.zeros(0, dtype=np.float32)
         return self._run(tasks, ids, keys)
 
-    def test_score(self, params) -> float | None:
-        if not self.test_keys:
+    # -- one objective per task ---------------------------------------------------------------
+    @property
+    def groups(self) -> list[tuple[str, int]] | None:
+        """(task, documents) per fitness task, in datapoint order, when there are groups."""
+        wanted = self.options.groups
+        if wanted is False or (wanted is None and len(self.train_ids) < 2):
             return None
+        return [(name, len(ids)) for name, ids in self.train_ids.items()]
+
+    def _test_group_of(self) -> dict[str, str]:
+        """Held-out task name -> the fitness task (group) it measures."""
+        train = list(self.train_ids)
+        mapping = {n: n for n in self.test_ids if n in train}
+        others = [n for n in self.test_ids if n not in train]
+        if len(others) == len(train):
+            mapping.update(zip(others, train))
+        return mapping
+
+    def held_out(self, params) -> tuple[float | None, dict[str, float] | None]:
+        """The mean over all held-out documents and, with groups, the mean per fitness task: one pass."""
+        if not self.test_keys:
+            return None, None
         if not self._bind(params):
-            return 0.0
-        return float(self._run(self.test_tasks, self.test_ids, self.test_keys).mean())
+            scores = np.zeros(len(self.test_keys), dtype=np.float32)
+        else:
+            scores = self._run(self.test_tasks, self.test_ids, self.test_keys)
+        by_group = None
+        if self.groups is not None:
+            group_of = self._test_group_of()
+            sums: dict[str, list[float]] = {}
+            for (name, _), value in zip(self.test_keys, scores):
+                if name in group_of:
+                    sums.setdefault(group_of[name], []).append(float(value))
+            by_group = {g: float(np.mean(v)) for g, v in sums.items()}
+        return float(scores.mean()), by_group
+
+    def test_score(self, params) -> float | None:
+        return self.held_out(params)[0]
+
+    def test_scores(self, params) -> dict[str, float] | None:
+        return self.held_out(params)[1]

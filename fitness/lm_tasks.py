@@ -7,7 +7,9 @@ The worker materialises every candidate straight into that buffer, so the model'
 place; other inputs (a numpy vector, in tests and tools) are copied into it.
 
 Per-datapoint scores are 1/0, which is what M2N2's niches are built from. Listing several data
-files (one per skill) makes the fitness cover all skills, datapoints in file order.
+files (one per skill) makes the fitness cover all skills, datapoints in file order. With
+`groups`, each data file (or each run of files given the same name) is a group: one objective of
+the Optuna study, and test scores per group from `test_data` listed in the same order.
 
 Non-finite candidates (NaN/inf anywhere in the weights) score 0 on every datapoint instead of
 raising: a wild merge is a bad candidate, not a failed evaluation.
@@ -20,10 +22,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from evomerge.tasks import TASKS, FitnessTask, check_indices
-from fitness.lm_data import Example, read_all, read_examples, resolve
+from fitness.lm_data import Example, read_examples, resolve
 from fitness.lm_scoring import (
     answer_likelihood_scores, exact_match_scores, load_causal_lm, load_tokenizer, normalize_answer, torch_threads,
 )
@@ -78,6 +80,32 @@ class LMModelOptions(BaseModel):
                                 "workers.num_cpus, or torch's own setting outside a worker")
 
 
+def _file_group_names(opts: LMTaskOptions) -> list[str]:
+    """The group each data file belongs to, in data order."""
+    if opts.groups is True:
+        names = [Path(path).stem for path in opts.data]
+        if len(set(names)) != len(names):
+            raise ValueError(f"groups: true names each group after its data file's stem, and {names} repeat; "
+                             "give the names as a list instead")
+        return names
+    if isinstance(opts.groups, list):
+        if len(opts.groups) != len(opts.data):
+            raise ValueError(f"groups: give one name per data file ({len(opts.data)}), got {len(opts.groups)}")
+        return list(opts.groups)
+    return []
+
+
+def _merge_runs(names: list[str], sizes: list[int]) -> list[tuple[str, int]]:
+    """Adjacent files with the same group name as one group of their summed size."""
+    groups: list[tuple[str, int]] = []
+    for name, size in zip(names, sizes):
+        if groups and groups[-1][0] == name:
+            groups[-1] = (name, groups[-1][1] + size)
+        else:
+            groups.append((name, size))
+    return groups
+
+
 class LMTaskOptions(LMModelOptions):
     data: list[str] = Field(min_length=1, description="training JSONL files; scores are per line, files in order")
     test_data: list[str] = Field(default_factory=list, description="held-out JSONL files for test_score")
@@ -89,6 +117,27 @@ class LMTaskOptions(LMModelOptions):
                                                    "template (instruct checkpoints)")
     limit: int | None = Field(None, ge=1, description="use only the first N lines of each file")
     include_eos: bool = Field(True, description="likelihood task: the answer must also be followed by EOS")
+    groups: bool | list[str] = Field(
+        False, description="one group (study objective) per data file: true names each after its file's stem; "
+                           "a list gives one name per data file, adjacent files with the same name forming one "
+                           "group. test_data, if any, must then list one file per data file, in the same order")
+
+    @model_validator(mode="after")
+    def _check_groups(self) -> "LMTaskOptions":
+        if self.groups is False:
+            return self
+        names = _file_group_names(self)
+        seen: set[str] = set()
+        for i, name in enumerate(names):
+            if not name:
+                raise ValueError("groups: a group name must not be empty")
+            if name in seen and names[i - 1] != name:
+                raise ValueError(f"groups: the files of group {name!r} must be adjacent in data")
+            seen.add(name)
+        if self.test_data and len(self.test_data) != len(self.data):
+            raise ValueError(f"groups: test_data must list one file per data file, in the same order "
+                             f"({len(self.data)} data files, {len(self.test_data)} test_data files)")
+        return self
 
 
 class BoundLMTask(FitnessTask):
@@ -119,6 +168,17 @@ class BoundLMTask(FitnessTask):
             self._layout = context.layout
         if self.model_dir is None and context.seeds:
             self.model_dir = resolve(context.seeds[0], kind="dir")
+
+    @classmethod
+    def preflight(cls, options: dict[str, Any], context) -> None:
+        """The seeds' names and shapes against the architecture, on a meta-device model."""
+        from fitness.lm_binding import check_binding
+
+        opts = cls.Options.model_validate(options or {})
+        folder = opts.model or (context.seeds[0] if context.seeds else None)
+        if folder is None or context.layout is None:
+            return
+        check_binding(resolve(folder, kind="dir"), context.layout, opts.trust_remote_code)
 
     @property
     def source(self) -> Path:
@@ -239,8 +299,14 @@ class _LMTask(BoundLMTask):
     def __init__(self, options: dict[str, Any] | BaseModel | None = None, seed: int = 0) -> None:
         super().__init__(options, seed=seed)
         opts: LMTaskOptions = self.options  # type: ignore[assignment]
-        self.train_examples = read_all(opts.data, opts.limit)
-        self.test_examples = read_all(opts.test_data, opts.limit) if opts.test_data else []
+        train_files = [read_examples(path, opts.limit) for path in opts.data]
+        test_files = [read_examples(path, opts.limit) for path in opts.test_data]
+        self.train_examples = [row for rows in train_files for row in rows]
+        self.test_examples = [row for rows in test_files for row in rows]
+        names = _file_group_names(opts)
+        self._groups = _merge_runs(names, [len(rows) for rows in train_files]) if names else None
+        self._test_groups = (_merge_runs(names, [len(rows) for rows in test_files])
+                             if names and test_files else None)
 
     @property
     def num_datapoints(self) -> int:
@@ -257,14 +323,33 @@ class _LMTask(BoundLMTask):
         with torch_threads(self._threads()):
             return self._scores(examples)
 
-    def test_score(self, params) -> float | None:
+    @property
+    def groups(self) -> list[tuple[str, int]] | None:
+        """With `groups`: (name, training datapoints) per group, in data order."""
+        return self._groups
+
+    def held_out(self, params) -> tuple[float | None, dict[str, float] | None]:
+        """The mean over all test data and, with `groups`, per group: one pass over test_data."""
         if not self.test_examples:
-            return None
+            return None, None
         if not self._bind(params):
-            self._nonfinite(len(self.test_examples))
-            return 0.0
-        with torch_threads(self._threads()):
-            return float(self._scores(self.test_examples).mean())
+            scores = self._nonfinite(len(self.test_examples))
+        else:
+            with torch_threads(self._threads()):
+                scores = np.asarray(self._scores(self.test_examples))
+        by_group = None
+        if self._test_groups is not None:
+            by_group, start = {}, 0
+            for name, size in self._test_groups:
+                by_group[name] = float(scores[start:start + size].mean())
+                start += size
+        return float(scores.mean()), by_group
+
+    def test_score(self, params) -> float | None:
+        return self.held_out(params)[0]
+
+    def test_scores(self, params) -> dict[str, float] | None:
+        return self.held_out(params)[1]
 
     def _nonfinite(self, n: int) -> np.ndarray:
         return np.zeros(n, dtype=np.float32)

@@ -340,3 +340,68 @@ def test_dam_on_tiny_llamas(tmp_path):
     final = candidates[-1].genome
     assert final.dtype == np.float32 and final.shape == (task.dimension,) and np.isfinite(final).all()
     assert task.evaluate(final).shape == (5,)
+
+
+# ---- the seeds' dtype: no float32 copies of the seeds -----------------------------------------------
+
+def test_trainable_combine_saves_the_seeds_themselves_and_matches_autograd():
+    """bf16 seeds: same forward bits and gradient as autograd through `combine`, which saves a
+    float32 upcast of every seed; combine_trainable saves only views of the seeds."""
+    from evomerge.genomes.columns import combine, combine_trainable
+
+    rng = np.random.default_rng(4)
+    group = ColumnGroup("W", 0, (3, 4), 1)
+    seeds = [torch.from_numpy(rng.normal(size=(3, 4)).astype(np.float32)).to(torch.bfloat16) for _ in range(2)]
+    coeffs = torch.tensor(rng.normal(size=(2, 4)), dtype=torch.float32, requires_grad=True)
+    upstream = torch.from_numpy(rng.normal(size=(3, 4)).astype(np.float32))
+
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = combine_trainable(group, coeffs, seeds)
+    out.backward(upstream)
+    got = coeffs.grad.clone()
+    assert {t.data_ptr() for t in saved} == {s.data_ptr() for s in seeds}
+    assert all(t.dtype == torch.bfloat16 for t in saved)
+
+    coeffs.grad = None
+    plain_saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: plain_saved.append(t) or t, lambda t: t):
+        ref = combine(group, coeffs, seeds)
+    ref.backward(upstream)
+    assert torch.equal(out, ref)
+    assert torch.equal(got, coeffs.grad)
+    assert any(t.dtype == torch.float32 and t.shape == (3, 4) for t in plain_saved)  # what it avoids
+    # by hand: d/dc_k[col] = sum over rows of upstream * seed_k
+    by_hand = torch.stack([(upstream * s.float()).sum(0) for s in seeds])
+    torch.testing.assert_close(got, by_hand, rtol=0, atol=1e-6)
+
+
+def test_dam_on_bf16_llama_seeds_trains_in_bf16(tmp_path):
+    """bf16 checkpoint seeds: the merged weights DAM runs are bf16 (the seeds' dtype), and the
+    seeds it trains against are the basis' own bf16 views, not float32 copies."""
+    lm_tasks = pytest.importorskip("fitness.lm_tasks")
+    from evomerge.engine.basis_spec import checkpoint_basis
+    from evomerge.fixtures.synthetic_llama import make_synthetic_llama
+
+    made = make_synthetic_llama(tmp_path / "llama", params="3M", experts=2, dtype="bfloat16", shard_size="2MB")
+    seeds = [str(made["expert_1"]), str(made["expert_2"])]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i} + {i} =", "answer": f" {2 * i}"}) + "\n" for i in range(3)))
+    task = lm_tasks.LMAnswerLikelihoodTask({"data": [str(data), str(data)]})
+    basis = checkpoint_basis(seeds, allow_pickle=False)
+    from evomerge.engine.basis_spec import seeds_layout
+    from evomerge.tasks import TaskContext
+
+    task.attach(TaskContext(seeds=seeds, layout=seeds_layout(seeds), num_cpus=1, num_gpus=0, role="population"))
+    problem = Problem(dimension=task.dimension, num_datapoints=task.num_datapoints,
+                      space=RecipeSpace(basis.prefix_gram(max_boundaries=8)))
+    problem.task, problem.basis = task, basis
+    dam = DAM({"steps": 2, "eval_every": 1, "batch_size": None, "lr": 0.01}, problem, seed=0)
+    assert task.dtype == torch.bfloat16 and dam.model.weight_dtype == torch.bfloat16
+    assert all(w.dtype == torch.bfloat16 for weights in dam.seed_weights for w in weights.values())
+    merged = dam.merged_weights(dam.coeffs)
+    assert all(t.dtype == torch.bfloat16 for t in merged.values())
+    loss = dam.loss(dam.coeffs, 0)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert dam.coeffs.grad is not None and torch.isfinite(dam.coeffs.grad).all() and dam.coeffs.grad.abs().sum() > 0

@@ -270,12 +270,35 @@ def test_non_floating_tensors_come_from_the_first_seed(seeds, tmp_path, monkeypa
     assert got.dtype == torch.int64 and torch.equal(got, torch.arange(5))
 
 
-def test_export_progress_bar_counts_merge_and_write(exported, tmp_path, monkeypatch, capsys):
-    run, _, _ = exported
+def test_a_recipe_exports_one_tensor_at_a_time(seeds, exported, tmp_path, monkeypatch, capsys):
+    """No model-sized buffer: each tensor is merged when the writer reaches it (the whole merge's
+    bits), and the progress bar counts the bytes written."""
+    from evomerge.genomes.basis import Basis
+
+    run, _, recipe = exported
     _no_task(monkeypatch)
+    whole = _expected([seeds["expert_1"], seeds["expert_2"]], recipe, None)  # one whole materialise
+    made: list[int] = []
+    original_empty = torch.empty
+
+    def empty(*size, **kwargs):
+        t = original_empty(*size, **kwargs)
+        made.append(t.numel())
+        return t
+
+    def no_buffer(self, *args, **kwargs):
+        raise AssertionError("a model-sized buffer was allocated")
+
+    monkeypatch.setattr(Basis, "new_buffer", no_buffer)
+    monkeypatch.setattr(torch, "empty", empty)
     export_best(run, tmp_path / "out", progress=True)
+    monkeypatch.undo()
     err = capsys.readouterr().err
-    assert "export: merging" in err and "export: writing" in err
+    assert "export" in err
+    weights = _weights(tmp_path / "out")
+    largest = max(t.numel() for t in weights.values())
+    assert made and max(made) <= largest < sum(t.numel() for t in weights.values()) / 4
+    assert weights.keys() == whole.keys() and all(torch.equal(weights[n], whole[n]) for n in whole)
 
 
 def test_layerwise_ties_genome_exports_what_it_materialises(seeds, tmp_path, monkeypatch):

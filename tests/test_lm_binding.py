@@ -259,3 +259,32 @@ def test_cpu_threads_default_to_the_workers_num_cpus(made):
     outside.attach(TaskContext(seeds=seeds, layout=layout))
     outside.candidate_buffer()
     assert outside._threads() is None  # torch's own setting outside a worker
+
+
+def test_the_driver_refuses_a_mismatched_model_before_any_worker_starts(made, tmp_path, ray_session, monkeypatch):
+    """The pre-flight builds the architecture on the meta device (no bytes, no skeleton) and
+    refuses the search with both shapes; no worker is started."""
+    from evomerge.config import config_from_dict
+    from evomerge.engine import search as search_module
+    from evomerge.engine.basis_spec import preflight_task
+    from evomerge.errors import ConfigError
+
+    cfg = json.loads((made["base"] / "config.json").read_text())
+    other = _edited_config(made, tmp_path, intermediate_size=cfg["intermediate_size"] + 8)
+    spec = {"name": "pre", "seed": 0, "seeds": [str(made["expert_1"]), str(made["expert_2"])],
+            "fitness": {"task": "lm_answer_likelihood", "options": {"data": [str(made["data"])], "model": str(other)}},
+            "budget": {"evaluations": 2}, "workers": {"count": 1}}
+    builds = lm_binding.SKELETON_BUILDS
+    with pytest.raises(ConfigError, match=rf"fitness.*{cfg['intermediate_size']}.*{cfg['intermediate_size'] + 8}"):
+        preflight_task(config_from_dict(spec))
+    assert lm_binding.SKELETON_BUILDS == builds
+    preflight_task(config_from_dict({**spec, "fitness": {"task": "lm_answer_likelihood",
+                                                         "options": {"data": [str(made["data"])]}}}))  # fits
+
+    def no_workers(*args, **kwargs):
+        raise AssertionError("a worker was started")
+
+    monkeypatch.setattr(search_module, "start_workers", no_workers)
+    with pytest.raises(ConfigError, match="does not fit the seeds"):
+        search_module.run_search(config_from_dict(spec), search_module.SearchOptions(out_dir=tmp_path / "run",
+                                                                                     progress=False))

@@ -116,6 +116,22 @@ def test_order_samples_and_the_chosen_filter(tiny):
     assert again.train_keys == task.train_keys  # the same on every worker and on resume
 
 
+def test_one_group_per_task_with_held_out_scores_per_task(tiny):
+    """Several tasks: one objective each; test_tasks that expand to as many tasks score them in order."""
+    task = build_task("lm_eval", _options(tiny, tasks=["tiny_skills_ll"], test_tasks=["tiny_skills_ll_test"],
+                                          limit=6))
+    assert task.groups == [("tiny_add_ll", 6), ("tiny_rev_ll", 6)]
+    folder = tiny / "models" / "expert_add"
+    mean, by_group = task.held_out(flat_params_of(folder))
+    ref = _reference(tiny, folder, ["tiny_skills_ll_test"], limit=6)
+    expected = {"tiny_add_ll": np.mean(_per_sample(ref, "tiny_add_ll_test", "acc", "none")),
+                "tiny_rev_ll": np.mean(_per_sample(ref, "tiny_rev_ll_test", "acc", "none"))}
+    assert by_group == pytest.approx(expected)
+    assert mean == pytest.approx(np.mean(list(expected.values())))
+    assert build_task("lm_eval", _options(tiny, tasks=["tiny_add_mc"], limit=6)).groups is None  # one task
+    assert build_task("lm_eval", _options(tiny, tasks=["tiny_skills_ll"], limit=6, groups=False)).groups is None
+
+
 def test_held_out_docs_in_the_fitness_set_are_refused(tiny):
     with pytest.raises(ConfigError, match=r"1 fitness document.*tiny_add_gen doc 2"):
         build_task("lm_eval", _options(tiny, tasks=["tiny_add_gen"], samples={"tiny_add_gen": [0, 1, 2]},
@@ -216,6 +232,13 @@ def test_search_on_ray_and_the_lm_eval_cli_agree(ray_session, tiny, tmp_path):
     cli = [report["tiny_add_mc"]["acc,none"], report["tiny_add_gen"]["exact_match,strict"],
            report["tiny_rev_gen"]["exact_match,strict"]]
     assert float(np.mean(cli)) == pytest.approx(best["train_score"])  # 8 docs each: the plain mean
+    # one objective per task: the study's values are the per-task means lm-eval reports
+    assert best["train_scores"] == pytest.approx(dict(zip(["tiny_add_mc", "tiny_add_gen", "tiny_rev_gen"], cli)))
+    import optuna
+
+    study = optuna.load_study(study_name=None, storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(out / "optuna.journal"))))
+    assert study.metric_names == ["tiny_add_mc", "tiny_add_gen", "tiny_rev_gen"]
 
 
 def test_shipped_population_validates_and_counts_its_documents_without_a_model(tiny):

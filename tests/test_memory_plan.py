@@ -68,8 +68,11 @@ def test_without_a_dtype_option_the_buffer_is_float32(tmp_path):
     assert plan.num_elements == 3
     # worker: float32 buffer + 3 bf16 elements
     assert plan.worker.host == F_F32 + 3 * F_BF16 == 15_000_000
-    # population: 3 elements + DAM's bound model, float32 copies of 2 bf16 seeds and its merge
-    assert plan.population.host == 3 * F_BF16 + F_F32 + 2 * F_F32 + F_F32 == 33_000_000
+    # population: 3 elements + DAM's bound model and its merge in the run dtype (no float32 seed copies)
+    assert plan.population.host == 3 * F_BF16 + 2 * F_F32 == 21_000_000
+    assert plan.dam
+    with pytest.raises(ConfigError, match="DAM strategy or guide"):
+        check(plan, free_host_bytes=plan.host_total - 1, gpu_bytes=None)
 
 
 def test_host_refusal_names_the_options(tmp_path):

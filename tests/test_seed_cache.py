@@ -120,3 +120,41 @@ def test_a_resumed_search_reads_the_cached_gram_and_checks_nothing_again(ray_ses
     assert lm_binding.SKELETON_BUILDS == builds  # and the driver built no model, exporting included
     assert more["best"]["train_score"] == straight["best"]["train_score"]
     assert more["best"]["member_id"] == straight["best"]["member_id"]
+
+
+def _bf16_pieces_basis():
+    from evomerge.genomes.basis import Basis, Piece
+
+    rng = np.random.default_rng(7)
+    seeds = [torch.from_numpy(rng.normal(size=1000).astype(np.float32)).to(torch.bfloat16) for _ in range(3)]
+    cuts = [0, 130, 611, 1000]  # three pieces, as three tensors of a checkpoint
+    return Basis([Piece(a, b, [s[a:b] for s in seeds]) for a, b in zip(cuts, cuts[1:])], 1000, 3), seeds
+
+
+def test_prefix_gram_on_a_device_agrees_with_the_host_path():
+    """The device path (here run with the CPU as the device) gives the host path's numbers to
+    float64 rounding, and the first prefix entry past a piece start is that piece's own Gram."""
+    basis, seeds = _bf16_pieces_basis()
+    host = basis.prefix_gram(max_boundaries=16)
+    dev = basis.prefix_gram(max_boundaries=16, device="cpu")
+    np.testing.assert_array_equal(dev.grid, host.grid)
+    np.testing.assert_allclose(dev.prefix, host.prefix, rtol=1e-12, atol=1e-9)
+    full = torch.stack([s.double() for s in seeds])
+    np.testing.assert_allclose(dev.prefix[-1], (full @ full.T).numpy(), rtol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_prefix_gram_on_cuda_agrees_with_the_host_path():
+    basis, _ = _bf16_pieces_basis()
+    np.testing.assert_allclose(basis.prefix_gram(16, device="cuda").prefix, basis.prefix_gram(16).prefix,
+                               rtol=1e-12, atol=1e-9)
+
+
+def test_gram_device_is_the_host_without_gpu_workers(tmp_path):
+    from types import SimpleNamespace
+
+    from evomerge.engine.seed_cache import gram_device
+
+    assert gram_device(SimpleNamespace(workers=SimpleNamespace(num_gpus=0))) is None
+    expected = "cuda" if torch.cuda.is_available() else None
+    assert gram_device(SimpleNamespace(workers=SimpleNamespace(num_gpus=1))) == expected

@@ -17,7 +17,7 @@ from evomerge.engine.basis_spec import build_basis, genome_kind, task_context
 from evomerge.errors import ConfigError
 from evomerge.genomes.recipe import PrefixGram
 from evomerge.genomes.spaces import RecipeSpace
-from evomerge.tasks import build_task
+from evomerge.tasks import build_task, check_groups
 
 
 def build_problem(config: SearchConfig, gram: PrefixGram | None = None, seeds_checked: bool = False) -> Problem:
@@ -28,6 +28,14 @@ def build_problem(config: SearchConfig, gram: PrefixGram | None = None, seeds_ch
     task = build_task(config.fitness.task, config.fitness.options, seed=config.seed)
     basis = build_basis(config, task, check_finite=not seeds_checked)
     task.attach(task_context(config, basis, "population"))
+    try:
+        groups = check_groups(task.groups, task.num_datapoints)
+    except ValueError as exc:
+        raise ConfigError(f"fitness task {config.fitness.task!r}: {exc}") from None
+    if groups is not None and config.fitness.subsample is not None:
+        raise ConfigError(f"field `fitness.subsample`: fitness task {config.fitness.task!r} has groups (one objective "
+                          "per skill), and a child scored on a subset has no mean for every group; remove "
+                          "fitness.subsample, or the task's groups")
     if basis is not None and basis.size != task.dimension:
         raise ConfigError(f"the seeds have {basis.size} parameters but fitness task {config.fitness.task!r} "
                           f"reads {task.dimension}; point the task at the same architecture as the seeds")
@@ -41,6 +49,7 @@ def build_problem(config: SearchConfig, gram: PrefixGram | None = None, seeds_ch
         initial = [] if basis is None else [basis.values(0, basis.size)[k].astype(np.float32)
                                             for k in range(basis.num_seeds)]
         problem = Problem(dimension=task.dimension, num_datapoints=task.num_datapoints, initial=initial)
+    problem.groups = groups
     problem.task, problem.basis = task, basis  # DAM trains against the task's forward and the seeds
     problem.subsample = config.fitness.subsample
     return problem
@@ -96,13 +105,18 @@ class PopulationActor:
     def status(self) -> dict[str, Any]:
         return self.population.status()
 
+    def groups(self) -> list[tuple[str, int]] | None:
+        """The task's groups (one objective each in the study), or None."""
+        return self.population.groups
+
     def best(self) -> dict[str, Any] | None:
         best = self.population.best
         if best is None:
             return None
         return {"member_id": best.member_id, "train_score": best.train_score, "test_score": best.test_score,
                 "generation": best.generation, "parents": best.parents,
-                "genome": self.population.strategy.problem.space.realise(best.genome), "elements": self.population.basis_elements}
+                "genome": self.population.strategy.problem.space.realise(best.genome),
+                "elements": self.population.basis_elements, **self.population.best_groups()}
 
 
 RemotePopulation = ray.remote(num_cpus=0)(PopulationActor)

@@ -61,3 +61,18 @@ def task_context(config: SearchConfig, basis: Basis | None, role: str) -> TaskCo
         layout = seeds_layout(list(seeds), config.allow_pickle)
     return TaskContext(seeds=seeds, layout=layout, num_cpus=config.workers.num_cpus,
                        num_gpus=config.workers.num_gpus if role == "worker" else 0.0, role=role)
+
+
+def preflight_task(config: SearchConfig) -> None:
+    """The fitness task's own check against the seeds (names and shapes), in the driver, before
+    any worker starts; its reason comes back as a ConfigError naming fitness.options.model."""
+    from evomerge.errors import ConfigError
+    from evomerge.tasks import TASKS
+
+    if not isinstance(config.seeds, list) or not config.seeds:
+        return
+    cls = TASKS.get(config.fitness.task)
+    try:
+        cls.preflight(dict(config.fitness.options or {}), task_context(config, None, "driver"))
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        raise ConfigError(f"fitness: the model does not fit the seeds: {exc}") from None

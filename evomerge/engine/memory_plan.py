@@ -14,8 +14,9 @@ Where the model bytes live (evomerge/engine/worker.py, actors.py, genomes/spaces
   runs after the workers are gone).
 * population actor: no model bytes for M2N2 over recipes (the LM task it builds to learn sizes
   is a weightless skeleton until bound); one buffer per guide element (RecipeSpace.add_element
-  materialises each); for DAM (standalone or as guide) the task's bound model F, float32 copies
-  of the seeds when they are not float32, and one float32 merge.
+  materialises each); for DAM (standalone or as guide) the task's bound model F and one merge in
+  the run dtype (kept for backward); the seeds stay views in their own dtype and each group's
+  float32 sum is transient (columns.combine_trainable). DAM trains there, on the actor's CPU.
 * worker on CPU: the merge buffer F (the task's bound buffer), one buffer per guide element (each
   worker rebuilds them) and ACTIVATION_ALLOWANCE for scoring activations.
 * worker on GPU: on the device the buffer F, activations, and with `seeds_on: device` the K seeds;
@@ -111,6 +112,7 @@ class MemoryPlan:
     processes: list[ProcessMemory]
     page_cache_bytes: int  # the seeds, once per node
     dtype_option: bool  # the task has a `dtype` option to suggest
+    dam: bool = False  # DAM (strategy or guide) trains in the population actor
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -217,10 +219,8 @@ def plan_memory(config: Any, sizes: ModelSizes, *, gpu_bytes: int | None = None,
     if num_elements:
         pop.parts.append(Part(f"{num_elements} guide elements", host=num_elements * seed_dtype_bytes))
     if config.strategy.name == "dam" or guide_from == "dam":
-        copies = 0 if sizes.seeds_dtype == "float32" else k * f32
-        # DAM trains against the task's model (its bound buffer, F), float32 copies of the seeds
-        # it trains against when they are not float32 already, and one float32 merge per step.
-        pop.parts.append(Part("DAM: task model, float32 seeds + merge", host=f + copies + f32))
+        # DAM trains against the task's model (its bound buffer, F) with one merge in the run dtype.
+        pop.parts.append(Part("DAM: task model + merge", host=2 * f))
     if dense:
         pop.parts.append(Part("seeds as dense float32 members", host=k * f32))
         notes.append("dense genomes over checkpoint seeds: every archive member is a float32 model "
@@ -267,7 +267,7 @@ def plan_memory(config: Any, sizes: ModelSizes, *, gpu_bytes: int | None = None,
         element_bytes=seed_dtype_bytes, num_elements=num_elements, workers=spec.count, on_gpu=on_gpu,
         seeds_on=seeds_on, workers_per_gpu=per_gpu, num_gpus=spec.num_gpus, local=local,
         processes=[driver, pop, worker], page_cache_bytes=k * sizes.seed_bytes if sizes.mapped else 0,
-        dtype_option=dtype_option, notes=notes)
+        dtype_option=dtype_option, dam=config.strategy.name == "dam" or guide_from == "dam", notes=notes)
 
 
 def _size(b: float) -> str:
@@ -292,6 +292,10 @@ def check(plan: MemoryPlan, free_host_bytes: int | None, gpu_bytes: int | None) 
     if plan.num_elements:
         cheaper.append(f"`strategy.options.guide.max_elements` ({plan.num_elements} now; each element is "
                        f"{_gb(plan.element_bytes)} in every worker and the population actor)")
+    if plan.dam:
+        cheaper.append(f"the DAM strategy or guide (it trains in the population actor, which then holds "
+                       f"{_gb(2 * plan.model_bytes)}: the task's model and a merge; `strategy: m2n2` or a "
+                       "`guide.from: cmaes` hold none)")
     off = "or set `workers.memory_check: false` to start anyway"
     if free_host_bytes is not None:
         need = plan.host_total if plan.local else max(p.host for p in plan.processes)

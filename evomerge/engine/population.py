@@ -35,6 +35,10 @@ class EvalRecord:
     indices: str | None = None  # which, as subsets.encode_indices' bitmask text; None: all of them
     topup_of: int | None = None  # a top-up: the rest of the set for this member
     partial: bool = False  # train_score is a mean over part of the set only (never a best)
+    # A task with groups: the mean train score per group (the study's objectives, in group
+    # order) and the held-out score per group; None otherwise and on failed evaluations.
+    train_scores: dict[str, float] | None = None
+    test_scores: dict[str, float] | None = None
 
     @property
     def failed(self) -> bool:
@@ -49,6 +53,26 @@ class BestMember:
     genome: Any = field(repr=False)
     generation: int
     parents: list[int]
+    train_scores: dict[str, float] | None = None  # per group, for a task with groups
+    test_scores: dict[str, float] | None = None
+
+
+def group_means(scores: np.ndarray, groups: list[tuple[str, int]]) -> dict[str, float]:
+    """The mean score of each group's contiguous run of datapoints, in group order."""
+    means: dict[str, float] = {}
+    start = 0
+    for name, size in groups:
+        means[name] = float(np.mean(scores[start:start + size]))
+        start += size
+    return means
+
+
+def finite_scores(scores: dict[str, Any] | None) -> dict[str, float] | None:
+    """Per-group held-out scores without the ones that are missing or not finite."""
+    if scores is None:
+        return None
+    kept = {str(k): float(v) for k, v in scores.items() if v is not None and math.isfinite(float(v))}
+    return kept
 
 
 def check_scores(scores: np.ndarray | None, num_datapoints: int) -> str | None:
@@ -99,6 +123,7 @@ class Population:
         self._asked_at: dict[int, int] = {}
         self.staleness_total = 0
         self.staleness_count = 0
+        self.groups = getattr(strategy.problem, "groups", None)  # the task's skills, or None
 
     @property
     def done(self) -> bool:
@@ -202,10 +227,14 @@ class Population:
         # Only a mean over the whole set can be the best: a subset's mean is a noisy estimate, and
         # the highest of many noisy estimates is biased upward.
         whole = candidate.indices is None or self.completes(candidate)
+        train_groups = test_groups = None
+        if self.groups is not None and train is not None:  # subsampling refuses tasks with groups
+            train_groups = group_means(evaluation.scores, self.groups)
+            test_groups = finite_scores(evaluation.test_scores)
         if whole and train is not None and (self.best is None or train > self.best.train_score):
             member = candidate.member_id if candidate.topup_of is None else candidate.topup_of  # the child itself
             self.best = BestMember(member, train, test, candidate.genome,
-                                   candidate.generation, list(candidate.parents))
+                                   candidate.generation, list(candidate.parents), train_groups, test_groups)
         curve_of = getattr(self.strategy, "intermediate_values", None)
         intermediate = curve_of(candidate) if curve_of is not None and train is not None else None
         record = EvalRecord(
@@ -217,6 +246,7 @@ class Population:
             best_test=self.best.test_score if self.best else None, intermediate=intermediate,
             datapoints=cost, topup_of=candidate.topup_of, partial=not whole,
             indices=None if candidate.indices is None else encode_indices(candidate.indices, n),
+            train_scores=train_groups, test_scores=test_groups,
         )
         self.told += 1
         return record
@@ -227,14 +257,22 @@ class Population:
         return list(getattr(self.strategy.problem.space, "extensions", []))
 
     def status(self) -> dict[str, Any]:
+        best = None
+        if self.best is not None:
+            best = {"member_id": self.best.member_id, "train_score": self.best.train_score,
+                    "test_score": self.best.test_score, **self.best_groups()}
         return {
             "evaluations": self.told, "issued": self.issued, "failed": self.failed, "budget": self.budget,
             "datapoints": self.told_datapoints, "datapoint_budget": self.datapoint_budget,
-            "best": None if self.best is None else {
-                "member_id": self.best.member_id, "train_score": self.best.train_score,
-                "test_score": self.best.test_score},
-            "archive": self.strategy.archive_summary(),
+            "best": best, "archive": self.strategy.archive_summary(),
         }
+
+    def best_groups(self) -> dict[str, Any]:
+        """The best member's per-group scores, as keys only a search with groups has."""
+        if self.best is None or self.best.train_scores is None:
+            return {}
+        return {"train_scores": dict(self.best.train_scores),
+                "test_scores": None if self.best.test_scores is None else dict(self.best.test_scores)}
 
     # -- snapshots -----------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -252,7 +290,7 @@ class Population:
         if self.best is not None:
             best = {"member_id": self.best.member_id, "train_score": self.best.train_score,
                     "test_score": self.best.test_score, "generation": self.best.generation,
-                    "parents": list(self.best.parents)}
+                    "parents": list(self.best.parents), **self.best_groups()}
             arrays.update(space.pack([self.best.genome], "best"))
         if self._held is not None:  # asked of the strategy but never issued: kept for a larger budget
             held = self._held
@@ -288,7 +326,8 @@ class Population:
         if meta.get("best"):
             b = meta["best"]
             self.best = BestMember(int(b["member_id"]), float(b["train_score"]), b["test_score"],
-                                   space.unpack(arrays, "best")[0], int(b["generation"]), list(b["parents"]))
+                                   space.unpack(arrays, "best")[0], int(b["generation"]), list(b["parents"]),
+                                   b.get("train_scores"), b.get("test_scores"))
         self.inflight = {}
         genomes = space.unpack(arrays, "inflight") if meta["inflight"] else []
         for item, genome in zip(meta["inflight"], genomes):

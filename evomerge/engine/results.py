@@ -20,6 +20,16 @@ from evomerge.genomes.recipe import Recipe, pack_recipes
 from evomerge.tracking.plots import ARTIFACT_DIR_NAME, attach_plots, plot_coverage, plot_progress
 
 BEST_KEYS = ("member_id", "train_score", "test_score", "generation", "parents")
+GROUP_KEYS = ("train_scores", "test_scores")  # per group, only for a task with groups
+
+
+def best_meta(best: dict[str, Any]) -> dict[str, Any]:
+    """The best member as summary.json and best.json give it: the per-group scores only where
+    the task has groups, so a search without them writes what it always wrote."""
+    meta = {k: best[k] for k in BEST_KEYS}
+    if best.get("train_scores") is not None:
+        meta.update({k: best.get(k) for k in GROUP_KEYS})
+    return meta
 
 
 def finish_run(config: SearchConfig, out_dir: Path, study: optuna.Study, state: tuple[dict, dict],
@@ -31,7 +41,7 @@ def finish_run(config: SearchConfig, out_dir: Path, study: optuna.Study, state: 
         "datapoints": int(state[0].get("datapoints", (0, 0))[1]), "datapoint_budget": config.budget.datapoints,
         # The strategy ran out of new candidates (DAM trained, static merges scored) before the budget.
         "finished_early": evaluations < config.budget.max_evaluations and config.budget.datapoints is None,
-        "best": None if best is None else {k: best[k] for k in BEST_KEYS},
+        "best": None if best is None else best_meta(best),
         "wall_seconds": round(wall_seconds, 3),
         "evals_per_second": round(evaluations / wall_seconds, 2) if wall_seconds > 0 else None,
         "steady_evals_per_second": None if steady_rate is None else round(steady_rate, 2),
@@ -65,7 +75,7 @@ def _rounded(value: float | None, digits: int) -> float | None:
 def write_best(out_dir: Path, best: dict[str, Any], config: SearchConfig) -> None:
     """Dense members are saved as their parameters; recipes as the recipe (a few KB), which
     `evomerge export` materialises against the seeds."""
-    meta = {k: best[k] for k in BEST_KEYS}
+    meta = best_meta(best)
     genome = best["genome"]
     if isinstance(genome, Recipe):
         elements = list(best.get("elements") or [])

@@ -22,12 +22,13 @@ from evomerge import snapshots
 from evomerge.config import MISSING, SearchConfig, config_from_dict, field_default_json, submodel
 from evomerge.engine import memory_plan, raysession
 from evomerge.engine.actors import RemotePopulation, start_workers
+from evomerge.engine.basis_spec import preflight_task
 from evomerge.engine.seed_cache import prepare_seeds
 from evomerge.engine.population import EvalRecord
 from evomerge.engine.interrupts import Interrupted, InterruptGuard
 from evomerge.engine.results import finish_run
 from evomerge.errors import EvomergeError
-from evomerge.tracking.recorder import TrialRecorder
+from evomerge.tracking.recorder import TrialRecorder, refuse_existing_study
 from evomerge.tracking.storage import JOURNAL_NAME, open_storage, storage_url
 
 RUN_FILES = ("summary.json", "best.json", "best.safetensors", "config.json", JOURNAL_NAME)
@@ -134,6 +135,7 @@ def _execute(config: SearchConfig, options: SearchOptions, restore: _Restore | N
     started_ray = raysession.connect(config, options.address)
     try:  # before any worker starts: a search that cannot fit stops here, naming the option
         memory_plan.check_before_start(config, local=_single_node())
+        preflight_task(config)  # a model whose names or shapes differ from the seeds' stops here
         # One pass over the seeds (finite check, prefix Gram), or none when the run folder has it.
         gram, checked = prepare_seeds(config, out_dir)
     except BaseException:
@@ -144,12 +146,23 @@ def _execute(config: SearchConfig, options: SearchOptions, restore: _Restore | N
     study_name = config.optuna.study_name or config.name
     storage = open_storage(url)
     if restore is None:
-        recorder = TrialRecorder(storage, study_name, study_attrs={
-            "config_hash": config.hash(), "strategy": config.strategy.name, "fitness": config.fitness.task})
-    else:
-        recorder = TrialRecorder(storage, study_name, create=False)
+        refuse_existing_study(storage, study_name)  # before any actor starts
     workers = start_workers(config, seeds_checked=checked)
     population = RemotePopulation.remote(config.model_dump(mode="json"), workers, gram, checked)
+    try:
+        # The study has one objective per group of the task's datapoints (None: one objective).
+        groups = ray.get(population.groups.remote())
+        if restore is None:
+            recorder = TrialRecorder(storage, study_name, groups=groups, study_attrs={
+                "config_hash": config.hash(), "strategy": config.strategy.name, "fitness": config.fitness.task})
+        else:
+            recorder = TrialRecorder(storage, study_name, create=False, groups=groups)
+    except BaseException:
+        for actor in [population, *workers]:
+            ray.kill(actor)
+        if started_ray:
+            ray.shutdown()
+        raise
     previous_seconds = 0.0
     if restore is not None:
         ray.get(population.load_state_dict.remote(restore.meta["population"], restore.arrays))

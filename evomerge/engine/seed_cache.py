@@ -82,8 +82,19 @@ def check_seeds_once(paths: list[str], run_dir: Path, allow_pickle: bool = False
     return True
 
 
+def gram_device(config: Any) -> str | None:
+    """Where the driver computes the prefix Gram: a GPU when the search's workers use GPUs and this
+    process sees one (a GPU node's driver), else the host."""
+    if config.workers.num_gpus <= 0:
+        return None
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else None
+
+
 def cached_prefix_gram(basis: Any, paths: list[str], max_boundaries: int, run_dir: Path,
-                       allow_pickle: bool = False, fingerprint: str | None = None) -> tuple[PrefixGram, bool]:
+                       allow_pickle: bool = False, fingerprint: str | None = None,
+                       device: str | None = None) -> tuple[PrefixGram, bool]:
     """The seeds' prefix Gram from `run_dir`'s cache when it matches, else computed and cached.
 
     Returns (gram, computed). A cache that is unreadable or for other seeds or another grid is
@@ -103,8 +114,9 @@ def cached_prefix_gram(basis: Any, paths: list[str], max_boundaries: int, run_di
                     return PrefixGram(f.get_tensor("grid"), f.get_tensor("prefix")), False
         except (SafetensorError, OSError, ValueError) as exc:
             print(f"warning: {path} is unreadable ({exc}); computing the prefix Gram again", file=sys.stderr)
-    print(f"computing the seeds' prefix Gram (once per run folder, cached in {path.name})", file=sys.stderr)
-    gram = basis.prefix_gram(max_boundaries)
+    where = f" on {device}" if device else ""
+    print(f"computing the seeds' prefix Gram{where} (once per run folder, cached in {path.name})", file=sys.stderr)
+    gram = basis.prefix_gram(max_boundaries, device=device)
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_atomic(path, save({"grid": np.ascontiguousarray(gram.grid), "prefix": np.ascontiguousarray(gram.prefix)},
                              metadata=key))
@@ -128,7 +140,7 @@ def prepare_seeds(config: Any, run_dir: Path) -> tuple[PrefixGram | None, bool]:
     basis = checkpoint_basis(paths, allow_pickle=config.allow_pickle, check_finite=False)
     try:
         gram, _ = cached_prefix_gram(basis, paths, config.genome.max_boundaries, run_dir, config.allow_pickle,
-                                     fingerprint)
+                                     fingerprint, device=gram_device(config))
     finally:
         for ckpt in getattr(basis, "checkpoints", []):
             ckpt.close()

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from evomerge.config import SearchConfig
+from evomerge.engine.population import finite_scores
 from evomerge.engine.basis_spec import build_basis, genome_kind, task_context
 from evomerge.engine.timeouts import Alarm, EvaluationTimeout
 from evomerge.genomes.columns import ColumnGenome
@@ -159,8 +160,9 @@ class FitnessWorker:
                     mean = (job[1] + float(scores.sum(dtype=np.float64))) / self.task.num_datapoints
                 # a subset-only child is never tested, even with test_every: all (it is never the best)
                 if whole and (test_above is None or mean > test_above):  # NaN: not tested
-                    test = self.task.test_score(params)
+                    test, by_group = self.task.held_out(params)
                     evaluation.test_score = None if test is None else float(test)
+                    evaluation.test_scores = finite_scores(by_group)
             evaluation.seconds = time.perf_counter() - start
             return evaluation
         except EvaluationTimeout as exc:

@@ -122,10 +122,30 @@ class Basis:
             position, i = hi, i + 1
         return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
 
-    def prefix_gram(self, max_boundaries: int = 1 << 16) -> PrefixGram:
-        """Tensor boundaries are always on the grid, so layer-wise recipes (CMA-ES) fit on it."""
+    def prefix_gram(self, max_boundaries: int = 1 << 16, device: torch.device | str | None = None) -> PrefixGram:
+        """Tensor boundaries are always on the grid, so layer-wise recipes (CMA-ES) fit on it.
+
+        `device` (a GPU): each grid interval's (K, n) block is upcast to float64 and multiplied
+        there, the increments summed on the device and fetched once. The host path (None) turns
+        every block into a float64 numpy array first, which is most of its time on a large model.
+        The two agree to float64 rounding (sums in another order), not bit for bit; a run keeps
+        whichever it computed first (the cache)."""
         grid = np.union1d(default_grid(self.size, max_boundaries), self._starts)
-        return PrefixGram.from_chunks(grid, self.values)
+        if device is None:
+            return PrefixGram.from_chunks(grid, self.values)
+        return PrefixGram(grid, self._prefix_on(grid, torch.device(device)))
+
+    def _prefix_on(self, grid: np.ndarray, device: torch.device) -> np.ndarray:
+        k = self.num_elements
+        increments = torch.zeros((grid.size, k, k), dtype=torch.float64, device=device)
+        for i in range(1, grid.size):
+            lo, hi = int(grid[i - 1]), int(grid[i])
+            p = int(np.searchsorted(self._starts, lo, side="right")) - 1
+            piece = self.pieces[p]  # grid intervals never cross a piece: piece starts are on the grid
+            block = torch.stack([v[lo - piece.start:hi - piece.start].to(device=device, dtype=torch.float64)
+                                 for v in self._element_views(piece)])
+            increments[i] = block @ block.T
+        return torch.cumsum(increments, dim=0).cpu().numpy()
 
     def materialise(self, recipe: Recipe, out: torch.Tensor | None = None) -> torch.Tensor:
         """Weights of `recipe` in `out` (default: a new float32 vector; any floating dtype and device)."""

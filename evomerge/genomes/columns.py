@@ -152,6 +152,35 @@ def combine(group: ColumnGroup, coeffs: torch.Tensor, seeds: Sequence[torch.Tens
     return acc
 
 
+class _CombineSavingSeeds(torch.autograd.Function):
+    """`combine` whose backward keeps the seeds as they are (views of the basis, any dtype).
+
+    Plain autograd through `combine` saves each seed's float32 upcast for the coefficients'
+    gradient: K float32 copies of the model (4K bytes a parameter for bf16 seeds). The gradient
+    needs only sum(grad * seed_k) over the broadcast axes, which is upcast one group at a time here.
+    The forward is `combine` itself, so training and materialisation give the same bits."""
+
+    @staticmethod
+    def forward(ctx, coeffs: torch.Tensor, group: ColumnGroup, *seeds: torch.Tensor) -> torch.Tensor:
+        ctx.group = group
+        ctx.save_for_backward(*seeds)
+        return combine(group, coeffs.detach(), seeds)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        shape = ctx.group.coefficient_shape()
+        rows = []
+        for seed in ctx.saved_tensors:
+            w = seed if seed.dtype == torch.float32 else seed.to(torch.float32)
+            rows.append((grad * w).sum_to_size(shape).reshape(-1))
+        return (torch.stack(rows), None, *([None] * len(ctx.saved_tensors)))
+
+
+def combine_trainable(group: ColumnGroup, coeffs: torch.Tensor, seeds: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`combine`, differentiable in `coeffs`, holding no float32 copy of the seeds for backward."""
+    return _CombineSavingSeeds.apply(coeffs, group, *seeds)
+
+
 def group_views(basis: Any, group: ColumnGroup) -> list[torch.Tensor]:
     """The K seeds' values of one group from a `Basis`, shaped; zero-copy when one piece holds it."""
     starts = basis._starts

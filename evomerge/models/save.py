@@ -18,6 +18,8 @@ from typing import Callable, Mapping
 
 import torch
 
+from evomerge.models.deferred import DeferredTensor
+
 from evomerge.models.checkpoint import INDEX, SINGLE
 from evomerge.models.errors import CheckpointError
 from evomerge.models.safetensors_format import stored_nbytes, write_file
@@ -169,7 +171,7 @@ def save_model_folder(tensors: Mapping[str, torch.Tensor], out_dir: str | Path, 
     if max_shard_bytes <= 0:
         raise CheckpointError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     for name, t in tensors.items():
-        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+        if not isinstance(name, str) or not isinstance(t, (torch.Tensor, DeferredTensor)):
             raise CheckpointError(f"save_model_folder wants str -> tensor, got {type(name).__name__} -> "
                                   f"{type(t).__name__}")
     cast = SAVE_DTYPES[dtype] if dtype is not None else None

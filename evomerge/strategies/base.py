@@ -32,6 +32,9 @@ class Problem:
     # ask() return None meanwhile. Off in sync mode, where the order of candidates must not
     # depend on timing.
     background: bool = field(default=False, compare=False)
+    # The task's groups (skills) as (name, number of datapoints), contiguous in datapoint order;
+    # None: one objective. Strategies select on all datapoints either way.
+    groups: list[tuple[str, int]] | None = None
 
     def __post_init__(self) -> None:
         if self.space is None:
@@ -73,6 +76,7 @@ class Evaluation:
     error: str | None = None
     seconds: float = 0.0
     _mean: float | None = field(default=None, repr=False, compare=False)
+    test_scores: dict[str, float] | None = None  # held-out score per group (tasks with groups)
 
     @property
     def failed(self) -> bool:
@@ -91,7 +95,7 @@ class Evaluation:
         # worker's reply for a whole batch small enough to skip Ray's object store. The mean
         # travels too: computed where the scores were made, not in the busy population actor.
         return (_evaluation_from_wire, (self.member_id, _scores_to_wire(self.scores), self.test_score,
-                                        self.error, self.seconds, self.train_score))
+                                        self.error, self.seconds, self.train_score, self.test_scores))
 
 
 def _scores_to_wire(scores: np.ndarray | None) -> Any:
@@ -104,11 +108,12 @@ def _scores_to_wire(scores: np.ndarray | None) -> Any:
 
 
 def _evaluation_from_wire(member_id: int, scores: Any, test_score: float | None, error: str | None,
-                          seconds: float, mean: float | None = None) -> "Evaluation":
+                          seconds: float, mean: float | None = None,
+                          test_scores: dict[str, float] | None = None) -> "Evaluation":
     if isinstance(scores, tuple):
         _, packed, size, dtype = scores
         scores = np.unpackbits(packed, count=size).astype(np.dtype(dtype))
-    return Evaluation(member_id, scores, test_score, error, seconds, mean)
+    return Evaluation(member_id, scores, test_score, error, seconds, mean, test_scores)
 
 
 class StrategyOptions(BaseModel):

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from evomerge.determinism import deterministic_torch
-from evomerge.genomes.columns import ColumnGenome, ColumnLayout, ColumnSpace, combine, group_views
+from evomerge.genomes.columns import ColumnGenome, ColumnLayout, ColumnSpace, combine_trainable, group_views
 from evomerge.strategies import STRATEGIES
 from evomerge.strategies.background import BackgroundJob
 from evomerge.strategies.base import Candidate, Evaluation, Problem, Strategy, StrategyOptions
@@ -86,6 +86,9 @@ class DamModel(ABC):
     """The column layout, each seed's distillation data, and a differentiable forward of one model."""
 
     layout: ColumnLayout
+    # The dtype the forward runs in: merged weights are cast to it per group (float32 sums are
+    # transient). None keeps combine's float32 (digits' float32 MLP).
+    weight_dtype: torch.dtype | None = None
 
     @abstractmethod
     def num_rows(self, seed: int) -> int:
@@ -128,7 +131,8 @@ class DigitsDam(DamModel):
         return self._x[seed][torch.from_numpy(rows)]
 
     def logits(self, weights: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
-        return torch.relu(inputs @ weights["W1"] + weights["b1"]) @ weights["W2"] + weights["b2"]
+        w = {n: t if t.dtype == torch.float32 else t.to(torch.float32) for n, t in weights.items()}
+        return torch.relu(inputs @ w["W1"] + w["b1"]) @ w["W2"] + w["b2"]
 
 
 class CausalLMDam(DamModel):
@@ -145,6 +149,7 @@ class CausalLMDam(DamModel):
         from fitness.lm_data import read_examples
 
         self.model, self.tokenizer = task.model, task.tokenizer
+        self.weight_dtype = next(self.model.parameters()).dtype  # the run dtype: the seeds' own by default
         modules = dict(self.model.named_modules())
         specs = list(task.layout.tensors)
         self.layout = ColumnLayout.from_tensors([(s.name, tuple(s.shape)) for s in specs],
@@ -176,6 +181,8 @@ class CausalLMDam(DamModel):
         return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
 
     def logits(self, weights: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        dtype = self.weight_dtype
+        weights = {n: (w if w.dtype == dtype else w.to(dtype)) for n, w in weights.items()}  # seeds not in the run dtype
         out = torch.func.functional_call(self.model, weights, args=(), kwargs=inputs, tie_weights=True, strict=False)
         logits = out.logits.float()
         return logits[inputs["attention_mask"].bool()]
@@ -275,10 +282,8 @@ class DAM(Strategy):
             problem.space = ColumnSpace(self.layout, k)
         self.seed_weights = [{g.name: v for g, v in zip(self.layout.groups, views)}
                              for views in zip(*(group_views(self.basis, g) for g in self.layout.groups))]
-        for weights in self.seed_weights:
-            for name, tensor in weights.items():
-                if tensor.dtype != torch.float32:
-                    weights[name] = tensor.to(torch.float32)
+        # The seeds stay views of the basis in their own dtype (no float32 copies): the distillation
+        # targets run in the model's dtype, and combine_trainable upcasts one group at a time.
         self.coeffs = torch.full((k, self.layout.num_coeffs), 1.0 / k, dtype=torch.float32, requires_grad=True)
         self.optimizer = torch.optim.Adam([self.coeffs], lr=self.options.lr, foreach=False)
         self.batch_seed = int(self.rng.integers(0, 2**63 - 1))
@@ -386,8 +391,12 @@ class DAM(Strategy):
     # -- training ----------------------------------------------------------------------------
     def merged_weights(self, coeffs: torch.Tensor) -> dict[str, torch.Tensor]:
         """Merged tensors by group name, differentiable in `coeffs` (the same `combine` as materialising)."""
-        return {g.name: combine(g, coeffs[:, self.layout.coeff_slice(i)], [w[g.name] for w in self.seed_weights])
-                for i, g in enumerate(self.layout.groups)}
+        dtype = self.model.weight_dtype
+        merged = {}
+        for i, g in enumerate(self.layout.groups):
+            tensor = combine_trainable(g, coeffs[:, self.layout.coeff_slice(i)], [w[g.name] for w in self.seed_weights])
+            merged[g.name] = tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
+        return merged
 
     def batch_rows(self, seed: int, step: int) -> np.ndarray:
         """Rows of seed `seed`'s data at `step`: epoch permutations drawn from (batch_seed, seed, epoch)."""

@@ -53,9 +53,13 @@ def _note(ax, text: str) -> None:
 
 
 def _trial_score(trial: optuna.trial.FrozenTrial) -> float:
-    """The train score of a finished trial (mean over objectives if several), else NaN."""
+    """The train score of a finished trial: the mean over all datapoints (its `train_score`
+    attribute where the objectives are groups), else the mean over objectives; NaN if none."""
     if trial.state != TrialState.COMPLETE or not trial.values:
         return math.nan
+    recorded = _as_float(trial.user_attrs.get("train_score"))
+    if not math.isnan(recorded):
+        return recorded
     values = [v for v in trial.values if v is not None]
     return float(np.mean(values)) if values else math.nan
 

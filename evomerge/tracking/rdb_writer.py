@@ -76,7 +76,8 @@ from evomerge.tracking.copy_text import copy_json_text as _copy_json_text
 from evomerge.tracking.copy_text import copy_text as _copy_text
 from evomerge.tracking.copy_text import json_text as _json_text
 from evomerge.tracking.rdb_schema import schema_problem, unwrap_storage, supports_bulk
-from evomerge.tracking.trial_record import distribution_for, distribution_key, record_to_trial, user_attrs
+from evomerge.tracking.trial_record import (checked_values, distribution_for, distribution_key, record_to_trial,
+                                           user_attrs)
 
 if TYPE_CHECKING:
     from evomerge.engine.population import EvalRecord
@@ -520,12 +521,10 @@ class RDBBulkWriter:
         if record.failed:
             state = "FAIL"
         else:
-            state, value = "COMPLETE", float(record.train_score)  # type: ignore[arg-type]
-            if math.isnan(value) or self._n_objectives != 1:
-                raise ValueError(f"trial value {value} cannot be recorded in a study with "
-                                 f"{self._n_objectives} objective(s)")
-            stored, value_type = models.TrialValueModel.value_to_stored_repr(value)
-            values.append(f"0\t{_copy_float(stored)}\t{value_type.name}\n")
+            state = "COMPLETE"
+            for objective, value in enumerate(checked_values(record, self._n_objectives)):
+                stored, value_type = models.TrialValueModel.value_to_stored_repr(value)
+                values.append(f"{objective}\t{_copy_float(stored)}\t{value_type.name}\n")
         distributions = {}
         params: list[str] = []
         for name, v in record.params.items():

@@ -12,6 +12,7 @@ import math
 import os
 import queue
 import threading
+import warnings
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
@@ -22,8 +23,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.engine.population import EvalRecord
 from evomerge.tracking.rdb_writer import bulk_writer_for
-from evomerge.tracking.trial_record import (distribution_for, distribution_json, distribution_key, record_to_trial,
-                                           user_attrs)
+from evomerge.tracking.trial_record import (checked_values, distribution_for, distribution_json, distribution_key,
+                                           record_to_trial, user_attrs)
 
 _STOP = object()
 
@@ -92,14 +93,16 @@ class JournalBulkWriter:
                 os.fsync(f.fileno())
 
     def _line(self, head: str, now: str, record: EvalRecord) -> str:
+        values = "null"
         if record.failed:
             state, value = int(TrialState.FAIL), "null"
         else:
-            number = float(record.train_score)  # type: ignore[arg-type]
-            if math.isnan(number) or self._objectives != 1:
-                raise ValueError(f"trial value {number} cannot be recorded in a study with "
-                                 f"{self._objectives} objective(s)")
-            state, value = int(TrialState.COMPLETE), _number(number)
+            numbers = checked_values(record, self._objectives)
+            state = int(TrialState.COMPLETE)
+            if len(numbers) == 1:  # as _entry: one objective in "value", several in "values"
+                value = _number(numbers[0])
+            else:
+                value, values = "null", "[" + ",".join(_number(v) for v in numbers) + "]"
         distributions, params = [], []
         for name, v in record.params.items():
             name_json, member_json = _param_json(name, distribution_key(v))
@@ -111,7 +114,7 @@ class JournalBulkWriter:
         attrs = json.dumps(user_attrs(record), separators=(",", ":"))
         curve = "{}" if record.failed or not record.intermediate else \
             json.dumps(dict(record.intermediate), separators=(",", ":"))
-        return (f'{head}"state":{state},"value":{value},"values":null,"datetime_complete":{now},'
+        return (f'{head}"state":{state},"value":{value},"values":{values},"datetime_complete":{now},'
                 f'"distributions":{{{",".join(distributions)}}},"params":{{{",".join(params)}}},'
                 f'"user_attrs":{attrs},"system_attrs":{{}},"intermediate_values":{curve}}}')
 
@@ -143,21 +146,46 @@ class JournalBulkWriter:
         return entry
 
 
+def _duplicate(study_name: str) -> ValueError:
+    return ValueError(f"an Optuna study named {study_name!r} already exists in this storage; "
+                      "resume the run, pass --overwrite for a fresh run folder, or set optuna.study_name")
+
+
+def refuse_existing_study(storage: Any, study_name: str) -> None:
+    """The error a fresh search's TrialRecorder would raise, before any actor is started."""
+    if study_name in optuna.get_all_study_names(storage):
+        raise _duplicate(study_name)
+
+
 class TrialRecorder:
+    """`groups`: the task's (name, size) groups, one maximised objective each (their mean train
+    scores, named by `study.set_metric_names`, also kept as the study's `groups` attribute);
+    None: one objective, the mean train score."""
+
     def __init__(self, storage: Any, study_name: str, *, create: bool = True,
-                 study_attrs: dict[str, Any] | None = None) -> None:
+                 study_attrs: dict[str, Any] | None = None,
+                 groups: list[tuple[str, int]] | None = None) -> None:
+        objectives = len(groups) if groups else 1
         if create:
             try:
-                self.study = optuna.create_study(storage=storage, study_name=study_name, direction="maximize")
+                self.study = optuna.create_study(storage=storage, study_name=study_name,
+                                                 directions=["maximize"] * objectives)
             except optuna.exceptions.DuplicatedStudyError:
-                raise ValueError(
-                    f"an Optuna study named {study_name!r} already exists in this storage; "
-                    "resume the run, pass --overwrite for a fresh run folder, or set optuna.study_name"
-                ) from None
+                raise _duplicate(study_name) from None
+            if groups:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    self.study.set_metric_names([name for name, _ in groups])
+                self.study.set_user_attr("groups", [[name, int(size)] for name, size in groups])
             for key, value in (study_attrs or {}).items():
                 self.study.set_user_attr(key, value)
         else:
             self.study = optuna.load_study(storage=storage, study_name=study_name)
+            if len(self.study.directions) != objectives:
+                raise ValueError(
+                    f"the Optuna study {study_name!r} has {len(self.study.directions)} objective(s) but the "
+                    f"fitness task gives {objectives} ({'one per group' if groups else 'no groups'}); "
+                    "resume with the task's options the search started with")
         # SQLite/PostgreSQL at the schema the bulk writer was tested against: one transaction per
         # batch instead of ~25 statements per trial; a journal file: one locked write per batch.
         # Anything else: add_trials.

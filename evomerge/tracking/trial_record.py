@@ -7,6 +7,7 @@ trial reads back the same whichever storage holds it.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import optuna
@@ -55,9 +56,40 @@ def user_attrs(record: EvalRecord) -> dict[str, Any]:
         attrs["topup_of"] = record.topup_of
     if record.partial:  # the value is a subset's mean: not comparable with a full row's, never a best
         attrs["partial"] = True
+    if record.train_scores is not None:  # a task with groups: the values are the groups' means
+        attrs["train_score"] = record.train_score
+        attrs["test_scores"] = record.test_scores
     if record.failed:
         attrs["error"] = record.error
     return attrs
+
+
+def trial_values(record: EvalRecord) -> list[float]:
+    """A finished evaluation's objective values: its mean train score per group for a task with
+    groups (the study has one objective each), else the one mean train score."""
+    if record.train_scores is not None:
+        return [float(v) for v in record.train_scores.values()]
+    return [float(record.train_score)]  # type: ignore[arg-type]
+
+
+def checked_values(record: EvalRecord, objectives: int) -> list[float]:
+    """`trial_values`, refused (ValueError) where Optuna would refuse them: NaN, or a count that
+    is not the study's number of objectives."""
+    values = trial_values(record)
+    if len(values) != objectives or any(math.isnan(v) for v in values):
+        raise ValueError(f"trial values {values} cannot be recorded in a study with {objectives} objective(s)")
+    return values
+
+
+def train_score_of(trial: optuna.trial.FrozenTrial) -> float | None:
+    """A complete trial's mean train score over all datapoints: its value in a single-objective
+    study, its `train_score` attribute where the objectives are groups."""
+    if trial.state != TrialState.COMPLETE or not trial.values:
+        return None
+    score = trial.user_attrs.get("train_score")
+    if score is not None:
+        return float(score)
+    return float(trial.values[0]) if len(trial.values) == 1 else None
 
 
 def record_to_trial(record: EvalRecord) -> optuna.trial.FrozenTrial:
@@ -67,5 +99,5 @@ def record_to_trial(record: EvalRecord) -> optuna.trial.FrozenTrial:
     attrs = user_attrs(record)
     if record.failed:
         return create_trial(state=TrialState.FAIL, params=params, distributions=distributions, user_attrs=attrs)
-    return create_trial(value=record.train_score, params=params, distributions=distributions, user_attrs=attrs,
+    return create_trial(values=trial_values(record), params=params, distributions=distributions, user_attrs=attrs,
                         intermediate_values=record.intermediate)
