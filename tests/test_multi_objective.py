@@ -391,3 +391,14 @@ def test_compare_shows_each_group(tmp_path, capsys):
     header, first = (tmp_path / "compare.csv").read_text().splitlines()[:2]
     assert header.endswith("train_score/head,test_score/head,train_score/tail,test_score/tail")
     assert first.endswith("0.6,0.3,0.8,0.4")
+
+
+def test_group_means_of_a_subsampled_child_by_hand():
+    """A child scored on datapoints [0, 2, 3, 6] of groups a (0-2), b (3-5), c (6-7): each group's
+    mean is over its observed datapoints; a group with none observed would take the overall mean."""
+    from evomerge.engine.population import group_means
+
+    groups = [("a", 3), ("b", 3), ("c", 2)]
+    scores = np.array([1.0, 0.0, 1.0, 1.0])
+    assert group_means(scores, groups, np.array([0, 2, 3, 6])) == {"a": 0.5, "b": 1.0, "c": 1.0}
+    assert group_means(np.array([1.0, 0.0]), groups, np.array([0, 1])) == {"a": 0.5, "b": 0.5, "c": 0.5}
