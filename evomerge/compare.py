@@ -228,16 +228,25 @@ def plot_compare_datapoints(rows: list[dict[str, Any]], path: Path, budget: int,
             spent, curve = np.asarray(r["curve_datapoints"], float), np.asarray(r["curve"], float)
             at = np.searchsorted(spent, grid_x, side="right") - 1  # the last trial within each count
             grid[i, at >= 0] = curve[at[at >= 0]]
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            mean, std = np.nanmean(grid, axis=0), np.nanstd(grid, axis=0)
+        mean, std = _mean_std(grid)
         line = ax.plot(grid_x, mean, label=f"{name} ({len(runs)} seeds)", drawstyle="steps-post")[0]
         ax.fill_between(grid_x, mean - std, mean + std, alpha=0.2, color=line.get_color(), step="post")
-    ax.set_xlabel("datapoint-evaluations")
+    return _finish(fig, ax, "datapoint-evaluations", f"{budget:,} datapoint-evaluations", path)
+
+
+def _mean_std(grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per column over the runs, ignoring NaN (a column no run reached stays NaN, silently)."""
+    import warnings
+
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(grid, axis=0), np.nanstd(grid, axis=0)
+
+
+def _finish(fig: Any, ax: Any, xlabel: str, budget_text: str, path: Path) -> Path:
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("test score of the best-so-far member")
-    ax.set_title(f"evomerge compare ({budget:,} datapoint-evaluations, mean ± std over seeds)")
+    ax.set_title(f"evomerge compare ({budget_text}, mean ± std over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -263,20 +272,8 @@ def plot_compare(rows: list[dict[str, Any]], path: Path, budget: int) -> Path:
             grid[i, :c.size] = c
             grid[i, c.size:] = c[-1] if c.size else np.nan
         x = np.arange(1, length + 1)
-        with np.errstate(all="ignore"):
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                mean, std = np.nanmean(grid, axis=0), np.nanstd(grid, axis=0)
+        mean, std = _mean_std(grid)
         label = f"{name} ({len(curves)} seeds)" + (" - one-shot, level after its last evaluation" if one_shot else "")
         line = ax.plot(x, mean, label=label, drawstyle="steps-post", linestyle="--" if one_shot else "-")[0]
         ax.fill_between(x, mean - std, mean + std, alpha=0.2, color=line.get_color(), step="post")
-    ax.set_xlabel("evaluations")
-    ax.set_ylabel("test score of the best-so-far member")
-    ax.set_title(f"evomerge compare ({budget} evaluations, mean ± std over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return _finish(fig, ax, "evaluations", f"{budget} evaluations", path)
