@@ -58,7 +58,8 @@ def run_status(run_dir: Path) -> dict[str, Any]:
     best_score, best = max(scored, key=lambda st: (st[0], -st[1].number), default=(None, None))
     status["best_train"] = best_score
     status["best_test"] = None if best is None else best.user_attrs.get("test_score")
-    status["best_member"] = None if best is None else best.user_attrs.get("member_id")
+    # a top-up's trial has its own id; the member is the child it completed
+    status["best_member"] = None if best is None else best.user_attrs.get("topup_of", best.user_attrs.get("member_id"))
     groups = study_groups(study)
     status["groups"] = groups
     if groups is not None:  # a multi-objective study: each group's train (the trial values) and test scores
