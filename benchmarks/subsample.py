@@ -1,4 +1,4 @@
-"""Subsampled M2N2 against full M2N2 at equal datapoint budgets (digits from scratch, in-process).
+"""Subsampled M2N2 against full M2N2 at equal datapoint budgets (in-process; digits or the tiny LM).
 
 On an LLM an evaluation costs about the number of prompts answered, so the fair budget is
 datapoint-evaluations. Every search here gets `budget.datapoints` = F x 1,437 (the cost of F full
@@ -15,18 +15,31 @@ the engine's timing would blur the comparison (see staleness.py).
 
     python benchmarks/subsample.py                   # budgets 3k,10k,30k, 12 seeds, the full grid
     python benchmarks/subsample.py --seeds 3 --budgets 3000,10000 --variants full,f0.1,f0.1-none
+
+The tiny-LM skills (populations/tiny-lm-skills.yaml without its DAM guide: plain M2N2 over the
+two experts, 400 training prompts = one full evaluation; make the experts first with
+`evomerge fixtures tiny-lm models/tiny-lm/`). Its target: subsampled M2N2 at a third of the
+datapoint-evaluations reaches the held-out score full M2N2 has at the whole budget, so read
+`test @ B/3` of a subsampled row against `test @ B` of `full`:
+
+    python benchmarks/subsample.py --population tiny-lm-skills --budgets 100,300 --seeds 3 \
+        --variants full,f0.1,f0.25,f0.1-whole
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from _common import Job, fmt_mean_std, load_population, mean_std, pin_blas_threads, print_section, run_jobs, write_json
+from _common import REPO_ROOT, Job, fmt_mean_std, load_population, mean_std, pin_blas_threads, print_section, run_jobs, write_json
 
 from evomerge.report import format_table
 
-N = 1437  # digits' training datapoints: one full evaluation
+POPULATIONS = {  # name -> overrides that make the comparison plain M2N2
+    "digits-scratch": {},
+    "tiny-lm-skills": {"strategy.options.guide": None},
+}
 # name -> fitness.subsample (None: full M2N2); -whole: the rest in one top-up; -none: no top-up
 VARIANTS = {
     "full": None,
@@ -41,8 +54,8 @@ VARIANTS = {
 }
 
 
-def search(variant: str, seed: int, budgets: list[int]) -> dict[str, object]:
-    """Best-by-train test accuracy at each budget (in full-evaluation equivalents)."""
+def search(variant: str, seed: int, budgets: list[int], population_name: str = "digits-scratch") -> dict[str, object]:
+    """Best-by-train test score at each budget (in full-evaluation equivalents)."""
     pin_blas_threads(1)
     import numpy as np
 
@@ -50,10 +63,12 @@ def search(variant: str, seed: int, budgets: list[int]) -> dict[str, object]:
     from evomerge.engine.worker import FitnessWorker
 
     subsample = VARIANTS[variant]
-    overrides: dict[str, object] = {"seed": seed, "budget.evaluations": None, "budget.datapoints": max(budgets) * N}
+    n = datapoints_of(population_name)
+    overrides: dict[str, object] = {**POPULATIONS[population_name], "seed": seed, "budget.evaluations": None,
+                                    "budget.datapoints": max(budgets) * n}
     if subsample is not None:
         overrides["fitness.subsample"] = subsample
-    config = load_population("digits-scratch", overrides)
+    config = load_population(population_name, overrides)
     population = build_population(config)
     worker = FitnessWorker(config.model_dump(mode="json"), 0)
     strategy = population.strategy
@@ -80,7 +95,7 @@ def search(variant: str, seed: int, budgets: list[int]) -> dict[str, object]:
             break
         population.tell(worker.evaluate_one(child.member_id, child.genome, test_above=population.test_threshold(),
                                             job=population.job(child)))
-        while marks and population.told_datapoints >= marks[0] * N:
+        while marks and population.told_datapoints >= marks[0] * n:
             note(marks.pop(0))
     for mark in marks:  # the budget ended with less than a whole child left
         note(mark)
@@ -88,9 +103,18 @@ def search(variant: str, seed: int, budgets: list[int]) -> dict[str, object]:
     return out
 
 
+def datapoints_of(population_name: str) -> int:
+    """One full evaluation's datapoints, from the population's data files (no model is built)."""
+    from evomerge.engine.actors import build_population
+
+    return int(build_population(load_population(population_name, {**POPULATIONS[population_name], "seed": 0}))
+               .strategy.problem.num_datapoints)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budgets", default="3000,10000,30000", help="in full evaluations of 1,437 datapoints")
+    parser.add_argument("--population", default="digits-scratch", choices=sorted(POPULATIONS))
+    parser.add_argument("--budgets", default="3000,10000,30000", help="in full evaluations (digits: 1,437 datapoints)")
     parser.add_argument("--seeds", type=int, default=12)
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--processes", type=int, default=2)
@@ -101,7 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
-    jobs = [Job((v, seed), f"{v} seed={seed}", search, {"variant": v, "seed": seed, "budgets": budgets})
+    if args.population != "digits-scratch":
+        os.chdir(REPO_ROOT)  # its seed and data paths are relative to the repo root
+    n = datapoints_of(args.population)
+    jobs = [Job((v, seed), f"{v} seed={seed}", search,
+                {"variant": v, "seed": seed, "budgets": budgets, "population_name": args.population})
             for seed in range(args.seeds) for v in variants]
     results, errors = run_jobs(jobs, args.processes,
                                describe=lambda job, r: " ".join(f"{b}:{r['test'][b]:.3f}" for b in budgets))
@@ -120,13 +148,17 @@ def main(argv: list[str] | None = None) -> int:
         row.append(f"{kept}/{asked}" if asked else "-")
         rows.append(tuple(row))
         summary[v] = {"runs": runs, "mean_test": {b: mean_std([r["test"][b] for r in runs])[0] for b in budgets}}
-    print_section("Subsampled against full M2N2 on digits at equal datapoint budgets "
-                  f"(budgets in full evaluations of {N} datapoints; {args.seeds} seeds)")
-    print(format_table(("variant", "seeds", *[f"test @ {b // 1000}k" for b in budgets],
-                        f"evaluations @ {max(budgets) // 1000}k", "top-ups kept/asked"), rows))
+    print_section(f"Subsampled against full M2N2 on {args.population} at equal datapoint budgets "
+                  f"(budgets in full evaluations of {n:,} datapoints; {args.seeds} seeds)")
+    print(format_table(("variant", "seeds", *[f"test @ {label(b)}" for b in budgets],
+                        f"evaluations @ {label(max(budgets))}", "top-ups kept/asked"), rows))
     if args.out:
-        write_json(args.out, {"budgets": budgets, "variants": summary})
+        write_json(args.out, {"population": args.population, "budgets": budgets, "variants": summary})
     return 1 if errors else 0
+
+
+def label(budget: int) -> str:
+    return f"{budget // 1000}k" if budget % 1000 == 0 else str(budget)
 
 
 if __name__ == "__main__":
