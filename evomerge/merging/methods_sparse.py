@@ -20,7 +20,6 @@ global generator and so differ between any two runs there.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional, Sequence
 
 import torch
@@ -31,7 +30,6 @@ from evomerge.merging.methods import (MergeMethod, NoModelParams, Params, Sparse
                                       register)
 
 Tensor = torch.Tensor
-_COUNT_TOL = 1e-6  # as ops.keep_count: 0.29·100 counts as 29, not float rounding's 28
 
 
 class BreadcrumbsModelParams(SparseParams):
@@ -73,7 +71,8 @@ class SceParams(Params):
 
 
 def _count(fraction: float, n: int) -> int:
-    return int(math.floor(fraction * n + _COUNT_TOL))
+    """int(fraction·n), float rounding and all (0.29·100 counts 28), as mergekit counts."""
+    return int(fraction * n)
 
 
 def magnitude_outliers(tau: Tensor, density: float, gamma: float) -> Tensor:
@@ -116,7 +115,7 @@ def della_prune(tau: Tensor, density: float, epsilon: float, rescale: bool, gene
         raise ValueError(f"della: density ± epsilon must lie inside (0, 1), got density {density} and "
                          f"epsilon {epsilon}; lower `epsilon` or move `density` away from 0 and 1")
     probs = della_keep_probabilities(tau, density, epsilon)
-    keep = torch.rand(tuple(tau.shape), generator=generator, dtype=torch.float32).to(tau.device) < probs
+    keep = ops.uniform_draws(tau.shape, generator).to(tau.device) < probs
     kept = tau * keep
     return ops.l1_rescaled(tau, kept) if rescale else kept
 
