@@ -151,14 +151,18 @@ EDGE_CASES: dict[str, dict[str, Any]] = {
 
 # ---- model folders ----------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory) -> dict[str, Path]:
+def make_synthetic_set(out: Path) -> dict[str, Path]:
+    """base, e1..e3: the 12-layer synthetic Llama (experts sharded, base one file)."""
     from evomerge.fixtures.synthetic_llama import make_synthetic_llama
 
-    out = tmp_path_factory.mktemp("parity_llama")
     folders = make_synthetic_llama(out, params="100K", experts=3, dtype="float32", shard_size="100KB",
                                    layers=12, chat_template=False)
     return {"base": folders["base"], "e1": folders["expert_1"], "e2": folders["expert_2"], "e3": folders["expert_3"]}
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> dict[str, Path]:
+    return make_synthetic_set(tmp_path_factory.mktemp("parity_llama"))
 
 
 def _dyadic(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -166,13 +170,12 @@ def _dyadic(x: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.round(x * 2**bits) / 2**bits
 
 
-@pytest.fixture(scope="module")
-def edge(tmp_path_factory) -> dict[str, Path]:
+def make_edge_set(out: Path) -> dict[str, Path]:
+    """base, e1, e2 = base − (e1 − base) exactly, e3 independent: a 2-layer Llama of odd sizes."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from evomerge.fixtures.tiny_lm import make_tokenizer
 
-    out = tmp_path_factory.mktemp("parity_edge")
     config = LlamaConfig(vocab_size=64, hidden_size=20, intermediate_size=50, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, head_dim=10, max_position_embeddings=64,
                          tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
@@ -193,13 +196,18 @@ def edge(tmp_path_factory) -> dict[str, Path]:
     folders = {}
     for name, tensors in weights.items():
         folder = out / name
-        folder.mkdir()
+        folder.mkdir(parents=True)
         config.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"),
                   metadata={"format": "pt"})
         folders[name] = folder
     return folders
+
+
+@pytest.fixture(scope="module")
+def edge(tmp_path_factory) -> dict[str, Path]:
+    return make_edge_set(tmp_path_factory.mktemp("parity_edge"))
 
 
 # ---- running both -----------------------------------------------------------------------------
