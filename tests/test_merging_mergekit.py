@@ -1,6 +1,6 @@
 """mergekit's methods against hand-worked numbers derived from mergekit's rules.
 
-mergekit cannot be installed here, so each expected value below is worked by hand from the rule
+Each expected value below is worked by hand from the rule
 as mergekit's source states it (thresholds, epsilons, order of operations), written out in the
 comments; the code under test is never used to make an expected value.
 """
@@ -362,3 +362,27 @@ def test_slerp_is_within_1e6_of_the_float32_rule_on_model_sized_vectors(spread):
                                       MERGE_METHODS.get("slerp").params(t=0.35))
     want = _float32_slerp_rule(0.35, a, b)
     assert np.abs(ours.numpy() - want).max() < 1e-6
+
+
+# ---- edge rules found by running mergekit 0.1.5 (tests/test_mergekit_parity.py) ------------------
+
+def test_nuslerp_antipodal_task_vectors_are_interpolated_linearly():
+    # τ1 = (1, 0), τ2 = (-1, 0): cos = -1, so 1 - cos² = 0 <= 1e-16 and the result is the lerp
+    # (1 - t) τ1 + t τ2 at t = w2 / (w1 + w2) = 0.25: (0.75 - 0.25, 0) = (0.5, 0), plus the base.
+    # (float32 sin(acos(-1)) is -8.7e-8, so a |sin θ| < 1e-8 test would divide by it instead.)
+    base = T([1.0, 2.0])
+    out = run("nuslerp", base, [base + T([1.0, 0.0]), base - T([1.0, 0.0])], [0.75, 0.25])
+    close(out, [1.5, 2.0])
+
+
+def test_model_stock_opposed_task_vectors_keep_the_base():
+    # two opposed offsets: cos = -1, N = 2, so 1 + (N - 1) cos = 0 < 1e-6 and t = 0: the base
+    base = T([1.0, -1.0, 0.5])
+    tau = T([0.5, 0.25, -1.0])
+    close(run("model_stock", base, [base + tau, base - tau]), [1.0, -1.0, 0.5])
+    # filter_wise on a matrix: row 0 opposed (t = 0, base), row 1 parallel (cos = 1, t = 2·1/2 = 1:
+    # the mean of the two models, base + (2 + 1)/2 · (1, 1) = (1.5, 1.5) over a zero base)
+    base2 = torch.zeros(2, 2)
+    m1 = T([[1.0, 0.0], [2.0, 2.0]])
+    m2 = T([[-1.0, 0.0], [1.0, 1.0]])
+    close(run("model_stock", base2, [m1, m2], filter_wise=True), [[0.0, 0.0], [1.5, 1.5]])

@@ -66,6 +66,7 @@ class MergePlan:
     tokenizer_source: Path
     dtype: Dtype
     data: tuple[Path, ...] = ()  # one per entry of `others` (data methods only)
+    align_vocabulary: bool = False  # tokenizer_source given: vocabulary rows follow its tokenizer
 
     @property
     def paths(self) -> list[Path]:
@@ -240,4 +241,5 @@ def _plan(config: MergeConfig, method: MergeMethod, paths: dict[str, Path]) -> M
         method=method, base=op_base, others=[paths[m.model] for m in entries],
         model_settings=[dict(m.parameters) for m in entries], global_settings=dict(config.parameters),
         config_source=base or first, tokenizer_source=tokenizer, dtype=config.out_dtype or config.dtype,
+        align_vocabulary=config.tokenizer_source is not None,
     )

@@ -66,7 +66,7 @@ class TiesParams(TaskArithmeticParams):
 
 
 class DareParams(TaskArithmeticParams):
-    rescale: bool = Field(True, description="scale kept elements by 1/density (keeps the expectation)")
+    rescale: bool = Field(True, description="scale the kept elements back to the task vector's L1 norm (mergekit)")
     seed: int = Field(0, description="seed of the drop masks; same seed, same merge")
 
 

@@ -5,7 +5,8 @@ or by angle, instead of adding weighted task vectors. Names, parameters, default
 the order of operations follow mergekit, in float32, so a mergekit YAML gives its tensors:
 
 - model_stock (Jang et al. 2024, arXiv:2403.19522): move from the base towards the models' mean
-  by t = N cos θ / (1 + (N − 1) cos θ), θ the mean pairwise angle between task vectors.
+  by t = N cos θ / (1 + (N − 1) cos θ), θ the mean pairwise angle between task vectors (t = 0,
+  the base, where that denominator vanishes).
 - nuslerp: slerp between exactly two models (or their task vectors when a base is given) at
   t = w₂ / (w₁ + w₂), over the flattened tensor or row by row.
 - multislerp: barycentric interpolation of any number of models on the unit sphere (tangent
@@ -46,6 +47,10 @@ class KarcherParams(Params):
     tol: float = Field(1e-5, gt=0, description="convergence tolerance (and minimum norm of a model kept)")
 
 
+_NUSLERP_EPS = 1e-8  # mergekit's: 1 − cos² at most eps² counts as (anti)parallel
+_STOCK_SINGULAR = 1e-6  # mergekit's: |1 + (N − 1) cos θ| below this gives t = 0
+
+
 # ---- model_stock ---------------------------------------------------------------------------------
 
 def model_stock(base: Tensor, tensors: Sequence[Tensor], filter_wise: bool) -> Tensor:
@@ -65,7 +70,9 @@ def model_stock(base: Tensor, tensors: Sequence[Tensor], filter_wise: bool) -> T
             cosines.append(((offsets[i] * offsets[j]).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
     cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
     n = len(ws)
-    t = (n * cos) / (1 + (n - 1) * cos)
+    denominator = 1 + (n - 1) * cos
+    singular = denominator.abs() < _STOCK_SINGULAR  # opposed task vectors: no finite t, keep the base
+    t = torch.where(singular, 0.0, n * cos / torch.where(singular, 1.0, denominator))
     mean = sum(ws) / n
     return (t * mean + (1 - t) * w0).reshape(shape)
 
@@ -78,8 +85,12 @@ def _model_stock(base: Optional[Tensor], tensors: Sequence[Tensor], per_model: S
 # ---- nuslerp -------------------------------------------------------------------------------------
 
 def nuslerp(t: float, v0: Tensor, v1: Tensor, row_wise: bool, flatten: bool) -> Tensor:
-    """Slerp along the last dim (dim 0 when row-wise, the whole tensor when flattened); vectors
-    whose |sin θ| < 1e-8 are linearly interpolated. No 0.9995 threshold here, unlike slerp."""
+    """Slerp along the last dim (dim 0 when row-wise, the whole tensor when flattened).
+
+    Vectors with 1 − cos²θ <= 1e-16 are linearly interpolated, mergekit's test. It is not
+    |sin θ| < 1e-8: in float32 sin(acos(−1)) is −8.7e-8, so antipodal vectors would be divided
+    by it instead of interpolated. No 0.9995 threshold here, unlike slerp.
+    """
     shape = v0.shape
     transpose = not flatten and row_wise and v0.dim() > 1
     if flatten:
@@ -88,11 +99,13 @@ def nuslerp(t: float, v0: Tensor, v1: Tensor, row_wise: bool, flatten: bool) -> 
         v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
     u0 = v0 / torch.norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
     u1 = v1 / torch.norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
-    theta = torch.acos(torch.sum(u0 * u1, dim=-1, keepdim=True).clamp(-1, 1))
+    cos = torch.sum(u0 * u1, dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= _NUSLERP_EPS ** 2
+    theta = torch.acos(torch.where(colinear, 0.0, cos))  # keeps the unused branch finite
     sin_theta = torch.sin(theta)
     curved = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / sin_theta
     straight = (1 - t) * v0 + t * v1
-    out = torch.where(sin_theta.abs() < 1e-8, straight, curved)
+    out = torch.where(colinear, straight, curved)
     if transpose:
         out = out.transpose(0, -1)
     return out.reshape(shape)

@@ -20,7 +20,6 @@ global generator and so differ between any two runs there.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional, Sequence
 
 import torch
@@ -31,7 +30,6 @@ from evomerge.merging.methods import (MergeMethod, NoModelParams, Params, Sparse
                                       register)
 
 Tensor = torch.Tensor
-_COUNT_TOL = 1e-6  # as ops.keep_count: 0.29·100 counts as 29, not float rounding's 28
 
 
 class BreadcrumbsModelParams(SparseParams):
@@ -73,16 +71,16 @@ class SceParams(Params):
 
 
 def _count(fraction: float, n: int) -> int:
-    return int(math.floor(fraction * n + _COUNT_TOL))
+    """int(fraction·n), float rounding and all (0.29·100 counts 28), as mergekit counts."""
+    return int(fraction * n)
 
 
 def magnitude_outliers(tau: Tensor, density: float, gamma: float) -> Tensor:
     """Breadcrumbs mask: of the entries sorted by |τ|, drop the top int(gamma·n) and then the
     smallest, so that int(density·n) remain (fewer outliers dropped when both do not fit).
 
-    Where int(gamma·n) is 0 (tensors under 100 entries at gamma 0.01) nothing is dropped from the
-    top. mergekit's slice `[n_bot:-0]` keeps nothing at all there, zeroing the whole task vector of
-    small tensors (norms); the paper means the former, so that is what is done here.
+    Counts are int(), float rounding included (0.29·100 counts 28), as in mergekit 0.1.5; where
+    int(gamma·n) is 0 (tensors under 100 entries at gamma 0.01) nothing is dropped from the top.
     """
     if density >= 1:
         return tau
@@ -116,7 +114,7 @@ def della_prune(tau: Tensor, density: float, epsilon: float, rescale: bool, gene
         raise ValueError(f"della: density ± epsilon must lie inside (0, 1), got density {density} and "
                          f"epsilon {epsilon}; lower `epsilon` or move `density` away from 0 and 1")
     probs = della_keep_probabilities(tau, density, epsilon)
-    keep = torch.rand(tuple(tau.shape), generator=generator, dtype=torch.float32).to(tau.device) < probs
+    keep = ops.uniform_draws(tau.shape, generator).to(tau.device) < probs
     kept = tau * keep
     return ops.l1_rescaled(tau, kept) if rescale else kept
 
@@ -166,11 +164,14 @@ def _della_linear(base: Optional[Tensor], tensors: Sequence[Tensor], per_model: 
 
 
 def sce_select_mask(taus: Tensor, fraction: float) -> Tensor:
-    """Keep the int(fraction · #nonzero-variance) entries with the largest variance across models."""
+    """Keep the int(fraction · #nonzero-variance) entries (float32 product) with the largest variance
+    across models."""
     if fraction >= 1:
         return torch.ones_like(taus[0], dtype=torch.bool)
     var = torch.var(taus, dim=0, unbiased=False)
-    k = _count(fraction, int(torch.count_nonzero(var)))
+    # counted as a float32 tensor product, as mergekit does: 400 · 0.29 is 116.0 there (float32),
+    # where Python's float64 gives 115.99…
+    k = int(torch.count_nonzero(var) * fraction)
     keep = torch.zeros(var.numel(), dtype=torch.bool, device=taus.device)
     if k > 0:
         order = torch.sort(var.reshape(-1), descending=True, stable=True).indices

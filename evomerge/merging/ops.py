@@ -106,12 +106,13 @@ def task_vectors(base: Tensor, tensors: Sequence[Tensor]) -> list[Tensor]:
 
 
 def keep_count(density: float, numel: int) -> int:
-    """How many elements a `density` keeps: floor(density·n), tolerant of float rounding, ≥ 1.
+    """How many elements a `density` keeps: int(density·n), at least 1 (mergekit's TIES rule).
 
-    The tolerance makes 0.29·100 keep 29, not 28; the floor of 1 stops a small tensor (a norm
-    vector at low density) from losing its whole task vector, which mergekit refuses outright.
+    The floor of 1 stops a small tensor (a norm vector at low density) from losing its whole task
+    vector. Float rounding is not forgiven: 0.29·100 = 28.999… keeps 28, as in mergekit, so a
+    mergekit YAML keeps the same entries here.
     """
-    return max(1, min(numel, math.floor(density * numel + 1e-6)))
+    return max(1, min(numel, int(density * numel)))
 
 
 def magnitude_trim(tau: Tensor, density: float) -> Tensor:
@@ -143,17 +144,31 @@ def dare_seed(seed: int, key: str, index: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def uniform_draws(shape: torch.Size | Sequence[int], generator: torch.Generator) -> Tensor:
+    """U[0, 1) per element, on the CPU so a seed gives the same masks on every device.
+
+    Every random method keeps an entry where its draw is below the keep probability, so this one
+    function is all that is random: the mergekit parity test swaps it for fixed draws.
+    """
+    return torch.rand(tuple(shape), generator=generator, dtype=torch.float32)
+
+
 def dare_mask(shape: torch.Size | Sequence[int], density: float, generator: torch.Generator) -> Tensor:
-    """Bernoulli(density) keep-mask, drawn on the CPU so it is the same on every device."""
-    return torch.rand(tuple(shape), generator=generator, dtype=torch.float32) < density
+    """Bernoulli(density) keep-mask."""
+    return uniform_draws(shape, generator) < density
 
 
 def dare_drop(tau: Tensor, density: float, rescale: bool, generator: torch.Generator) -> Tensor:
-    """DARE: drop each element with probability 1 − density; rescale survivors by 1/density."""
+    """DARE: drop each element with probability 1 − density; `rescale` restores tau's L1 norm.
+
+    The paper divides the survivors by density, which keeps the expectation; mergekit (0.1.5)
+    scales them back to the task vector's L1 norm instead, exactly rather than on average, and a
+    mergekit YAML has to mean the same here.
+    """
     if density >= 1.0:
         return tau
     kept = tau * dare_mask(tau.shape, density, generator).to(tau.device)
-    return kept / density if rescale else kept
+    return l1_rescaled(tau, kept) if rescale else kept
 
 
 def linear_combine(taus: Sequence[Tensor], weights: Sequence[float], normalize: bool) -> Tensor:

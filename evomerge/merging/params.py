@@ -1,8 +1,8 @@
 """mergekit-style parameter settings: a scalar, a layer gradient, or filter-conditioned values.
 
 A setting is turned into the scalar for one tensor by `evaluate_setting(setting, name, t)`, where t
-is the tensor's relative depth (mergekit's convention: 0 for embeddings, layer i of n at i/(n−1),
-1 for the final norm and head). This is how a YAML says "weight 0.3 in early layers, 0.7 late" or
+is the tensor's relative depth (mergekit 0.1.5's convention: layer i of n at i/(n−1), 0 for every
+tensor outside the layers, embeddings, final norm and head alike). This is how a YAML says "weight 0.3 in early layers, 0.7 late" or
 "t = 0 on attention, 0.5 elsewhere", and it is the same per-layer-group view a layerwise genome has.
 """
 
@@ -61,7 +61,6 @@ def _entry_problem(err: Any) -> str:
 Setting = Annotated[Any, PlainValidator(parse_setting)]
 
 _LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
-_PRE_HINTS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings")
 
 
 def evaluate_setting(setting: Setting, tensor_name: str, t: float) -> Optional[Scalar]:
@@ -111,10 +110,15 @@ def count_layers(tensor_names: Iterable[str]) -> int:
 
 
 def depth(tensor_name: str, num_layers: int) -> float:
-    """mergekit's t: embeddings 0, layer i at i/(n−1) (1 when n = 1), other non-layer tensors 1."""
+    """mergekit's t: layer i at i/(n−1) (1 when n = 1), every tensor outside the layers 0.
+
+    mergekit plans the embeddings and the final norm and head with one reader at t = 0 (only
+    layers get their own t), so a gradient's first value applies to all of them; checked
+    against mergekit 0.1.5 in tests/test_mergekit_parity.py.
+    """
     index = layer_index(tensor_name)
     if index is None:
-        return 0.0 if any(h in tensor_name for h in _PRE_HINTS) else 1.0
+        return 0.0
     return index / (num_layers - 1) if num_layers > 1 else 1.0
 
 

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from evomerge.errors import ConfigError
 from evomerge.merging.mergekit_config import MergePlan, load_merge_config
 from evomerge.merging.params import count_layers, depth, resolve
+from evomerge.merging.vocabulary import is_vocabulary_tensor, keep_rows, output_rows, set_vocab_size
 
 CONFIG_COPY = "merge_config.yml"  # provenance, like mergekit's mergekit_config.yml
 _NOT_TOKENIZER = ("config.json", "generation_config.json")
@@ -47,19 +48,31 @@ def merge_plan(plan: MergePlan, out_dir: Path, *, allow_pickle: bool = False) ->
         num_layers = count_layers(names)
         out_dtype = _OUT_DTYPES[plan.dtype]
         stats = _statistics(plan)
+        rows = output_rows(plan.tokenizer_source, plan.paths) if plan.align_vocabulary else None
         merged: dict[str, torch.Tensor] = {}
         for name in names:
+            cut = rows if is_vocabulary_tensor(name) else None
             result = merge_named_tensor(
                 plan, name, depth(name, num_layers),
-                base.view(name) if base is not None else None, [c.view(name) for c in others],
-                None if stats is None else [s.get(name) for s in stats])
+                keep_rows(base.view(name), cut) if base is not None else None,
+                [keep_rows(c.view(name), cut) for c in others],
+                None if stats is None else [_cut_statistic(s.get(name), cut) for s in stats])
             merged[name] = result.to(out_dtype) if result.is_floating_point() else result
         saved = save_model_folder(merged, out_dir, source=plan.config_source, dtype=plan.dtype)
     finally:
         for checkpoint in checkpoints:
             checkpoint.close()
     _copy_tokenizer(plan.tokenizer_source, plan.config_source, saved)
+    if rows is not None:
+        set_vocab_size(saved, rows)
     return saved
+
+
+def _cut_statistic(stat: Optional[torch.Tensor], rows: Optional[int]) -> Optional[torch.Tensor]:
+    """A Fisher diagonal is token-indexed like its tensor; a Gram matrix (input side) is not."""
+    if stat is None or rows is None or stat.dim() != 2 or stat.shape[0] == stat.shape[1]:
+        return stat
+    return keep_rows(stat, rows)
 
 
 def _statistics(plan: MergePlan) -> Optional[list[dict[str, torch.Tensor]]]:
