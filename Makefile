@@ -38,6 +38,7 @@ bench: $(STAMP)
 	test -d models/tiny-lm/expert_add || $(BIN)/evomerge fixtures tiny-lm models/tiny-lm
 	$(BIN)/python benchmarks/tiny_lm.py
 	$(BIN)/python benchmarks/compare_tiny_lm.py
+	$(BIN)/python benchmarks/subsample.py --population tiny-lm-skills --budgets 33,100,300 --seeds 3 --variants full,f0.1,f0.25
 	$(BIN)/python benchmarks/lm_eval_overhead.py
 	$(BIN)/python benchmarks/guided_dam.py
 	$(BIN)/python benchmarks/llm_scale.py
