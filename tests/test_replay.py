@@ -344,13 +344,15 @@ def test_replay_rebuilds_the_crashed_archive_from_interleaved_asks():
     for a, b in zip(resumed.strategy.genomes, crashed.strategy.genomes):
         assert (a is None and b is None) or a.tobytes() == b.tobytes()
     assert resumed.best.member_id == crashed.best.member_id
-    # the next ask starts where the crashed search's newest recorded ask left off
-    newest = max(after, key=lambda r: r.member_id)
-    assert resumed.issued == newest.member_id + 1
-    assert resumed.strategy.ask_state() == json.loads(newest.replay)["k"]
-    # re-sent: the snapshot's children that no trial after it holds, under their own ids
+    # every child the crashed search had asked is asked again: the next ask is where it left off
+    assert resumed.issued == crashed.issued
+    assert resumed.strategy.rng.bit_generator.state == crashed.strategy.rng.bit_generator.state
+    # re-sent under their own ids: the snapshot's children and the ones asked after it that no
+    # trial holds (in flight when the process died)
     told_ids = {r.member_id for r in after}
-    assert set(resumed.inflight) == set(int(c["member_id"]) for c in meta["inflight"]) - told_ids
+    assert set(resumed.inflight) == set(crashed.inflight)
+    assert set(int(c["member_id"]) for c in meta["inflight"]) - told_ids <= set(resumed.inflight)
+    assert set(resumed.inflight) - set(int(c["member_id"]) for c in meta["inflight"])  # asked after it
     assert report.resent == len(resumed.inflight)
 
 
@@ -369,10 +371,13 @@ def test_fallback_gives_fresh_ids_past_the_study():
     assert "trial 32 cannot be replayed: replay payload version 99 is not 1" in report.problem
     assert resumed.told == 32 and resumed.issued > study_max
     later = {e.member_id for e in entries[2:]}
-    # snapshot children whose ids are on the trials left in the study go out again under new ids
-    snapshot_children = {int(c["member_id"]) for c in meta["inflight"]} - {e.member_id for e in entries[:2]}
-    assert set(report.renumbered) == snapshot_children & later != set()
+    # children in flight whose ids are on the trials left in the study go out again under new
+    # ids: the snapshot's, and the ones asked again before the two tells replayed
+    asked_again = set(range(meta["issued"], entries[1].payload["n"]))
+    assert asked_again  # the async interleaving asked some after the snapshot, before trial 31
+    in_flight = ({int(c["member_id"]) for c in meta["inflight"]} | asked_again) - {e.member_id for e in entries[:2]}
+    assert set(report.renumbered) == in_flight & later != set()
     assert not later & set(resumed.inflight)
-    fresh = set(resumed.inflight) - (snapshot_children - later)
+    fresh = set(resumed.inflight) - (in_flight - later)
     assert len(fresh) == len(report.renumbered) and min(fresh) > study_max
     assert resumed.recovery == {"replayed": 2, "resent": len(resumed.inflight), "redone": 23}
