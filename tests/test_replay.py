@@ -324,7 +324,8 @@ def _entries(records) -> list:
 
     return [TrialEntry(number=r.number, member_id=r.member_id, failed=r.failed, value=r.train_score,
                        test_score=r.test_score, error=r.error, seconds=r.seconds, params=dict(r.params),
-                       parents=list(r.parents), generation=r.generation, payload=json.loads(r.replay))
+                       parents=list(r.parents), generation=r.generation, payload=json.loads(r.replay),
+                       test_scores=r.test_scores, indices=r.indices, topup_of=r.topup_of)
             for r in records]
 
 
