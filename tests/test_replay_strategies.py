@@ -167,3 +167,63 @@ def test_resume_replays_and_continues_bitwise(name, sync):
         rest.append(driver.step())
     assert [_trial(r) for r in rest] == [_trial(r) for r in straight[crash_at:]]
     assert _state(resumed) == run["final"]
+
+
+def _crash(name: str, sync: bool) -> tuple:
+    """A case's straight run with its snapshot and crash points, and a population loaded from
+    the snapshot, ready to replay."""
+    config = _search(*CASES[name])
+    snapshot_at, crash_at = _points(_straight(config, sync)["records"], name)
+    run = _straight(config, sync, snapshot_at, crash_at)
+    resumed = build_population(config)
+    resumed.load_state_dict(*run["snapshot"])
+    return run, resumed, _entries(run["records"][snapshot_at:crash_at]), snapshot_at, crash_at
+
+
+@pytest.mark.parametrize("name", ["m2n2", "m2n2-subsample-topup"])  # the strategies that had payloads
+def test_payloads_without_the_ask_count_replay_by_ask_order_in_sync_mode(name):
+    """Payloads written before `n` existed place each ask by its ask order `a` (exact in rounds):
+    the archive is the crashed one. What they cannot say is which children were asked after the
+    last recorded one; those are asked afresh."""
+    run, resumed, entries, snapshot_at, crash_at = _crash(name, sync=True)
+    for entry in entries:
+        entry.payload = {k: v for k, v in entry.payload.items() if k != "n"}
+    report = replay(resumed, entries, sync=True)
+    assert (report.replayed, report.redone) == (crash_at - snapshot_at, 0)
+    arrays, crashed = _state(resumed)[1], run["crashed"][0][1]
+    archive = ("strategy/scores", "strategy/ids", "strategy/genomes/values", "best/values")
+    assert all(arrays[k] == crashed[k] for k in archive)
+    assert resumed.issued == 1 + max(e.member_id for e in entries)
+
+
+def _tamper(entries: list, pick, change, first_asked_again: int) -> int:
+    """Change the first trial after the third whose child is asked again and `pick` likes."""
+    index = next(i for i, e in enumerate(entries) if i >= 3 and e.member_id >= first_asked_again and pick(e))
+    change(entries[index])
+    return index
+
+
+@pytest.mark.parametrize("name,pick,change,why", [
+    ("cmaes", lambda e: "h" in e.payload, lambda e: e.payload.update(h="AAAAAAAAAAA="), "has another genome"),
+    ("m2n2", lambda e: e.parents, lambda e: e.payload["g"]["lineage"].__setitem__(2, 7), "was made otherwise"),
+    ("m2n2-subsample-topup", lambda e: e.indices is not None and e.topup_of is None,
+     lambda e: setattr(e, "indices", _other_subset(e.indices)), "is scored on other datapoints"),
+    ("cmaes", lambda e: True, lambda e: e.params.update(index=99), "has other params or parents"),
+])
+def test_a_re_asked_child_that_differs_from_its_trial_stops_the_replay(name, pick, change, why):
+    run, resumed, entries, snapshot_at, crash_at = _crash(name, sync=False)
+    index = _tamper(entries, pick, change, resumed.issued)
+    report = replay(resumed, entries, study_max_member=max(r.member_id for r in run["records"][:crash_at]))
+    assert why in report.problem and report.problem.startswith(f"trial {entries[index].number} cannot be replayed")
+    assert (report.replayed, report.redone, report.first_redone) == (index, len(entries) - index,
+                                                                     entries[index].number)
+    later = {e.member_id for e in entries[index:]}
+    assert not later & set(resumed.inflight)  # ids on the trials left in the study never come back
+
+
+def _other_subset(text: str) -> str:
+    from evomerge.strategies.subsets import decode_indices, encode_indices
+
+    indices = decode_indices(text, 120)
+    moved = np.setdiff1d(np.arange(120), indices)[0]
+    return encode_indices(np.sort(np.append(indices[1:], moved)), 120)
