@@ -126,8 +126,18 @@ def _after_snapshot_by(trials: int, every: int = 100):
     return ready
 
 
+def _resume_with_cli(out: Path) -> dict:
+    """`evomerge resume` as a user types it (its own embedded Ray); the summary it wrote."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), str(REPO)])}
+    done = subprocess.run([EVOMERGE, "resume", str(out), "--quiet"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "cannot be replayed" not in done.stderr, done.stderr[-3000:]
+    return json.loads((out / "summary.json").read_text())
+
+
 def _kill_and_resume(ray_session, tmp_path: Path, ready, budget: int = 400, every: int = 100,
-                     config: dict | None = None) -> tuple[dict, list, int]:
+                     config: dict | None = None, cli: bool = False) -> tuple[dict, list, int]:
     log = tmp_path / "evaluations.log"
     if config is None:
         config = _config("replay", log, budget, every)
@@ -136,7 +146,7 @@ def _kill_and_resume(ray_session, tmp_path: Path, ready, budget: int = 400, ever
     before = [_view(t) for t in _study(out, config["name"]).get_trials(deepcopy=False)]
     evaluated_before, _ = read_log(log)
     step = int(snapshots.load_latest_snapshot(out)[1]["population"]["told"])
-    summary = resume_search(out, SearchOptions(out_dir=out, progress=False))
+    summary = _resume_with_cli(out) if cli else resume_search(out, SearchOptions(out_dir=out, progress=False))
     evaluated_after = read_log(log)[0] - evaluated_before
     after = _study(out, config["name"]).get_trials(deepcopy=False)
     # trials = evaluations = budget, member ids unique, nothing recorded before the kill changed

@@ -227,3 +227,52 @@ def _other_subset(text: str) -> str:
     indices = decode_indices(text, 120)
     moved = np.setdiff1d(np.arange(120), indices)[0]
     return encode_indices(np.sort(np.append(indices[1:], moved)), 120)
+
+
+# -- kill -9 through the CLI, async, real Ray ---------------------------------------------------
+def _payload_bytes(attrs: list[dict]) -> float:
+    return float(np.mean([len(json.dumps(a["replay"], separators=(",", ":"))) for a in attrs]))
+
+
+def test_kill_9_of_an_async_cmaes_search_then_evomerge_resume(ray_session, tmp_path):
+    config = _config("cmaes", tmp_path / "evaluations.log", 400, 100)
+    config["strategy"] = {"name": "cmaes"}
+    summary, before, step = _kill_and_resume(ray_session, tmp_path, _after_snapshot_by(50), config=config, cli=True)
+    assert summary["recovery"]["replayed"] >= 50
+    attrs = [view[4] for view in before if view[0] >= step]  # the trials told back
+    assert all("h" in a["replay"] and a["replay"]["g"] is None for a in attrs if a["parents"] == [])
+    print("payload bytes per trial (CMA-ES, digits 300):", _payload_bytes(attrs))
+
+
+def test_kill_9_of_a_subsampled_m2n2_search_with_topups(ray_session, tmp_path):
+    """The archive after kill + resume is made of exactly the recorded scores, over the
+    recorded subsets: every replayed child drew the same subset again (the replay checks it)."""
+    from evomerge import snapshots
+    from evomerge.strategies.subsets import decode_indices
+    from evomerge.tracking import replay_payload
+    from test_replay import _study
+
+    config = _config("subsampled", tmp_path / "evaluations.log", 400, 100)
+    config["fitness"]["subsample"] = {"fraction": 0.2, "topup": "archive"}
+    summary, before, step = _kill_and_resume(ray_session, tmp_path, _after_snapshot_by(50), config=config)
+    replayed = [view[4] for view in before if view[0] >= step]
+    assert any("topup_of" in a for a in replayed) and any("datapoint_indices" in a for a in replayed)
+    print("payload bytes per trial (subsampled M2N2, digits 300):", _payload_bytes(replayed),
+          "+ datapoint_indices:", np.mean([len(a["datapoint_indices"]) for a in replayed if "datapoint_indices" in a]))
+
+    n = 300
+    rows: dict[int, np.ndarray] = {}
+    for trial in _study(tmp_path / "run", "subsampled").get_trials(deepcopy=False):
+        attrs = trial.user_attrs
+        if "error" in attrs:
+            continue
+        indices = decode_indices(attrs.get("datapoint_indices"), n)
+        indices = np.arange(n) if indices is None else indices
+        member = attrs.get("topup_of", attrs["member_id"])
+        row = rows.setdefault(member, np.full(n, np.nan))
+        row[indices] = replay_payload.decode_scores(attrs["replay"]["s"], len(indices))
+    arrays = snapshots.load_latest_snapshot(tmp_path / "run")[2]
+    members = [(int(m), row) for m, row in zip(arrays["strategy/ids"], arrays["strategy/scores"]) if m >= 0]
+    assert len(members) >= 10
+    for member, row in members:  # each archive row is its child's subset and top-up, fully known
+        assert np.array_equal(rows[member], row), member
