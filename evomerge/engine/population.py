@@ -396,7 +396,10 @@ class Population:
 
 
 def genome_digest(space: Any, genome: Any) -> str:
-    """The digest of a genome as the space packs it (what a snapshot would store)."""
+    """The digest of a genome: a dense vector's own bytes, anything else as the space packs it
+    (what a snapshot would store)."""
+    if isinstance(genome, np.ndarray):  # no packed copy: a third of the cost on digits
+        return replay_payload.digest({"values": genome})
     return replay_payload.digest(space.pack([genome], "g"))
 
 

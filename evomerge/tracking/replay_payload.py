@@ -15,8 +15,8 @@ scores. Each trial's user attribute `replay` holds, besides the member id, paren
 - `g`: how the child was made, when the strategy says: its lineage (parents, slots, split, mix
   ratio, noise seed), a seed index, or the RNG state a random start was drawn from; `null`
   otherwise;
-- `h`: where `g` is null, a digest of the genome as the population packs it (64 bits of
-  BLAKE2b, base64): CMA-ES samples, DAM merges, static merges, top-ups;
+- `h`: where `g` is null, a digest of the genome as the population packs it (CRC-32, 8 hex
+  digits): CMA-ES samples, DAM merges, static merges, seed merges, top-ups, guides' children;
 - `s`: its per-datapoint scores as the worker returned them (a subsampled child's or a
   top-up's: its subset's only), exact and compact: bits for 0/1 scores, float16 where that
   loses nothing, float32 (what workers send) otherwise; absent on a FAIL trial.
@@ -29,8 +29,8 @@ Decoders ignore keys they do not know, and `v` changes only when a key changes m
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
+import zlib
 from typing import Any
 
 import numpy as np
@@ -112,14 +112,15 @@ def rng_to_json(rng: np.random.Generator) -> list[Any]:
 
 # -- what the child was, where no origin says it ---------------------------------------------
 def digest(arrays: dict[str, np.ndarray]) -> str:
-    """64 bits of BLAKE2b over the named arrays (names, dtypes, shapes and bytes, in name order):
-    enough to tell a re-asked child from another, at ~50 us for a 19k-parameter vector."""
-    hasher = hashlib.blake2b(digest_size=8)
+    """CRC-32 over the named arrays (names, dtypes, shapes and bytes, in name order), as 8 hex
+    digits: it only has to tell a re-asked child from another one (no adversary), and at ~35 us
+    for a 19k-parameter vector it costs a quarter of a 64-bit BLAKE2b here."""
+    crc = 0
     for name in sorted(arrays):
         value = np.ascontiguousarray(arrays[name])
-        hasher.update(f"{name}|{value.dtype.str}|{value.shape}|".encode())
-        hasher.update(value.tobytes())
-    return base64.b64encode(hasher.digest()).decode("ascii")
+        crc = zlib.crc32(f"{name}|{value.dtype.str}|{value.shape}|".encode(), crc)
+        crc = zlib.crc32(value.data if value.size else b"", crc)
+    return f"{crc:08x}"
 
 
 # -- the payload --------------------------------------------------------------------------------
