@@ -9,8 +9,8 @@ a snapshot at one point and the crashed state at a later one; a resume loads the
 replays the trials between, and must hold the crashed state bit for bit (strategy included),
 then go on to the same trials and the same final archive as the straight run.
 
-Then two kill -9 searches through the CLI (async, real Ray): CMA-ES, and subsampled M2N2 with
-top-ups, counting what the resumed search evaluated.
+Then two kill -9 searches through the CLI (async, real Ray; slow): CMA-ES, resumed with
+`evomerge resume`, and subsampled M2N2 with top-ups, counting what the resumed search evaluated.
 """
 
 from __future__ import annotations
@@ -234,6 +234,7 @@ def _payload_bytes(attrs: list[dict]) -> float:
     return float(np.mean([len(json.dumps(a["replay"], separators=(",", ":"))) for a in attrs]))
 
 
+@pytest.mark.slow  # ~110 s here (two Ray start-ups); the suite above covers CMA-ES's async replay in-process
 def test_kill_9_of_an_async_cmaes_search_then_evomerge_resume(ray_session, tmp_path):
     config = _config("cmaes", tmp_path / "evaluations.log", 400, 100)
     config["strategy"] = {"name": "cmaes"}
@@ -244,6 +245,7 @@ def test_kill_9_of_an_async_cmaes_search_then_evomerge_resume(ray_session, tmp_p
     print("payload bytes per trial (CMA-ES, digits 300):", _payload_bytes(attrs))
 
 
+@pytest.mark.slow  # ~80 s here
 def test_kill_9_of_a_subsampled_m2n2_search_with_topups(ray_session, tmp_path):
     """The archive after kill + resume is made of exactly the recorded scores, over the
     recorded subsets: every replayed child drew the same subset again (the replay checks it)."""
