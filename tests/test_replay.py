@@ -217,7 +217,7 @@ def sync_run(ray_session, tmp_path_factory) -> tuple[Path, dict]:
     return out, summary
 
 
-def _crashed_copy(reference: Path, tmp_path: Path) -> tuple[Path, int]:
+def _crashed_copy(reference: Path, tmp_path: Path, total: int = 300) -> tuple[Path, int]:
     """The reference run as a crash after its last trial would leave it: no final snapshot, no
     summary; the study still holds the trials written since the snapshot before; its step."""
     import shutil
@@ -229,7 +229,7 @@ def _crashed_copy(reference: Path, tmp_path: Path) -> tuple[Path, int]:
     shutil.rmtree(kept[-1])
     (out / "summary.json").unlink()
     step = int(snapshots.load_latest_snapshot(out)[1]["population"]["told"])
-    assert 0 < step < 300
+    assert 0 < step < total
     return out, step
 
 

@@ -235,6 +235,39 @@ def _other_subset(text: str) -> str:
     return encode_indices(np.sort(np.append(indices[1:], moved)), 120)
 
 
+# -- the engine itself (Ray, Optuna), sync ------------------------------------------------------
+@pytest.mark.slow  # two Ray searches per strategy
+@pytest.mark.parametrize("name", STRATEGIES.names())
+def test_engine_resume_after_a_crash_is_the_straight_search(ray_session, tmp_path, name):
+    """Through the study: the reference search's run folder as a crash after its last trial
+    leaves it (newest snapshot gone, trials after the one before still in the study); resume
+    evaluates nothing and ends bitwise where the reference did."""
+    from evomerge.engine.search import SearchOptions, resume_search, run_search
+    from counting_tasks import read_log
+    from test_replay import _arrays, _crashed_copy, _study
+
+    log = tmp_path / "evaluations.log"
+    config = _config("engine", log, 120, {"static": 1, "dam": 1}.get(name, 40), sync=True)
+    config["strategy"] = {"name": name, "options": SHORT.get(name, {})}
+    if not STRATEGIES.get(name).supports_scratch:
+        config["seeds"] = "task"
+    reference = tmp_path / "reference"
+    config["workers"]["batch"] = 1  # rounds of 2, about one per stretch: snapshots fall inside short searches
+    total = run_search(config_from_dict(config), SearchOptions(out_dir=reference, progress=False,
+                                                               advance_seconds=0.01))["evaluations"]
+    out, step = _crashed_copy(reference, tmp_path, total)
+    evaluated = read_log(log)[0]
+    summary = resume_search(out, SearchOptions(out_dir=out, progress=False))
+    assert read_log(log)[0] == evaluated  # every trial after the snapshot told back, none evaluated
+    assert summary["recovery"] == {"replayed": total - step, "resent": 0, "redone": 0}
+    a, b = _arrays(out), _arrays(reference)
+    assert a.keys() == b.keys() and all(a[k].tobytes() == b[k].tobytes() for k in a)
+    trials = [(t.number, t.value, t.params, t.user_attrs["member_id"])
+              for t in _study(out, "engine").get_trials(deepcopy=False)]
+    assert trials == [(t.number, t.value, t.params, t.user_attrs["member_id"])
+                      for t in _study(reference, "engine").get_trials(deepcopy=False)]
+
+
 # -- kill -9 through the CLI, async, real Ray ---------------------------------------------------
 def _payload_bytes(attrs: list[dict]) -> float:
     return float(np.mean([len(json.dumps(a["replay"], separators=(",", ":"))) for a in attrs]))
