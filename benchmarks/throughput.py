@@ -219,12 +219,14 @@ def recording_cost(evaluations: int = 2000, repeats: int = 5, batch: int = 50) -
     population = None
     bare = [dataclasses.replace(r, replay=None) for r in records]
     sizes = [len(r.replay) for r in records if r.replay is not None and r.train_score is not None]
-    # the population actor's side: one payload per tell (scores packed, origin and ask state written)
+    # the population actor's side: one payload per tell (scores packed, and the genome's digest,
+    # which children without a recorded origin carry: CMA-ES's, DAM's, the static merges')
     from evomerge.tracking import replay_payload
     scores = [np.ones(1437, dtype=np.float32)] * 200
+    genome = {"g/values": np.zeros((1, 19210), dtype=np.float32)}
     t0 = time.process_time()
     for k, sc in enumerate(scores):
-        replay_payload.encode_text(sc, k, None, {"rng": [2 ** 127, 2 ** 64 + 1, 0, 0], "init": [2, 2]})
+        replay_payload.encode_text(sc, k, k + 1, None, replay_payload.digest(genome))
     encode_us = (time.process_time() - t0) / len(scores) * 1e6
 
     def one_pass(recs: list, folder: Path) -> float:

@@ -30,11 +30,11 @@ class CountingDigits(DigitsTask):
         finally:
             os.close(fd)
 
-    def evaluate(self, params: np.ndarray) -> np.ndarray:
+    def evaluate(self, params: np.ndarray, indices: np.ndarray | None = None) -> np.ndarray:
         if self.options.sleep:
             time.sleep(self.options.sleep)
         self._log("E")
-        return super().evaluate(params)
+        return super().evaluate(params, indices)
 
     def test_score(self, params: np.ndarray) -> float | None:
         mean = float(np.mean(np.asarray(DigitsTask.evaluate(self, params), dtype=np.float32)))

@@ -126,8 +126,18 @@ def _after_snapshot_by(trials: int, every: int = 100):
     return ready
 
 
+def _resume_with_cli(out: Path) -> dict:
+    """`evomerge resume` as a user types it (its own embedded Ray); the summary it wrote."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), str(REPO)])}
+    done = subprocess.run([EVOMERGE, "resume", str(out), "--quiet"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "cannot be replayed" not in done.stderr, done.stderr[-3000:]
+    return json.loads((out / "summary.json").read_text())
+
+
 def _kill_and_resume(ray_session, tmp_path: Path, ready, budget: int = 400, every: int = 100,
-                     config: dict | None = None) -> tuple[dict, list, int]:
+                     config: dict | None = None, cli: bool = False) -> tuple[dict, list, int]:
     log = tmp_path / "evaluations.log"
     if config is None:
         config = _config("replay", log, budget, every)
@@ -136,7 +146,7 @@ def _kill_and_resume(ray_session, tmp_path: Path, ready, budget: int = 400, ever
     before = [_view(t) for t in _study(out, config["name"]).get_trials(deepcopy=False)]
     evaluated_before, _ = read_log(log)
     step = int(snapshots.load_latest_snapshot(out)[1]["population"]["told"])
-    summary = resume_search(out, SearchOptions(out_dir=out, progress=False))
+    summary = _resume_with_cli(out) if cli else resume_search(out, SearchOptions(out_dir=out, progress=False))
     evaluated_after = read_log(log)[0] - evaluated_before
     after = _study(out, config["name"]).get_trials(deepcopy=False)
     # trials = evaluations = budget, member ids unique, nothing recorded before the kill changed
@@ -207,7 +217,7 @@ def sync_run(ray_session, tmp_path_factory) -> tuple[Path, dict]:
     return out, summary
 
 
-def _crashed_copy(reference: Path, tmp_path: Path) -> tuple[Path, int]:
+def _crashed_copy(reference: Path, tmp_path: Path, total: int = 300) -> tuple[Path, int]:
     """The reference run as a crash after its last trial would leave it: no final snapshot, no
     summary; the study still holds the trials written since the snapshot before; its step."""
     import shutil
@@ -219,7 +229,7 @@ def _crashed_copy(reference: Path, tmp_path: Path) -> tuple[Path, int]:
     shutil.rmtree(kept[-1])
     (out / "summary.json").unlink()
     step = int(snapshots.load_latest_snapshot(out)[1]["population"]["told"])
-    assert 0 < step < 300
+    assert 0 < step < total
     return out, step
 
 
@@ -324,7 +334,8 @@ def _entries(records) -> list:
 
     return [TrialEntry(number=r.number, member_id=r.member_id, failed=r.failed, value=r.train_score,
                        test_score=r.test_score, error=r.error, seconds=r.seconds, params=dict(r.params),
-                       parents=list(r.parents), generation=r.generation, payload=json.loads(r.replay))
+                       parents=list(r.parents), generation=r.generation, payload=json.loads(r.replay),
+                       test_scores=r.test_scores, indices=r.indices, topup_of=r.topup_of)
             for r in records]
 
 
@@ -344,13 +355,15 @@ def test_replay_rebuilds_the_crashed_archive_from_interleaved_asks():
     for a, b in zip(resumed.strategy.genomes, crashed.strategy.genomes):
         assert (a is None and b is None) or a.tobytes() == b.tobytes()
     assert resumed.best.member_id == crashed.best.member_id
-    # the next ask starts where the crashed search's newest recorded ask left off
-    newest = max(after, key=lambda r: r.member_id)
-    assert resumed.issued == newest.member_id + 1
-    assert resumed.strategy.ask_state() == json.loads(newest.replay)["k"]
-    # re-sent: the snapshot's children that no trial after it holds, under their own ids
+    # every child the crashed search had asked is asked again: the next ask is where it left off
+    assert resumed.issued == crashed.issued
+    assert resumed.strategy.rng.bit_generator.state == crashed.strategy.rng.bit_generator.state
+    # re-sent under their own ids: the snapshot's children and the ones asked after it that no
+    # trial holds (in flight when the process died)
     told_ids = {r.member_id for r in after}
-    assert set(resumed.inflight) == set(int(c["member_id"]) for c in meta["inflight"]) - told_ids
+    assert set(resumed.inflight) == set(crashed.inflight)
+    assert set(int(c["member_id"]) for c in meta["inflight"]) - told_ids <= set(resumed.inflight)
+    assert set(resumed.inflight) - set(int(c["member_id"]) for c in meta["inflight"])  # asked after it
     assert report.resent == len(resumed.inflight)
 
 
@@ -369,10 +382,13 @@ def test_fallback_gives_fresh_ids_past_the_study():
     assert "trial 32 cannot be replayed: replay payload version 99 is not 1" in report.problem
     assert resumed.told == 32 and resumed.issued > study_max
     later = {e.member_id for e in entries[2:]}
-    # snapshot children whose ids are on the trials left in the study go out again under new ids
-    snapshot_children = {int(c["member_id"]) for c in meta["inflight"]} - {e.member_id for e in entries[:2]}
-    assert set(report.renumbered) == snapshot_children & later != set()
+    # children in flight whose ids are on the trials left in the study go out again under new
+    # ids: the snapshot's, and the ones asked again before the two tells replayed
+    asked_again = set(range(meta["issued"], entries[1].payload["n"]))
+    assert asked_again  # the async interleaving asked some after the snapshot, before trial 31
+    in_flight = ({int(c["member_id"]) for c in meta["inflight"]} | asked_again) - {e.member_id for e in entries[:2]}
+    assert set(report.renumbered) == in_flight & later != set()
     assert not later & set(resumed.inflight)
-    fresh = set(resumed.inflight) - (snapshot_children - later)
+    fresh = set(resumed.inflight) - (in_flight - later)
     assert len(fresh) == len(report.renumbered) and min(fresh) > study_max
     assert resumed.recovery == {"replayed": 2, "resent": len(resumed.inflight), "redone": 23}

@@ -119,7 +119,8 @@ class Dispatcher:
 
     # -- public ----------------------------------------------------------------------------
     def requeue(self, candidates: list[Candidate]) -> None:
-        """Children issued before a snapshot but never told go out again after a resume."""
+        """Children asked but never told go out again after a resume: the snapshot's, and the
+        ones the replay asked again (engine/replay.py)."""
         self.retry.extend(sorted(candidates, key=lambda c: c.member_id))
 
     def advance(self, max_seconds: float) -> list[EvalRecord]:

@@ -146,10 +146,9 @@ class Population:
         self.staleness_total = 0
         self.staleness_count = 0
         self.groups = getattr(strategy.problem, "groups", None)  # the task's skills, or None
-        # Replay payloads on trials (off only to measure what they cost): the strategy's ask
-        # state after each ask, kept until the child is told.
+        # Replay payloads on trials (off only to measure what they cost, and while a resume
+        # replays trials that are already in the study).
         self.record_replay = True
-        self._ask_states: dict[int, Any] = {}
         # What resumes saved: evaluations told back from the study, children re-sent, redone.
         self.recovery = {"replayed": 0, "resent": 0, "redone": 0}
 
@@ -223,10 +222,6 @@ class Population:
         self.issued += 1
         self.inflight[candidate.member_id] = candidate
         self._asked_at[candidate.member_id] = self.told
-        if self.record_replay:
-            state = self.strategy.ask_state()
-            if state is not None:
-                self._ask_states[candidate.member_id] = state
         return candidate
 
     def ask_batch(self, size: int) -> list[Candidate]:
@@ -243,7 +238,6 @@ class Population:
     def tell(self, evaluation: Evaluation) -> EvalRecord:
         candidate = self.inflight.pop(evaluation.member_id)
         asked_at = self._asked_at.pop(evaluation.member_id, None)  # None: re-sent after a resume
-        ask_state = self._ask_states.pop(evaluation.member_id, None)
         if asked_at is not None:
             self.staleness_total += self.told - asked_at
             self.staleness_count += 1
@@ -255,12 +249,10 @@ class Population:
             evaluation = Evaluation(evaluation.member_id, None, None, problem, evaluation.seconds,
                                     started=evaluation.started)
             self.failed += 1
-        elif self.completes(candidate):  # the last top-up: the strategy and the best see the full row
-            assert candidate.indices is not None
-            full = np.empty(n, dtype=np.float64)
-            full[candidate.observed[0]] = candidate.observed[1]
-            full[candidate.indices] = evaluation.scores
-            evaluation = Evaluation(evaluation.member_id, full, evaluation.test_score, None, evaluation.seconds,
+        returned = evaluation.scores  # what the worker sent: the payload records these
+        if problem is None and self.completes(candidate):  # the last top-up: strategy and best see the full row
+            evaluation = Evaluation(evaluation.member_id, self.full_row(candidate, evaluation.scores),
+                                    evaluation.test_score, None, evaluation.seconds,
                                     test_scores=evaluation.test_scores, started=evaluation.started)
         self.strategy.tell(candidate, evaluation)
         train = evaluation.train_score
@@ -288,13 +280,28 @@ class Population:
             best_test=self.best.test_score if self.best else None, intermediate=intermediate,
             train_scores=train_groups, test_scores=test_groups,
             started=evaluation.started,
-            replay=replay_payload.encode_text(evaluation.scores, asked_at, candidate.origin, ask_state)
-            if self.record_replay else None,
+            replay=self._payload(candidate, returned, asked_at) if self.record_replay else None,
             datapoints=cost, topup_of=candidate.topup_of, partial=not whole,
             indices=None if candidate.indices is None else encode_indices(candidate.indices, n),
         )
         self.told += 1
         return record
+
+    def full_row(self, candidate: Candidate, scores: np.ndarray) -> np.ndarray:
+        """A completing top-up's scores together with the child's observed ones: its full row."""
+        assert candidate.indices is not None and candidate.observed is not None
+        full = np.empty(self.strategy.problem.num_datapoints, dtype=np.float64)
+        full[candidate.observed[0]] = candidate.observed[1]
+        full[candidate.indices] = scores
+        return full
+
+    def _payload(self, candidate: Candidate, scores: np.ndarray | None, asked_at: int | None) -> str:
+        """The trial's replay payload (tracking/replay_payload.py). `n` is the count of children
+        asked by now: a resume asks them all again before telling this one back."""
+        digest = None
+        if candidate.origin is None:  # nothing says how it was made: the genome's digest identifies it
+            digest = genome_digest(self.strategy.problem.space, candidate.genome)
+        return replay_payload.encode_text(scores, asked_at, self.issued, candidate.origin, digest)
 
     @property
     def basis_elements(self) -> list[Any]:
@@ -345,7 +352,6 @@ class Population:
                 "inflight": inflight, "best": best, "strategy": strategy_meta,
                 "staleness": [self.staleness_total, self.staleness_count], "recovery": dict(self.recovery),
                 "asked_at": {str(k): v for k, v in self._asked_at.items()},
-                "ask_states": {str(k): v for k, v in self._ask_states.items()},
                 "datapoints": [self.issued_datapoints, self.told_datapoints],
                 "held": None if self._held is None else {
                     "params": dict(self._held.params), "parents": list(self._held.parents),
@@ -359,10 +365,9 @@ class Population:
                                       {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
         self.issued, self.told, self.failed = int(meta["issued"]), int(meta["told"]), int(meta["failed"])
         self.staleness_total, self.staleness_count = (int(v) for v in meta.get("staleness", (0, 0)))
-        # Children in flight keep their ask order and ask state, so that their trials can be
-        # replayed after a later crash (snapshots older than replay lack both: {}).
+        # Children in flight keep their ask order, so that their trials record it (and the
+        # staleness counts them) after a resume; snapshots older than replay lack it: {}.
         self._asked_at = {int(k): int(v) for k, v in meta.get("asked_at", {}).items()}
-        self._ask_states = {int(k): v for k, v in meta.get("ask_states", {}).items()}
         self.recovery = {**{"replayed": 0, "resent": 0, "redone": 0}, **meta.get("recovery", {})}
         self.issued_datapoints, self.told_datapoints = (int(v) for v in meta.get("datapoints", (0, 0)))
         self._held = None
@@ -388,6 +393,14 @@ class Population:
             _unpack_subset(candidate, arrays, f"inflight_subsets/{candidate.member_id}")
             self.inflight[candidate.member_id] = candidate
         return list(self.inflight.values())
+
+
+def genome_digest(space: Any, genome: Any) -> str:
+    """The digest of a genome: a dense vector's own bytes, anything else as the space packs it
+    (what a snapshot would store)."""
+    if isinstance(genome, np.ndarray):  # no packed copy: a third of the cost on digits
+        return replay_payload.digest({"values": genome})
+    return replay_payload.digest(space.pack([genome], "g"))
 
 
 def _pack_subset(candidate: Candidate, prefix: str) -> dict[str, np.ndarray]:

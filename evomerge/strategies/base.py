@@ -178,18 +178,13 @@ class Strategy(ABC):
         return False
 
     # -- replay on resume (evomerge/engine/replay.py) -------------------------------------------
-    def ask_state(self) -> dict[str, Any] | None:
-        """What `ask` changes besides the archive (RNG, counters), small and JSON-able: recorded
-        with each trial, so a resume that replays trials leaves the next ask where the crashed
-        search had it. None: this strategy's trials cannot be replayed (resume evaluates again)."""
-        return None
-
-    def set_ask_state(self, state: dict[str, Any]) -> None:
-        raise NotImplementedError(f"{type(self).__name__} records no ask state")
-
-    def member_genomes(self) -> dict[int, Any]:
-        """The archive's genomes by member id: the parents a replayed child is rebuilt from."""
-        return {}
+    def allow_background(self, allowed: bool) -> bool:
+        """Whether ask() may hand long work to a thread (`Problem.background`); returns the old
+        setting. A resume turns it off while it asks the strategy again for the children of the
+        trials it replays: an ask that returned None because a thread was still busy would leave
+        out a child the crashed search had."""
+        previous, self.problem.background = self.problem.background, allowed
+        return previous
 
     # RNG state travels as JSON, never pickled.
     def _rng_state(self) -> dict[str, Any]:

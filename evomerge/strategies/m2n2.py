@@ -43,7 +43,7 @@ from evomerge.strategies.guide import Guide, GuideOptions
 from evomerge.strategies.merge_specs import MergeSpec, spec_genome, spec_member
 from evomerge.strategies.niches import Niches, estimate_unobserved, replacement_slot, screen_slot
 from evomerge.strategies.subsets import draw_subset, subset_rng, widen
-from evomerge.tracking.replay_payload import rng_from_json, rng_to_json
+from evomerge.tracking.replay_payload import rng_to_json
 
 
 class M2N2Options(StrategyOptions):
@@ -149,7 +149,7 @@ class M2N2(Strategy):
             k = self.space.num_seeds
             params = {"seed_with": self.init_issued - k} if k and self.init_issued >= k else {}
             self.init_issued += 1
-            if params:  # a seed_with merge (a basis element added as it is asked): not replayed
+            if params:  # a seed_with merge: the trial records its genome's digest instead
                 origin = None
             return Candidate(genome=genome, params=params, parents=(), generation=0, origin=origin)
         if self.init_told < self.init_target:
@@ -289,19 +289,11 @@ class M2N2(Strategy):
         self.generations[slot] = generation
 
     # -- replay (evomerge/engine/replay.py) --------------------------------------------------
-    def ask_state(self) -> dict[str, Any] | None:
-        if self.guide is not None:  # the guide's own strategy has state of its own: not recorded
-            return None
-        if self.subsampling:  # subset draws and top-ups are not in the payload yet: re-evaluated on resume
-            return None
-        return {"rng": rng_to_json(self.rng), "init": [self.init_issued, self.init_target]}
-
-    def set_ask_state(self, state: dict[str, Any]) -> None:
-        self._set_rng_state(rng_from_json(state["rng"]))
-        self.init_issued, self.init_target = (int(v) for v in state["init"])
-
-    def member_genomes(self) -> dict[int, Any]:
-        return {int(i): g for i, g in zip(self.ids.tolist(), self.genomes) if i >= 0}
+    def allow_background(self, allowed: bool) -> bool:
+        previous = super().allow_background(allowed)
+        if self.guide is not None:  # a DAM guide trains on a thread of its own problem's
+            self.guide.strategy.allow_background(allowed)
+        return previous
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -21,6 +21,8 @@ whole and every weight is 1.
 
 The draw is a function of the child's own seed (`subset_rng`) and of the archive at its ask, so
 it is reproducible; the indices themselves travel with the child, into snapshots and the trial.
+A resume that replays the trial draws them again and checks them against the trial's
+(evomerge/engine/replay.py).
 """
 
 from __future__ import annotations
