@@ -84,7 +84,7 @@ class LateTests:
         self.inflight.pop(record.member_id, None)
         if record.failed:
             self.failed += 1
-        else:
+        elif record.test_score is not None:
             self.measured += 1
 
     def known(self, member_ids: set[int]) -> None:

@@ -303,10 +303,11 @@ class _Driver:
 
     def _record(self, records: list[EvalRecord], over: bool = False, tests: list[TestRecord] | None = None) -> None:
         self.over = self.over or over
-        self.recorder.put_tests(tests or [])  # late held-out tests: their trials were put before
+        if records:
+            self.recorder.put(r for r in records if r.number >= self.recorded)
+        self.recorder.put_tests(tests or [])  # late held-out tests, after their members' trials
         if not records:
             return
-        self.recorder.put(r for r in records if r.number >= self.recorded)
         self.told += len(records)
         now = time.perf_counter()
         if self.first_result is None:
