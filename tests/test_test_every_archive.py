@@ -272,3 +272,14 @@ def test_a_test_that_fails_or_kills_its_worker_is_recorded_and_the_search_goes_o
     assert status["held_out"]["failed"] == len(failed)
     trials = study_trials(_study(summary))
     assert sum("test_error" in t.user_attrs for t in trials) == len(failed)
+
+
+def test_in_process_a_failing_test_is_recorded_and_the_search_goes_on(tmp_path):
+    log = tmp_path / "calls.log"
+    tests = []
+    population = run_local(_config(log, budget=60, task_options={"test_fails": 3}), on_test=tests.append)
+    assert population.told == 60 and population.failed == 0
+    failed = [t for t in tests if t.failed]
+    assert failed and all(t.error.startswith("fitness task raised RuntimeError: simulated test crash") for t in failed)
+    assert all(t.test_score is None for t in failed)
+    assert population.test_counts() == {"measured": len(tests) - len(failed), "failed": len(failed), "outstanding": 0}
