@@ -11,6 +11,7 @@ import shutil
 import numpy as np
 import optuna
 import pytest
+from optuna.trial import TrialState
 from safetensors.numpy import load_file
 
 from conftest import digits_config
@@ -26,7 +27,7 @@ from evomerge.strategies.base import Evaluation, Problem
 from evomerge.strategies.cmaes import CMAES
 from evomerge.strategies.m2n2 import M2N2
 from evomerge.tracking import replay_payload
-from evomerge.tracking.late_tests import PREFIX, measured_tests, study_trials
+from evomerge.tracking.late_tests import held_out_counts, measured_tests, member_trials, study_trials, with_tests
 from evomerge.tracking.plots import progress_series
 from evomerge.tracking.storage import JOURNAL_NAME, open_storage
 from fitness.digits import DigitsTask
@@ -283,3 +284,21 @@ def test_in_process_a_failing_test_is_recorded_and_the_search_goes_on(tmp_path):
     assert failed and all(t.error.startswith("fitness task raised RuntimeError: simulated test crash") for t in failed)
     assert all(t.test_score is None for t in failed)
     assert population.test_counts() == {"measured": len(tests) - len(failed), "failed": len(failed), "outstanding": 0}
+
+
+def test_a_late_test_goes_on_its_members_full_row_trial():
+    def trial(member, partial=False, topup_of=None, state=TrialState.COMPLETE):
+        attrs = {"member_id": member, "test_score": None, **({"partial": True} if partial else {}),
+                 **({} if topup_of is None else {"topup_of": topup_of})}
+        return optuna.trial.create_trial(state=state, value=None if state == TrialState.FAIL else 0.5,
+                                         user_attrs=attrs)
+    trials = [trial(0), trial(1, partial=True), trial(2, partial=True, topup_of=1), trial(3, topup_of=1),
+              trial(4, partial=True), trial(5, state=TrialState.FAIL)]
+    # member 1's full row is the last top-up (trial 3); member 4 entered on its subset alone
+    assert member_trials(trials) == {0: 0, 1: 3, 4: 4}
+    tests = {0: TestRecord(0, 0.25), 1: TestRecord(1, None, error="boom"), 4: TestRecord(4, 0.5),
+             5: TestRecord(5, 0.75)}
+    merged = with_tests(trials, tests)
+    assert [t.user_attrs["test_score"] for t in merged] == [0.25, None, None, None, 0.5, None]
+    assert merged[3].user_attrs["test_error"] == "boom" and "test_error" not in trials[3].user_attrs
+    assert held_out_counts(merged) == {"measured": 2, "failed": 1}

@@ -53,33 +53,41 @@ def measured_tests(study: optuna.Study | None) -> dict[int, TestRecord]:
     return out
 
 
-def member_of(trial: FrozenTrial) -> int | None:
-    """The member a trial's full row belongs to: a last top-up's is the child it completed. A
-    trial scored on a subset alone (`partial`) belongs to no member's test."""
-    attrs = trial.user_attrs
-    if trial.state != TrialState.COMPLETE or attrs.get("partial"):
-        return None
-    member = attrs.get("topup_of", attrs.get("member_id"))
-    return None if member is None else int(member)
+def member_trials(trials: Sequence[FrozenTrial]) -> dict[int, int]:
+    """Member id -> index of the trial its test belongs on: the one with its full row (a last
+    top-up's, whose `topup_of` is the child it completed), else, for a member that entered the
+    archive on a subset alone (`subsample.topup: none`), its own partial trial."""
+    full: dict[int, int] = {}
+    own: dict[int, int] = {}
+    for index, trial in enumerate(trials):
+        attrs = trial.user_attrs
+        if trial.state != TrialState.COMPLETE or attrs.get("member_id") is None:
+            continue
+        if not attrs.get("partial"):
+            full.setdefault(int(attrs.get("topup_of", attrs["member_id"])), index)
+        elif attrs.get("topup_of") is None:
+            own.setdefault(int(attrs["member_id"]), index)
+    return {**own, **full}
 
 
 def with_tests(trials: Sequence[FrozenTrial], tests: dict[int, TestRecord]) -> list[FrozenTrial]:
     """`trials`, where a member's trial has a late test, a copy of it that carries the test as its
     own `test_score` (and `test_scores`, or `test_error`). The study is not changed."""
+    out = list(trials)
     if not tests:
-        return list(trials)
-    out = []
-    for trial in trials:
-        record = tests.get(member_of(trial))  # type: ignore[arg-type]
-        if record is not None:
-            trial = copy.copy(trial)
-            attrs = {**trial.user_attrs, "test_score": record.test_score}
-            if record.test_scores is not None:
-                attrs["test_scores"] = record.test_scores
-            if record.error is not None:
-                attrs["test_error"] = record.error
-            trial.user_attrs = attrs
-        out.append(trial)
+        return out
+    for member, index in member_trials(out).items():
+        record = tests.get(member)
+        if record is None:
+            continue
+        trial = copy.copy(out[index])
+        attrs = {**trial.user_attrs, "test_score": record.test_score}
+        if record.test_scores is not None:
+            attrs["test_scores"] = record.test_scores
+        if record.error is not None:
+            attrs["test_error"] = record.error
+        trial.user_attrs = attrs
+        out[index] = trial
     return out
 
 
