@@ -23,6 +23,7 @@ from evomerge.engine.search import SearchOptions, run_search
 from evomerge.errors import EvomergeError
 from evomerge.report import format_table
 from evomerge.strategies import STRATEGIES
+from evomerge.tracking.late_tests import study_trials
 from evomerge.tracking.plots import progress_series
 from evomerge.tracking.storage import open_storage
 from evomerge.tracking.trial_record import train_score_of
@@ -96,7 +97,7 @@ def _one_run(config_path: Path, base: SearchConfig, name: str, seed: int, budget
                                                progress=progress, overwrite=True))
     wall = time.perf_counter() - start  # the whole run, set-up included: what the user waits for
     best = summary.get("best") or {}
-    trials = optuna.load_study(study_name=study, storage=open_storage(storage)).get_trials(deepcopy=False)
+    trials = study_trials(optuna.load_study(study_name=study, storage=open_storage(storage)))  # late tests merged
     series = progress_series(trials)
     row = {"strategy": name, "seed": seed, "evaluations": summary["evaluations"], "failed": summary["failed"],
            "test_score": best.get("test_score"), "train_score": best.get("train_score"),

@@ -56,10 +56,12 @@ class SubsampleSpec(_Strict):
 class FitnessSpec(_Strict):
     task: str = Field(description="registered fitness task name, or 'package.module:Class'")
     options: dict[str, Any] = Field(default_factory=dict)
-    test_every: Literal["best", "all"] = Field(
+    test_every: Literal["best", "archive", "all"] = Field(
         "best", description="which children get the held-out test score (task.test_score): 'best' only a "
                             "child that becomes the new best by mean train score (on an LLM the test can take "
-                            "close to half of each evaluation); 'all' every child. Selection never reads it")
+                            "close to half of each evaluation); 'archive' also every child that enters the "
+                            "strategy's archive (a test-only job after the tell); 'all' every child. "
+                            "Selection never reads it")
     subsample: SubsampleSpec | None = Field(
         None, description="{size: M | fraction: F, topup: archive | none}: score each child on M datapoints")
 

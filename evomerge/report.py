@@ -33,6 +33,7 @@ def summary_table(summary: dict[str, Any]) -> str:
         ("best train score", best.get("train_score")),
         ("best test score", held_out_cell(best.get("test_score"), bool(best))),
         *group_rows(best.get("train_scores"), best.get("test_scores")),
+        ("held-out tests", held_out_tests_cell(summary.get("held_out"), (summary.get("held_out") or {}).get("test_every"))),
         ("wall seconds", summary["wall_seconds"]),
         ("evaluations / s", summary.get("evals_per_second")),
         ("optuna storage", summary["storage"]),
@@ -52,6 +53,14 @@ def held_out_cell(score: float | None, has_best: bool) -> Any:
     """A best member's held-out score; "not measured" when it has none (with `fitness.test_every:
     best` a member is tested only when it becomes the best; some tasks have no test set)."""
     return "not measured" if score is None and has_best else score
+
+
+def held_out_tests_cell(counts: dict[str, Any] | None, test_every: str | None) -> str | None:
+    """How many members have a held-out score, and which ones `fitness.test_every` asked for."""
+    if counts is None:
+        return None
+    failed = f", {counts['failed']} failed" if counts.get("failed") else ""
+    return f"{counts['measured']} measured{failed} (test_every: {test_every or 'best'})"
 
 
 def evaluations_cell(evaluations: int, budget: int | None, finished_early: bool | None = False) -> str:

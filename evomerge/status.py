@@ -17,8 +17,9 @@ from optuna.trial import TrialState
 from evomerge import snapshots
 from evomerge.engine.population import mean_staleness, recovery
 from evomerge.errors import EvomergeError, SnapshotError
-from evomerge.report import evaluations_cell, format_table, group_rows, held_out_cell
+from evomerge.report import evaluations_cell, format_table, group_rows, held_out_cell, held_out_tests_cell
 from evomerge.tracking.dashboard import run_storage_url
+from evomerge.tracking.late_tests import held_out_counts, study_trials
 from evomerge.tracking.storage import open_storage
 from evomerge.tracking.trial_record import train_score_of
 
@@ -67,6 +68,8 @@ def run_status(run_dir: Path) -> dict[str, Any]:
         status["best_test_scores"] = None if best is None else best.user_attrs.get("test_scores")
     parents = {p for t in trials for p in t.user_attrs.get("parents", [])}
     status["distinct_parents"] = len(parents)
+    status["test_every"] = (config.get("fitness") or {}).get("test_every", "best")
+    status["held_out"] = held_out_counts(trials)
     status["finished_early"] = bool(summary and summary.get("finished_early"))
     if summary:
         status["evals_per_second"] = summary.get("evals_per_second")
@@ -99,7 +102,7 @@ def _study(run_dir: Path, config: dict[str, Any]) -> tuple[optuna.Study | None, 
         study = optuna.load_study(study_name=name, storage=open_storage(url))
     except KeyError:
         return None, []
-    return study, study.get_trials(deepcopy=False)
+    return study, study_trials(study)  # late held-out tests (test_every: archive) merged in
 
 
 def study_groups(study: optuna.Study | None) -> list[str] | None:
@@ -147,6 +150,7 @@ def status_table(status: dict[str, Any]) -> str:
         ("best test score", held_out_cell(status["best_test"], status["best_train"] is not None)),
         *group_rows(status.get("best_train_scores"), status.get("best_test_scores")),
         ("best member", status["best_member"]),
+        ("held-out tests", held_out_tests_cell(status.get("held_out"), status.get("test_every"))),
         ("archive size", status["archive_size"]),
         ("distinct parents used", status["distinct_parents"]),
         ("last snapshot", status["last_snapshot"]),

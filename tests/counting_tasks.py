@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import zlib
 
 import numpy as np
 from pydantic import Field
@@ -14,6 +15,9 @@ from fitness.digits import DigitsOptions, DigitsTask
 class CountingOptions(DigitsOptions):
     log: str = Field(description="file that gets one line per call: 'E' per evaluate, 'T <train mean>' per test_score")
     sleep: float = Field(0.0, ge=0.0, description="seconds each evaluate sleeps (a slower fitness)")
+    test_fails: int = Field(0, ge=0, description="test_score raises on about 1 in this many genomes (0: never)")
+    test_kills: int = Field(0, ge=0, description="test_score kills its process on about 1 in this many genomes, "
+                                                 "writing 'K <train mean>' first (0: never)")
 
 
 class CountingDigits(DigitsTask):
@@ -38,7 +42,13 @@ class CountingDigits(DigitsTask):
 
     def test_score(self, params: np.ndarray) -> float | None:
         mean = float(np.mean(np.asarray(DigitsTask.evaluate(self, params), dtype=np.float32)))
+        crc = zlib.crc32(np.ascontiguousarray(params, dtype=np.float32).tobytes())
+        if self.options.test_kills and crc % self.options.test_kills == 0:
+            self._log(f"K {mean!r}")
+            os._exit(1)
         self._log(f"T {mean!r}")
+        if self.options.test_fails and crc % self.options.test_fails == 0:
+            raise RuntimeError("simulated test crash")
         return super().test_score(params)
 
 

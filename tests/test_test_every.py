@@ -1,5 +1,6 @@
 """`fitness.test_every`: the held-out test score only for a child that becomes the new best
-(`best`, the default), or for every child (`all`); in-process, on Ray workers, and on resume."""
+(`best`, the default), or for every child (`all`); in-process, on Ray workers, and on resume.
+`archive` has its own file, test_test_every_archive.py."""
 
 from __future__ import annotations
 
@@ -62,9 +63,11 @@ def test_default_is_best_and_it_does_not_change_the_search_hash(tmp_path):
     assert best.fitness.test_every == "best"
     every = _config(tmp_path / "log", test_every="all")
     assert every.fitness.test_every == "all"
-    assert best.hash() == every.hash()  # which test scores are measured; selection never reads them
+    archive = _config(tmp_path / "log", test_every="archive")
+    assert archive.fitness.test_every == "archive"
+    assert best.hash() == every.hash() == archive.hash()  # which tests are measured; selection never reads them
     with pytest.raises(Exception, match="test_every"):
-        _config(tmp_path / "log", test_every="archive")
+        _config(tmp_path / "log", test_every="members")
 
 
 def test_threshold_is_the_best_train_mean_and_none_with_all():

@@ -9,6 +9,7 @@ import ray
 
 from evomerge.config import SearchConfig
 from evomerge.engine.dispatch import Dispatcher
+from evomerge.engine.late_tests import TestRecord
 from evomerge.engine.population import EvalRecord, Population
 from evomerge.engine.replay import TrialEntry, replay
 from evomerge.engine.worker import FitnessWorker
@@ -88,23 +89,26 @@ class PopulationActor:
             timeout=config.workers.timeout_seconds,
         )
 
-    def advance(self, max_seconds: float = 0.5) -> tuple[list[EvalRecord], bool]:
-        """The records of one stretch, and whether the search is over (budget spent, or the
-        strategy finished early)."""
+    def advance(self, max_seconds: float = 0.5) -> tuple[list[EvalRecord], bool, list[TestRecord]]:
+        """The records of one stretch, whether the search is over (budget spent, or the
+        strategy finished early, and every test job back), and the test jobs' results."""
         records = self.dispatcher.advance(max_seconds)
-        return records, self.population.done
+        return records, self.dispatcher.over, self.dispatcher.take_test_records()
 
     def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         return self.population.state_dict()
 
     def load_state_dict(self, meta: dict[str, Any], arrays: dict[str, np.ndarray],
-                        entries: list[TrialEntry] | None = None, study_max_member: int = -1) -> dict[str, Any]:
+                        entries: list[TrialEntry] | None = None, study_max_member: int = -1,
+                        tests: dict[int, TestRecord] | None = None) -> dict[str, Any]:
         """Restore a snapshot, tell back the trials recorded after it (engine/replay.py), and
-        send out again the children still in flight; returns the replay report."""
+        send out again the children still in flight and the test jobs (`test_every: archive`)
+        the study has no result for (`tests`: those it has); returns the replay report."""
         self.population.load_state_dict(meta, arrays)
+        self.population.note_measured(tests or {})
         report = replay(self.population, entries or [], study_max_member, sync=self.sync)
         self.dispatcher.requeue(list(self.population.inflight.values()))
-        return report.as_dict()
+        return {**report.as_dict(), "tests_resent": self.population.pending_tests}
 
     def status(self) -> dict[str, Any]:
         return self.population.status()

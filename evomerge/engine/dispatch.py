@@ -9,6 +9,10 @@ out again, and a child that has killed its worker too often is recorded as faile
 worker's own alarm should have stopped them, see timeouts.py) is killed the same way; its queued
 calls go out again free, and the stuck call's children go out alone, so that a child that hangs
 takes no other child down with it.
+
+With `fitness.test_every: archive` the population also queues test-only jobs (engine/late_tests.py);
+they go out before new children, on the same workers and with the same death and hang handling,
+and the search is over only once they are back.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any, Sequence
 import ray
 from ray.exceptions import RayActorError
 
+from evomerge.engine.late_tests import TestJob, TestRecord
 from evomerge.engine.population import EvalRecord, Population
 from evomerge.engine.timeouts import HangWatch
 from evomerge.genomes.offspring import ParentMirror, realise
@@ -106,6 +111,8 @@ class Dispatcher:
         self.max_failed_calls = max_worker_deaths * self.depth
         self.load = [0] * len(workers)
         self.inflight: dict[Any, tuple[int, list[Candidate]]] = {}
+        self.test_calls: dict[Any, tuple[int, list[TestJob]]] = {}  # test-only calls out
+        self.test_records: list[TestRecord] = []  # test results not yet taken by the caller
         self.retry: deque[Candidate] = deque()
         self.attempts: dict[int, int] = {}
         self.failed_calls = [0] * len(workers)
@@ -126,11 +133,23 @@ class Dispatcher:
     def advance(self, max_seconds: float) -> list[EvalRecord]:
         deadline = time.monotonic() + max_seconds
         records: list[EvalRecord] = []
-        while not self.population.done and time.monotonic() < deadline:
-            if self.sync:
+        while not self.over and time.monotonic() < deadline:
+            if self.sync and self.population.pending_tests:  # left by a resume
+                self._sync_tests()
+            elif self.sync:
                 records.extend(self._sync_round())
             else:
                 records.extend(self._async_step(deadline))
+        return records
+
+    @property
+    def over(self) -> bool:
+        """The budget is spent (or the strategy is done) and every test job is back."""
+        return self.population.done and not self.population.tests_outstanding
+
+    def take_test_records(self) -> list[TestRecord]:
+        """The test results since the last call, for the study (tracking/late_tests.py)."""
+        records, self.test_records = self.test_records, []
         return records
 
     @property
@@ -202,12 +221,59 @@ class Dispatcher:
         self.hangs.started(worker_index, ref, len(batch))
         return ref
 
-    def _finish(self, ref: Any) -> tuple[int, list[Candidate]]:
+    def _finish(self, ref: Any, calls: dict[Any, Any] | None = None) -> tuple[int, list[Any]]:
         """Take a call that came back (or failed) off the books."""
-        worker_index, batch = self.inflight.pop(ref)
+        worker_index, batch = (self.inflight if calls is None else calls).pop(ref)
         self.load[worker_index] -= 1
         self.hangs.finished(worker_index, ref)
         return worker_index, batch
+
+    # -- test-only jobs (test_every: archive) ------------------------------------------------
+    def _submit_tests(self, worker_index: int, slots: int) -> Any:
+        """One test call of the queued jobs' share for this worker; None when none are queued."""
+        jobs = self.population.take_tests(self.sizer.size(self.population.pending_tests, slots))
+        if not jobs:
+            return None
+        ref = self.workers[worker_index].test.remote([(job.member_id, job.genome) for job in jobs],
+                                                     self._elements())
+        self.test_calls[ref] = (worker_index, jobs)
+        self.load[worker_index] += 1
+        self.hangs.started(worker_index, ref, len(jobs))
+        return ref
+
+    def _collect_tests(self, ref: Any) -> None:
+        """Tell a test call's results; a dead or hung worker's jobs go out again, and one that
+        has used up its retries is recorded as a failed test (the search goes on)."""
+        worker_index, jobs = self._finish(ref, self.test_calls)
+        try:
+            results = ray.get(ref)
+        except WORKER_ERRORS as exc:
+            hung, behind = self._count_death(worker_index, exc, ref)
+            results, again = [], []
+            for job in jobs:
+                job.attempts += 0 if behind else 1
+                if job.attempts > self.max_retries:
+                    why = "was stuck past workers.timeout_seconds" if hung else f"died ({type(exc).__name__})"
+                    results.append(TestRecord(job.member_id, None, error=f"the worker testing this member {why} "
+                                                                        f"{job.attempts} times"))
+                else:
+                    again.append(job)
+            self.population.retry_tests(again)
+        else:
+            self.failed_calls[worker_index] = 0
+        self.test_records.extend(self.population.tell_test(r) for r in results)
+
+    def _sync_tests(self) -> None:
+        """Sync mode: every queued test, spread over the workers, told in a fixed order."""
+        while self.population.pending_tests:
+            self._wait_for_recovery()
+            live = self.live_workers
+            if not live:
+                raise RuntimeError("every fitness worker has died; check the worker logs and memory")
+            refs = [ref for w in live if (ref := self._submit_tests(w, len(live))) is not None]
+            for ref in refs:
+                self._wait_within_limit(ref)
+                self._collect_tests(ref)
 
     def _stop_hung(self) -> None:
         """Kill every worker whose oldest call has outlived its limit; Ray restarts it."""
@@ -221,6 +287,8 @@ class Dispatcher:
         for level in range(self.depth):
             for worker_index in ready:
                 if self.load[worker_index] <= level:
+                    if self._submit_tests(worker_index, len(ready) * self.depth) is not None:
+                        continue  # a test job goes out before new children
                     unissued = self.population.unasked + len(self.retry)
                     batch = self._next_batch(self.sizer.size(unissued, len(ready) * self.depth))
                     if not batch:
@@ -229,7 +297,7 @@ class Dispatcher:
 
     def _async_step(self, deadline: float) -> list[EvalRecord]:
         self._fill()
-        if not self.inflight and not self.recovering:
+        if not self.inflight and not self.test_calls and not self.recovering:
             strategy = self.population.strategy
             if strategy.busy:  # e.g. DAM training its next chunk, with nothing out to wait for
                 strategy.wait(max(0.0, min(0.05, deadline - time.monotonic())))
@@ -240,8 +308,10 @@ class Dispatcher:
         hang = self.hangs.until_hang()
         if hang is not None:
             timeout = min(timeout, max(0.0, hang) + 0.01)
-        ready, _ = ray.wait([*self.inflight, *self.recovering], num_returns=1, timeout=timeout)
+        ready, _ = ray.wait([*self.inflight, *self.test_calls, *self.recovering], num_returns=1, timeout=timeout)
         self._check_pings([ref for ref in ready if ref in self.recovering])
+        for ref in (r for r in ready if r in self.test_calls):
+            self._collect_tests(ref)
         records: list[EvalRecord] = []
         for ref in (r for r in ready if r in self.inflight):
             worker_index, batch = self._finish(ref)
@@ -278,17 +348,8 @@ class Dispatcher:
                       ref: Any = None) -> tuple[list[Evaluation], list[Candidate]]:
         """Count the death; return the children that have used up their retries (as failures)
         and those that should go out again."""
-        hung, behind = self.hangs.verdict(ref)
+        hung, behind = self._count_death(worker_index, exc, ref)
         batch, innocent = ([], batch) if behind else (batch, [])  # behind a hung call: out again, free
-        self.mirror.forget(worker_index)
-        self.failed_calls[worker_index] += 1
-        if self.failed_calls[worker_index] > self.max_failed_calls:
-            self.dead.add(worker_index)
-        else:
-            self._ping(worker_index)
-        if not self.live_workers:
-            raise RuntimeError(f"every fitness worker has died (last error: {exc}); "
-                               "check the worker logs and memory, or lower workers.count") from exc
         failed: list[Evaluation] = []
         again: list[Candidate] = list(innocent)
         for candidate in batch:
@@ -304,6 +365,21 @@ class Dispatcher:
             else:
                 again.append(candidate)
         return failed, again
+
+    def _count_death(self, worker_index: int, exc: BaseException, ref: Any) -> tuple[bool, bool]:
+        """Book a failed call's worker death (it is pinged until Ray has restarted it, or given up
+        on); returns (its worker was killed for this call, it died behind a hung call)."""
+        hung, behind = self.hangs.verdict(ref)
+        self.mirror.forget(worker_index)
+        self.failed_calls[worker_index] += 1
+        if self.failed_calls[worker_index] > self.max_failed_calls:
+            self.dead.add(worker_index)
+        else:
+            self._ping(worker_index)
+        if not self.live_workers:
+            raise RuntimeError(f"every fitness worker has died (last error: {exc}); "
+                               "check the worker logs and memory, or lower workers.count") from exc
+        return hung, behind
 
     def _raise_stalled(self) -> None:
         if not self.population.done:
@@ -344,7 +420,9 @@ class Dispatcher:
                     results[evaluation.member_id] = evaluation
                     pending.pop(evaluation.member_id)
         self.hangs.suspects.difference_update(results)
-        return [self.population.tell(results[k]) for k in sorted(results)]
+        told = [self.population.tell(results[k]) for k in sorted(results)]
+        self._sync_tests()  # the round's admissions, before the next round is asked
+        return told
 
     def _wait_within_limit(self, ref: Any) -> None:
         """Sync mode: wait for a call, killing its worker if it outlives its limit."""

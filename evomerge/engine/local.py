@@ -12,13 +12,16 @@ from typing import Callable
 
 from evomerge.config import SearchConfig
 from evomerge.engine.actors import build_population
+from evomerge.engine.late_tests import TestRecord
 from evomerge.engine.population import EvalRecord, Population
 from evomerge.engine.worker import FitnessWorker
 from evomerge.strategies.base import Candidate
 
 
 def run_local(config: SearchConfig, on_record: Callable[[EvalRecord], None] | None = None,
-              in_flight: int = 1) -> Population:
+              in_flight: int = 1, on_test: Callable[[TestRecord], None] | None = None) -> Population:
+    """`on_test`: each late held-out test (`fitness.test_every: archive`), run inline right
+    after the tell that asked for it, so the search stays exactly the serial one."""
     if in_flight < 1:
         raise ValueError(f"in_flight must be >= 1 (1 is the serial search), got {in_flight}")
     population = build_population(config)
@@ -43,4 +46,8 @@ def run_local(config: SearchConfig, on_record: Callable[[EvalRecord], None] | No
                                                      job=population.job(child)))
         if on_record is not None:
             on_record(record)
+        for job in population.take_tests(population.pending_tests):
+            test = population.tell_test(worker.test_one(job.member_id, job.genome))
+            if on_test is not None:
+                on_test(test)
     return population

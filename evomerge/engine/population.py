@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from evomerge.engine.late_tests import LateTests, TestJob, TestRecord
 from evomerge.strategies.base import Candidate, Evaluation, Strategy
 from evomerge.tracking import replay_payload
 from evomerge.strategies.subsets import encode_indices
@@ -124,8 +125,8 @@ def recovery(population_meta: dict[str, Any]) -> dict[str, int]:
 class Population:
     def __init__(self, strategy: Strategy, budget: int, test_every: str = "best",
                  datapoint_budget: int | None = None) -> None:
-        if test_every not in ("best", "all"):
-            raise ValueError(f"test_every must be 'best' or 'all', got {test_every!r}")
+        if test_every not in ("best", "archive", "all"):
+            raise ValueError(f"test_every must be 'best', 'archive' or 'all', got {test_every!r}")
         self.strategy = strategy
         self.budget = budget
         # budget.datapoints: a child is issued only if its datapoints fit, so the total is never
@@ -135,6 +136,10 @@ class Population:
         self.told_datapoints = 0
         self._held: Candidate | None = None
         self.test_every = test_every  # fitness.test_every: which children get the held-out test
+        # `archive`: tests decided after the tell, sent as test-only jobs (engine/late_tests.py);
+        # `known`: members whose late test a resume found in the study.
+        self.late = LateTests() if test_every == "archive" else None
+        self._known_tests: dict[int, TestRecord] = {}
         self.issued = 0
         self.told = 0
         self.failed = 0
@@ -192,11 +197,14 @@ class Population:
     def test_threshold(self) -> float | None:
         """The mean train score a child must beat for its held-out test score to be computed:
         the best member's (-inf before there is one), since only a child that beats it becomes
-        the new best; None with `test_every: all` (test every child). `best` only ever rises (a
+        the new best; None with `test_every: all` (test every child); +inf with `archive`, where
+        every test is a test-only job decided after the tell. `best` only ever rises (a
         child replaces it only by beating it, a resume restores it), so a threshold read when a
         child is sent is never above the one it is judged against when it comes back."""
         if self.test_every == "all":
             return None
+        if self.late is not None:
+            return math.inf
         return -math.inf if self.best is None else self.best.train_score
 
     @property
@@ -255,6 +263,11 @@ class Population:
                                     evaluation.test_score, None, evaluation.seconds,
                                     test_scores=evaluation.test_scores, started=evaluation.started)
         self.strategy.tell(candidate, evaluation)
+        admitted = self.strategy.take_admitted()
+        if self.late is not None:
+            space = self.strategy.problem.space
+            for member_id, genome in admitted or ():
+                self.late.want(member_id, space.realise(genome))
         train = evaluation.train_score
         test = evaluation.test_score if evaluation.test_score is None or math.isfinite(evaluation.test_score) else None
         # Only a mean over the whole set can be the best: a subset's mean is a noisy estimate, and
@@ -269,6 +282,10 @@ class Population:
             member = candidate.member_id if candidate.topup_of is None else candidate.topup_of  # the child itself
             self.best = BestMember(member, train, test, candidate.genome,
                                    candidate.generation, list(candidate.parents), train_groups, test_groups)
+            if self.late is not None:  # a new best is tested too, in the archive or not
+                self.late.want(member, self.strategy.problem.space.realise(candidate.genome))
+                if member in self._known_tests:
+                    self._best_tested(self._known_tests[member])
         curve_of = getattr(self.strategy, "intermediate_values", None)
         intermediate = curve_of(candidate) if curve_of is not None and train is not None else None
         record = EvalRecord(
@@ -303,6 +320,53 @@ class Population:
             digest = genome_digest(self.strategy.problem.space, candidate.genome)
         return replay_payload.encode_text(scores, asked_at, self.issued, candidate.origin, digest)
 
+    # -- test_every: archive (engine/late_tests.py) ---------------------------------------------
+    @property
+    def tests_outstanding(self) -> bool:
+        """Test jobs queued or out: the search is over only when they are back too."""
+        return self.late is not None and self.late.outstanding
+
+    @property
+    def pending_tests(self) -> int:
+        """Test jobs queued and not yet sent."""
+        return 0 if self.late is None else len(self.late.pending)
+
+    def take_tests(self, size: int) -> list[TestJob]:
+        return [] if self.late is None else self.late.take(size)
+
+    def retry_tests(self, jobs: list[TestJob]) -> None:
+        if self.late is not None:
+            self.late.again(jobs)
+
+    def tell_test(self, record: TestRecord) -> TestRecord:
+        """A test job's result (the member's trial is written already): the best's score if it
+        is the best's, and the record the study keeps against the member."""
+        if record.test_score is not None and not math.isfinite(record.test_score):
+            record.test_score = None
+        record.test_scores = finite_scores(record.test_scores)
+        if self.late is not None:
+            self.late.back(record)
+        if self.best is not None and self.best.member_id == record.member_id:
+            self._best_tested(record)
+        return record
+
+    def note_measured(self, records: dict[int, TestRecord]) -> None:
+        """On resume: the late tests the study holds are never asked again, and a best among
+        them (now, or once a replayed trial makes it the best) gets its score back."""
+        if self.late is None or not records:
+            return
+        self._known_tests.update(records)
+        self.late.known(set(records))
+        if self.best is not None and self.best.member_id in records:
+            self._best_tested(records[self.best.member_id])
+
+    def _best_tested(self, record: TestRecord) -> None:
+        assert self.best is not None
+        if not record.failed:
+            self.best.test_score = record.test_score
+            if self.best.train_scores is not None:
+                self.best.test_scores = record.test_scores
+
     @property
     def basis_elements(self) -> list[Any]:
         """Merged models the strategy added to the seeds' basis; workers must hold them too."""
@@ -317,7 +381,15 @@ class Population:
             "evaluations": self.told, "issued": self.issued, "failed": self.failed, "budget": self.budget,
             "datapoints": self.told_datapoints, "datapoint_budget": self.datapoint_budget,
             "best": best, "archive": self.strategy.archive_summary(), "recovery": dict(self.recovery),
+            "tests": self.test_counts(),
         }
+
+    def test_counts(self) -> dict[str, int] | None:
+        """Late tests (`test_every: archive`) measured, failed and still to come; None otherwise."""
+        if self.late is None:
+            return None
+        return {"measured": self.late.measured, "failed": self.late.failed,
+                "outstanding": len(self.late.pending) + len(self.late.inflight)}
 
     def best_groups(self) -> dict[str, Any]:
         """The best member's per-group scores, as keys only a search with groups has."""
@@ -356,6 +428,9 @@ class Population:
                 "held": None if self._held is None else {
                     "params": dict(self._held.params), "parents": list(self._held.parents),
                     "generation": self._held.generation, "topup_of": self._held.topup_of}}
+        if self.late is not None:  # tests asked for and not back: a resume sends them again
+            meta["late_tests"], late_arrays = self.late.state_dict(space)
+            arrays.update(late_arrays)
         return meta, arrays
 
     def load_state_dict(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> list[Candidate]:
@@ -370,6 +445,8 @@ class Population:
         self._asked_at = {int(k): int(v) for k, v in meta.get("asked_at", {}).items()}
         self.recovery = {**{"replayed": 0, "resent": 0, "redone": 0}, **meta.get("recovery", {})}
         self.issued_datapoints, self.told_datapoints = (int(v) for v in meta.get("datapoints", (0, 0)))
+        if self.late is not None:
+            self.late.load_state_dict(meta.get("late_tests"), arrays, self.strategy.problem.space)
         self._held = None
         held = meta.get("held")
         if held:

@@ -17,6 +17,7 @@ from evomerge.genomes.columns import ColumnGenome, pack_columns
 from evomerge.genomes.elements import pack_elements
 from evomerge.genomes.layerwise import LayerwiseGenome, pack_layerwise
 from evomerge.genomes.recipe import Recipe, pack_recipes
+from evomerge.tracking.late_tests import held_out_counts, study_trials
 from evomerge.tracking.plots import ARTIFACT_DIR_NAME, attach_plots, plot_coverage, plot_progress
 
 BEST_KEYS = ("member_id", "train_score", "test_score", "generation", "parents")
@@ -50,6 +51,10 @@ def finish_run(config: SearchConfig, out_dir: Path, study: optuna.Study, state: 
         # What resumes saved: evaluations told back from the study, children re-sent, redone.
         "recovery": recovery(state[0]),
     }
+    try:  # which held-out scores were measured (test_every), over the study with its late tests
+        summary["held_out"] = {"test_every": config.fitness.test_every, **held_out_counts(study_trials(study))}
+    except Exception as exc:
+        print(f"warning: could not count the held-out tests: {exc}", file=sys.stderr)
     try:  # the study says what the search cost, in candidates and in datapoint-evaluations
         study.set_user_attr("evaluations", evaluations)
         study.set_user_attr("datapoints", summary["datapoints"])
@@ -108,7 +113,7 @@ def write_best(out_dir: Path, best: dict[str, Any], config: SearchConfig) -> Non
 
 def write_plots(out_dir: Path, study: optuna.Study, state: tuple[dict, dict], title: str) -> list[Path]:
     plots = out_dir / "plots"
-    paths = [plot_progress(study.get_trials(deepcopy=False), plots / "progress.png", title=title)]
+    paths = [plot_progress(study_trials(study), plots / "progress.png", title=title)]  # late tests merged
     _, arrays = state
     if "strategy/scores" in arrays and "strategy/ids" in arrays:
         paths.append(plot_coverage(arrays["strategy/scores"], arrays["strategy/ids"].tolist(),

@@ -24,11 +24,13 @@ from evomerge.engine import memory_plan, raysession
 from evomerge.engine.actors import RemotePopulation, start_workers
 from evomerge.engine.basis_spec import preflight_task
 from evomerge.engine.seed_cache import prepare_seeds
+from evomerge.engine.late_tests import TestRecord
 from evomerge.engine.population import EvalRecord
 from evomerge.engine.replay import entries_from_trials, max_member_id, warning_text
 from evomerge.engine.interrupts import Interrupted, InterruptGuard
 from evomerge.engine.results import finish_run
 from evomerge.errors import EvomergeError
+from evomerge.tracking.late_tests import measured_tests
 from evomerge.tracking.recorder import TrialRecorder, refuse_existing_study
 from evomerge.tracking.storage import JOURNAL_NAME, open_storage, repair_journal_tail, storage_url
 
@@ -191,14 +193,17 @@ def _execute(config: SearchConfig, options: SearchOptions, restore: _Restore | N
         # The trials recorded after the snapshot are told back, not evaluated again.
         trials = recorder.study.get_trials(deepcopy=False)
         entries = entries_from_trials(trials, int(restore.meta["population"]["told"]))
+        # Late tests (test_every: archive) the study holds are not asked again; the rest go out.
         report = ray.get(population.load_state_dict.remote(
-            restore.meta["population"], restore.arrays, entries, max_member_id(trials)))
+            restore.meta["population"], restore.arrays, entries, max_member_id(trials),
+            measured_tests(recorder.study)))
         warning = warning_text(report)
         if warning:
             print(f"warning: {warning}", file=sys.stderr)
         if options.progress or warning:
             print(f"resumed from {restore.snapshot.name}: {report['replayed']} evaluation(s) replayed from the "
-                  f"study, {report['resent']} child(ren) sent out again, {report['redone']} to be redone",
+                  f"study, {report['resent']} child(ren) sent out again, {report['redone']} to be redone"
+                  + (f", {report['tests_resent']} held-out test(s) sent again" if report.get("tests_resent") else ""),
                   file=sys.stderr)
         previous_seconds = float(restore.meta.get("elapsed_seconds", 0.0))
     run = _Driver(config, options, population, recorder, previous_seconds)
@@ -243,7 +248,8 @@ class _Driver:
         self.first_result: tuple[float, int] | None = None
         self.last_result: tuple[float, int] | None = None
         self.queued: Any = None  # the advance call the actor runs next (None: nothing queued)
-        self.over = self.told >= config.budget.max_evaluations  # the actor said the search is done
+        # the actor said the search is done (a resume may still owe test jobs: test_every: archive)
+        self.over = self.told >= config.budget.max_evaluations and not (status.get("tests") or {}).get("outstanding")
         self.datapoints = int(status.get("datapoints", 0))
         self.bar: tqdm | None = None
 
@@ -295,11 +301,13 @@ class _Driver:
         writes snapshots (a snapshot took 55-70 ms on digits, longer than the workers' queues)."""
         return self.population.advance.remote(self.options.advance_seconds)
 
-    def _record(self, records: list[EvalRecord], over: bool = False) -> None:
+    def _record(self, records: list[EvalRecord], over: bool = False, tests: list[TestRecord] | None = None) -> None:
         self.over = self.over or over
+        if records:
+            self.recorder.put(r for r in records if r.number >= self.recorded)
+        self.recorder.put_tests(tests or [])  # late held-out tests, after their members' trials
         if not records:
             return
-        self.recorder.put(r for r in records if r.number >= self.recorded)
         self.told += len(records)
         now = time.perf_counter()
         if self.first_result is None:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from evomerge.config import SearchConfig
+from evomerge.engine.late_tests import TestRecord
 from evomerge.engine.population import finite_scores
 from evomerge.engine.basis_spec import build_basis, genome_kind, task_context
 from evomerge.engine.timeouts import Alarm, EvaluationTimeout
@@ -83,6 +84,28 @@ class FitnessWorker:
             evaluation.started = wall
             evaluations.append(evaluation)
         return evaluations, stale
+
+    def test(self, items: list[tuple[int, Any]], elements: Any = None) -> list[TestRecord]:
+        """Test-only jobs (`fitness.test_every: archive`): the held-out score of members already
+        evaluated, rebuilt from their genomes (sent whole: the parent cache may no longer hold
+        what they were bred from). No train scoring: the tell already had it."""
+        if elements is not None:
+            self.sync_elements(elements)
+        return [self.test_one(member_id, genome) for member_id, genome in items]
+
+    def test_one(self, member_id: int, genome: Any) -> TestRecord:
+        """One member's held-out score; a failure is the record's error, never the worker's."""
+        start = time.perf_counter()
+        try:
+            with Alarm(self.timeout):
+                test, by_group = self.task.held_out(self.materialise(genome))
+            return TestRecord(member_id, None if test is None else float(test), finite_scores(by_group),
+                              seconds=time.perf_counter() - start)
+        except EvaluationTimeout as exc:
+            return TestRecord(member_id, None, error=f"stopped: {exc}", seconds=time.perf_counter() - start)
+        except Exception as exc:  # a fitness task may fail in any way; the search must go on
+            return TestRecord(member_id, None, error=f"fitness task raised {_exception_text(exc)}",
+                              seconds=time.perf_counter() - start)
 
     def sync_elements(self, elements: Any) -> None:
         """Hold the same added basis elements as the population, in the same order.
@@ -169,6 +192,9 @@ class FitnessWorker:
         except EvaluationTimeout as exc:
             return Evaluation(member_id, None, None, f"stopped: {exc}", time.perf_counter() - start, started=wall)
         except Exception as exc:  # a fitness task may fail in any way; the search must go on
-            detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-            return Evaluation(member_id, None, None, f"fitness task raised {detail}", time.perf_counter() - start,
-                              started=wall)
+            return Evaluation(member_id, None, None, f"fitness task raised {_exception_text(exc)}",
+                              time.perf_counter() - start, started=wall)
+
+
+def _exception_text(exc: BaseException) -> str:
+    return "".join(traceback.format_exception_only(type(exc), exc)).strip()

@@ -156,6 +156,12 @@ class Strategy(ABC):
     def load_state_dict(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         ...
 
+    def take_admitted(self) -> list[tuple[int, Any]] | None:
+        """The members that entered the archive since the last call, as (member id, genome), and
+        forget them: `fitness.test_every: archive` tests each one. None: this strategy keeps no
+        archive, and `archive` tests the new bests only, as `best` does."""
+        return None
+
     def archive_summary(self) -> dict[str, Any]:
         """Small, display-oriented view of the strategy's population (for status tables)."""
         return {}

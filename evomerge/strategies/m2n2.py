@@ -101,6 +101,7 @@ class M2N2(Strategy):
                 raise ValueError(f"strategy.options.seed_with.{j}: {exc}") from None
         self.init_target = (self.space.num_seeds + len(opts.seed_with)) or self.options.init_members
         self.told = 0
+        self.admitted: list[tuple[int, Any]] = []  # entered the archive since take_admitted (test_every: archive)
         self.guide = Guide(opts.guide, problem, seed) if opts.guide is not None else None
         spec = problem.subsample
         n = problem.num_datapoints
@@ -284,9 +285,14 @@ class M2N2(Strategy):
     def _place(self, slot: int, genome: Any, scores: np.ndarray, member_id: int, generation: int) -> None:
         self._changed()
         self.genomes[slot] = self.space.copy(genome)
+        self.admitted.append((member_id, self.genomes[slot]))
         self.scores[slot] = scores
         self.ids[slot] = member_id
         self.generations[slot] = generation
+
+    def take_admitted(self) -> list[tuple[int, Any]]:
+        admitted, self.admitted = self.admitted, []
+        return admitted
 
     # -- replay (evomerge/engine/replay.py) --------------------------------------------------
     def allow_background(self, allowed: bool) -> bool:
@@ -338,6 +344,7 @@ class M2N2(Strategy):
                 raise ValueError(f"snapshot array {name!r} has shape {arrays[name].shape}, expected {current.shape}")
             setattr(self, name, np.array(arrays[name], dtype=current.dtype))
         self._changed()
+        self.admitted = []
         if self.subsampling:
             self.subsets_drawn = int(meta["subsets_drawn"])
             self.topup_counts = {**self.topup_counts, **meta["topup_counts"]}

@@ -22,13 +22,19 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.storages.journal._file import get_lock_file
 from optuna.trial import FrozenTrial, TrialState
 
+from evomerge.engine.late_tests import TestRecord
 from evomerge.engine.population import EvalRecord
+from evomerge.tracking.late_tests import write_tests
 from evomerge.tracking.rdb_writer import bulk_writer_for
 from evomerge.tracking.replay_payload import ATTR as REPLAY_ATTR
 from evomerge.tracking.trial_record import (checked_values, distribution_for, distribution_json, distribution_key,
                                            record_to_trial, trial_times, user_attrs)
 
 _STOP = object()
+
+
+class _Tests(list):
+    """A queue item of late test results (test_every: archive), not trials."""
 
 
 @functools.lru_cache(maxsize=4096)
@@ -206,6 +212,7 @@ class TrialRecorder:
         self._queue: queue.Queue[Any] = queue.Queue()
         self._error: BaseException | None = None
         self.written = 0
+        self.tests_written = 0
         self._thread = threading.Thread(target=self._run, name="optuna-recorder", daemon=True)
         self._thread.start()
 
@@ -214,6 +221,13 @@ class TrialRecorder:
         batch = list(records)
         if batch:
             self._queue.put(batch)  # one queue item per batch: a lock per record showed in profiles
+
+    def put_tests(self, records: Iterable[TestRecord]) -> None:
+        """Late tests, written after the trials queued before them (their members' trials)."""
+        self._raise_if_failed()
+        batch = _Tests(records)
+        if batch:
+            self._queue.put(batch)
 
     def flush(self) -> None:
         self._queue.join()
@@ -237,7 +251,9 @@ class TrialRecorder:
                 except queue.Empty:
                     break
             stop = any(item is _STOP for item in batch)
-            records = [record for item in batch if item is not _STOP for record in item]
+            records = [record for item in batch if item is not _STOP and not isinstance(item, _Tests)
+                       for record in item]
+            tests = [record for item in batch if isinstance(item, _Tests) for record in item]
             try:
                 if records and self._error is None:
                     if self._bulk is not None:  # the journal's and RDB's bulk writers
@@ -245,6 +261,8 @@ class TrialRecorder:
                     else:
                         self.study.add_trials([record_to_trial(record) for record in records])
                     self.written += len(records)
+                if tests and self._error is None:
+                    self.tests_written += write_tests(self.study, tests)
             except BaseException as exc:  # keep draining so flush() never deadlocks
                 self._error = exc
             finally:
