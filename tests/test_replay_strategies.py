@@ -160,8 +160,6 @@ def _crash(name: str, sync: bool) -> tuple:
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_resume_replays_and_continues_bitwise(name, sync):
     subsample = CASES[name][3]
-    if name == "m2n2-guided-dam" and not sync:  # (in one process it trains inline and would pass)
-        pytest.skip("in the async engine a DAM guide's turns depend on its training thread's timing (replay.py)")
     run, resumed, entries, snapshot_at, crash_at = _crash(name, sync)
     straight = run["records"]
     after = straight[snapshot_at:crash_at]
@@ -317,3 +315,53 @@ def test_kill_9_of_a_subsampled_m2n2_search_with_topups(ray_session, tmp_path):
     assert len(members) >= 10
     for member, row in members:  # each archive row is its child's subset and top-up, fully known
         assert np.array_equal(rows[member], row), member
+
+
+class _SlowJob:
+    """DAM's training thread made deterministic: the chunk is trained at once, but the job says
+    it is still running for the first two looks, as a thread still busy would."""
+
+    def __init__(self, work, name: str) -> None:
+        self._error, self._looks = None, 0
+        try:
+            work()
+        except BaseException as exc:  # noqa: BLE001 - handed back by result(), as the real job does
+            self._error = exc
+
+    def done(self) -> bool:
+        self._looks += 1
+        return self._looks > 2
+
+    def wait(self, timeout=None) -> None:
+        pass
+
+    def result(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+
+def test_async_dam_guide_turns_that_found_training_busy_are_replayed(monkeypatch):
+    """An async search's DAM guide trains on a thread: some guide turns found it busy and gave
+    the turn to M2N2. The resume replays without the thread, told by each trial whose child it
+    was, and ends with the crashed state bit for bit, nothing evaluated again."""
+    import evomerge.strategies.dam as dam
+    import test_replay_strategies as here
+
+    monkeypatch.setattr(dam, "BackgroundJob", _SlowJob)
+    real_build = here.build_population
+
+    def build_in_background(config):
+        population = real_build(config)
+        population.strategy.allow_background(True)  # the async engine's setting (actors.py)
+        return population
+
+    monkeypatch.setattr(here, "build_population", build_in_background)
+    run, resumed, entries, snapshot_at, crash_at = _crash("m2n2-guided-dam", sync=False)
+    guide_children = [e for e in entries if e.params.get("guide")]
+    assert guide_children, "no guide child among the trials replayed"
+    report = replay(resumed, entries, study_max_member=max(r.member_id for r in run["records"][:crash_at]))
+    assert report.problem is None
+    assert (report.replayed, report.redone) == (crash_at - snapshot_at, 0)
+    state, _, queue = run["crashed"]
+    assert _state(resumed) == state
+    assert sorted(resumed.inflight) == sorted(queue)

@@ -21,9 +21,11 @@ Children the crashed search asked after its last recorded tell have no trial and
 resumed search asks them afresh under the same ids (in sync mode, the same children).
 
 Background work is switched off while replaying (`Strategy.allow_background`): DAM trains its
-chunk inside ask() instead of returning None. The one case that cannot be re-asked exactly is a
-DAM guide in an async search while it still trains: whether a guide turn found its chunk done
-depended on timing; the check then fails and the replay falls back at that trial.
+chunk inside ask() instead of returning None. Whether an async search's DAM guide had its chunk
+done at a guide turn depended on timing; so before each re-ask the strategy hears the params
+the trial recorded for that child (`Strategy.expect`), and M2N2 skips a guide turn whose child
+was not the guide's, as the crashed search did. A child with no trial (never told) gets no hint:
+its guide turn is taken, and a later trial that then differs makes the replay fall back there.
 
 A trial that cannot be replayed (written by an older version, corrupt, or a re-asked child that
 does not match) stops the replay there: it and every later trial are evaluated again (the
@@ -144,10 +146,17 @@ def _asked_by(entries: list[TrialEntry], index: int, payload: dict[str, Any]) ->
                     and isinstance(e.payload.get("a"), int) and e.payload["a"] <= told), default=-1)
 
 
-def _ask_again(population: Population, upto: int) -> None:
-    """Ask the strategy, as the crashed search did, until `upto` children are asked."""
+def _ask_again(population: Population, upto: int, recorded: dict[int, dict[str, Any]]) -> None:
+    """Ask the strategy, as the crashed search did, until `upto` children are asked; before each
+    ask it hears the params the trial of that child recorded (`recorded`, by member id)."""
+    strategy = population.strategy
     while population.issued < upto:
-        if population.ask() is None:
+        strategy.expect(recorded.get(population.issued))
+        try:
+            child = population.ask()
+        finally:
+            strategy.expect(None)
+        if child is None:
             raise PayloadError(f"the strategy offered no child where the search had asked member {population.issued}")
 
 
@@ -230,6 +239,7 @@ def replay(population: Population, entries: list[TrialEntry], study_max_member: 
         if sync:
             stop = _round_start(entries, stop)
     seen: set[int] = set()
+    recorded = {e.member_id: e.params for e in entries[:stop] if e.member_id is not None}
     recording, population.record_replay = population.record_replay, False
     background = strategy.allow_background(False)
     try:
@@ -246,7 +256,7 @@ def replay(population: Population, entries: list[TrialEntry], study_max_member: 
                     raise PayloadError("the trial has no member id")
                 if member in seen:
                     raise PayloadError(f"member id {member} is on an earlier trial too")
-                _ask_again(population, _asked_by(entries, index, payload))
+                _ask_again(population, _asked_by(entries, index, payload), recorded)
                 candidate = population.inflight.get(member)
                 if candidate is None:
                     raise PayloadError(f"member {member} is not among the children the search had asked")

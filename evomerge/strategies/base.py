@@ -192,6 +192,11 @@ class Strategy(ABC):
         previous, self.problem.background = self.problem.background, allowed
         return previous
 
+    def expect(self, params: dict[str, Any] | None) -> None:
+        """A resume's hint before it asks again: the params the crashed search's child for this
+        ask had (None: no trial says). A strategy whose asks depended on timing (a guide's turn
+        that found DAM still training) follows it; the default needs none."""
+
     # RNG state travels as JSON, never pickled.
     def _rng_state(self) -> dict[str, Any]:
         return self.rng.bit_generator.state

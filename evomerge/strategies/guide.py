@@ -61,7 +61,11 @@ class Guide:
 
     @staticmethod
     def owns(candidate: Candidate) -> bool:
-        return bool(candidate.params.get(GUIDE_FLAG))
+        return Guide.owns_params(candidate.params)
+
+    @staticmethod
+    def owns_params(params: dict[str, Any]) -> bool:
+        return bool(params.get(GUIDE_FLAG))
 
     def tell(self, candidate: Candidate, evaluation: Evaluation) -> None:
         self.told += 1

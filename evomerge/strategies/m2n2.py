@@ -102,6 +102,7 @@ class M2N2(Strategy):
         self.init_target = (self.space.num_seeds + len(opts.seed_with)) or self.options.init_members
         self.told = 0
         self.admitted: list[tuple[int, Any]] = []  # entered the archive since take_admitted (test_every: archive)
+        self._expected: dict[str, Any] | None = None  # a resume's hint for the next ask (expect)
         self.guide = Guide(opts.guide, problem, seed) if opts.guide is not None else None
         spec = problem.subsample
         n = problem.num_datapoints
@@ -161,10 +162,15 @@ class M2N2(Strategy):
         if self.topups:  # a winner on its subset is scored on the rest before anything new
             self.topup_counts["asked"] += 1
             return self.topups.pop(0)
+        expected, self._expected = self._expected, None
         if self.guide is not None and self.guide.wants_turn():
-            guided = self.guide.ask()
-            if guided is not None:
-                return guided
+            # A resume re-asking a turn on which the crashed search's guide offered nothing (DAM
+            # still training on its thread) skips it too: DAM then trains that chunk inline when
+            # the trials say its child was asked, and the children in between are the same.
+            if expected is None or Guide.owns_params(expected):
+                guided = self.guide.ask()
+                if guided is not None:
+                    return guided
         opts = self.options
         a, b = self._niches.choose_parents(self.matrix, filled, opts.attraction, self.rng)
         params: dict[str, float | int] = {"parent_a": int(self.ids[a]), "parent_b": int(self.ids[b])}
@@ -295,6 +301,9 @@ class M2N2(Strategy):
         return admitted
 
     # -- replay (evomerge/engine/replay.py) --------------------------------------------------
+    def expect(self, params: dict[str, Any] | None) -> None:
+        self._expected = params
+
     def allow_background(self, allowed: bool) -> bool:
         previous = super().allow_background(allowed)
         if self.guide is not None:  # a DAM guide trains on a thread of its own problem's
