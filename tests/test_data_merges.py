@@ -135,6 +135,7 @@ def test_static_baselines_evaluate_evomerge_merges_tensors_and_merge_once(seeds,
     assert len(count_merges) == 4 and count_merges[3] not in count_merges[:3]
 
 
+@pytest.mark.slow  # about 80 s: two data merges of real Ray searches
 def test_seed_with_data_and_ties_merges_join_a_ray_archive_and_survive_resume(ray_session, seeds, tmp_path,
                                                                                count_merges):
     import optuna

@@ -4,6 +4,8 @@ The static strategy's `merges` and M2N2's `seed_with` both take a list of these.
 one-group `LayerwiseGenome` (whole-model merge of the seeds, tensor by tensor, exactly what
 `evomerge merge` computes for the same numbers). linear and task_arithmetic become recipes, exact
 and free to materialise; every other method is materialised from the seeds where it is needed.
+fisher and regmean need each seed's data: the driver merges them into a folder first
+(evomerge/engine/data_merges.py sets `merged`), and the member reads that folder.
 """
 
 from __future__ import annotations
