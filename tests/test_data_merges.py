@@ -243,3 +243,25 @@ def test_compare_lists_a_data_based_baseline_by_its_label():
         "merge": optuna.distributions.IntDistribution(0, 10)}, value=0.25, user_attrs={"test_score": 0.5})
     rows = static_baselines([trial], {"merges": [REGMEAN]})
     assert rows == [{"label": "regmean(alpha=0.8, num_examples=4)", "train_score": 0.25, "test_score": 0.5}]
+
+
+def test_a_merged_folder_as_best_member_is_written_and_exported_as_that_model(seeds, tmp_path):
+    """A static fisher baseline that wins is stored as the recipe "all of one more element"."""
+    from evomerge.engine.basis_spec import checkpoint_basis
+    from evomerge.engine.results import as_element_recipe, write_best
+    from evomerge.export import export_best
+
+    merged = _evomerge_merge(seeds, FISHER, tmp_path / "fisher")
+    config = _config(seeds, {"name": "static", "options": {"merges": [FISHER]}})
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(config.model_dump(mode="json")))
+    best = {"member_id": 2, "train_score": 0.5, "test_score": None, "generation": 0, "parents": [],
+            "genome": MergedFolder(str(merged), "fisher"), "elements": []}
+    stored = as_element_recipe(best, config)
+    np.testing.assert_array_equal(stored["genome"].coeffs, [[0, 0, 1]])
+    write_best(run, stored, config)
+    assert json.loads((run / "best.json").read_text())["basis_elements"] == 1
+    export_best(run, run / "best")
+    basis = checkpoint_basis(seeds)
+    assert torch.equal(_flat(run / "best", basis), _flat(merged, basis))
