@@ -37,16 +37,14 @@ from evomerge.merging.run import merge_plan
 MERGES_DIR = "merges"
 MARKER = "evomerge-merge.json"  # written last: a folder without it is unfinished
 SPEC_FIELDS = ("merges", "seed_with")
-_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
-def data_specs(config: SearchConfig) -> list[tuple[str, dict[str, Any]]]:
-    """(`strategy.options.FIELD.j`, the raw spec) for every data-based merge the strategy names."""
+def data_specs(config: SearchConfig) -> list[tuple[str, int, dict[str, Any]]]:
+    """(FIELD, j, the raw spec) for every data-based merge in `strategy.options.FIELD[j]`."""
     from evomerge.genomes.layerwise import DATA_METHODS
 
     options = config.strategy.options or {}
-    return [(f"strategy.options.{field}.{j}", raw) for field in SPEC_FIELDS
-            for j, raw in enumerate(options.get(field) or [])
+    return [(field, j, raw) for field in SPEC_FIELDS for j, raw in enumerate(options.get(field) or [])
             if isinstance(raw, dict) and raw.get("method") in DATA_METHODS]
 
 
@@ -56,9 +54,10 @@ def prepare_data_merges(config: SearchConfig, run_dir: Path | None) -> SearchCon
     found = data_specs(config)
     if not found:
         return config
-    where = found[0][0]
+    field, j, raw = found[0]
+    where = f"strategy.options.{field}.{j}"
     if not isinstance(config.seeds, list) or not config.seeds:
-        raise ConfigError(f"{where}: {found[0][1]['method']} merges checkpoints with each seed's own LM "
+        raise ConfigError(f"{where}: {raw['method']} merges checkpoints with each seed's own LM "
                           "examples; it needs `seeds:` to list checkpoint folders (in-memory seeds have no "
                           "tensor names and no LM data); use a method without data, or checkpoint seeds")
     if run_dir is None:
@@ -68,9 +67,8 @@ def prepare_data_merges(config: SearchConfig, run_dir: Path | None) -> SearchCon
 
     fingerprint = seed_fingerprint(list(config.seeds), config.allow_pickle)
     options = copy.deepcopy(config.strategy.options)
-    for where, raw in found:
-        field, j = where.split(".")[-2], int(where.split(".")[-1])
-        folder = merged_folder(config, raw, where, Path(run_dir), fingerprint)
+    for field, j, raw in found:
+        folder = merged_folder(config, raw, f"strategy.options.{field}.{j}", Path(run_dir), fingerprint)
         options[field][j] = {**raw, "merged": str(folder)}
     strategy = config.strategy.model_copy(update={"options": options})
     return config.model_copy(update={"strategy": strategy})
