@@ -268,7 +268,7 @@ def test_config_plans_roles(two_paths):
                            "parameters": {"t": 0.3}, "dtype": "bfloat16"})
     assert (plan.base, plan.others, plan.dtype) == (Path(b), [Path(a)], "bfloat16")
     plan = plan_from_dict({"merge_method": "linear", "models": [{"model": a, "parameters": {"weight": 2}},
-                                                                {"model": b, "parameters": None}]})
+                                                                {"model": b, "parameters": {"weight": 1}}]})
     assert plan.base is None and plan.others == [Path(a), Path(b)] and plan.tokenizer_source == Path(a)
     plan = plan_from_dict({"merge_method": "ties", "base_model": a, "tokenizer_source": b,
                            "models": [{"model": a}, {"model": b, "parameters": {"weight": 1, "density": 0.5}}]})
@@ -362,12 +362,12 @@ def test_merge_tokenizer_source(llamas, tmp_path):
     base, other = llamas
     # config.json comes from the first model (no base_model); the tokenizer from tokenizer_source
     cfg = write_config(tmp_path / "m.yml", {
-        "merge_method": "linear", "tokenizer_source": str(base),
+        "merge_method": "linear", "tokenizer_source": str(base), "parameters": {"weight": 1.0},
         "models": [{"model": str(other)}, {"model": str(base)}]})
     out = run_merge(cfg, tmp_path / "out")
     assert (out / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
     cfg = write_config(tmp_path / "m2.yml", {
-        "merge_method": "linear", "models": [{"model": str(other)}, {"model": str(base)}]})
+        "merge_method": "linear", "parameters": {"weight": 1.0}, "models": [{"model": str(other)}, {"model": str(base)}]})
     out = run_merge(cfg, tmp_path / "out2")
     assert not (out / "tokenizer.json").exists()  # the first model has none, so none is copied
     assert (out / "config.json").is_file()

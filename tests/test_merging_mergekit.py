@@ -329,8 +329,38 @@ def test_merge_config_checks_model_counts_and_new_parameters(tmp_path):
     plan = plan_from_dict({"merge_method": "karcher", "base_model": a, "models": [{"model": b}, {"model": c}]})
     assert plan.base is None and [p.name for p in plan.others] == ["b", "c", "a"]
     # nuslerp with a base: task vectors of the two others
-    plan = plan_from_dict({"merge_method": "nuslerp", "base_model": a, "models": [{"model": b}, {"model": c}]})
+    plan = plan_from_dict({"merge_method": "nuslerp", "base_model": a, "parameters": {"weight": 0.5},
+                           "models": [{"model": b}, {"model": c}]})
     assert plan.base is not None and plan.base.name == "a" and [p.name for p in plan.others] == ["b", "c"]
+
+
+def test_a_model_without_weight_is_refused_as_mergekit_does(tmp_path):
+    """mergekit 0.1.5 has no default weight for these 11 methods ("Missing required parameter
+    weight"; checked by running it); a global `parameters.weight` stands in for every model."""
+    from evomerge.errors import ConfigError
+    from evomerge.merging import MERGE_METHODS
+    from evomerge.merging.mergekit_config import plan_from_dict
+
+    a, b, c = (str(tmp_path / n) for n in "abc")
+    for n in "abc":
+        (tmp_path / n).mkdir()
+    required = {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
+                "della", "della_linear", "nuslerp", "multislerp"}
+    assert {n for n in MERGE_METHODS.names() if MERGE_METHODS.get(n).weight_required} == required
+    for method in sorted(required):
+        base = {} if method in ("linear", "nuslerp", "multislerp") else {"base_model": a}
+        models = [{"model": a}, {"model": b, "parameters": {"weight": 0.3}}, {"model": c}] if base else \
+            [{"model": b, "parameters": {"weight": 0.3}}, {"model": c}]
+        with pytest.raises(ConfigError) as info:
+            plan_from_dict({"merge_method": method, **base, "models": models}, source="m.yml")
+        msg = str(info.value)
+        # only c lacks one: the base's own entry (a) takes no weight, b has one
+        want = f"field `models.{len(models) - 1}.parameters.weight`: required by {method} for model {c!r}"
+        assert want in msg and "Missing required parameter weight" in msg and msg.count("required by") == 1
+        plan_from_dict({"merge_method": method, **base, "models": models, "parameters": {"weight": 1.0}})
+    # the rest keep their own rules: no weight needed
+    plan_from_dict({"merge_method": "sce", "base_model": a, "models": [{"model": b}, {"model": c}]})
+    plan_from_dict({"merge_method": "karcher", "models": [{"model": b}, {"model": c}]})
 
 
 def _float32_slerp_rule(t: float, a, b):

@@ -8,10 +8,12 @@ search's staleness without its timing, for measuring what staleness costs.
 from __future__ import annotations
 
 from collections import deque
+from pathlib import Path
 from typing import Callable
 
 from evomerge.config import SearchConfig
 from evomerge.engine.actors import build_population
+from evomerge.engine.data_merges import prepare_data_merges
 from evomerge.engine.late_tests import TestRecord
 from evomerge.engine.population import EvalRecord, Population
 from evomerge.engine.worker import FitnessWorker
@@ -19,11 +21,15 @@ from evomerge.strategies.base import Candidate
 
 
 def run_local(config: SearchConfig, on_record: Callable[[EvalRecord], None] | None = None,
-              in_flight: int = 1, on_test: Callable[[TestRecord], None] | None = None) -> Population:
+              in_flight: int = 1, on_test: Callable[[TestRecord], None] | None = None,
+              run_dir: Path | None = None) -> Population:
     """`on_test`: each late held-out test (`fitness.test_every: archive`), run inline right
-    after the tell that asked for it, so the search stays exactly the serial one."""
+    after the tell that asked for it, so the search stays exactly the serial one. `run_dir`:
+    where data-based merges (fisher/regmean in `merges`/`seed_with`) are written once and
+    reused; only such a search needs it."""
     if in_flight < 1:
         raise ValueError(f"in_flight must be >= 1 (1 is the serial search), got {in_flight}")
+    config = prepare_data_merges(config, run_dir)
     population = build_population(config)
     worker = FitnessWorker(config.model_dump(mode="json"), 0)
     queue: deque[Candidate] = deque()

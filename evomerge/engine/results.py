@@ -16,6 +16,7 @@ from evomerge.engine.population import mean_staleness, recovery
 from evomerge.genomes.columns import ColumnGenome, pack_columns
 from evomerge.genomes.elements import pack_elements
 from evomerge.genomes.layerwise import LayerwiseGenome, pack_layerwise
+from evomerge.genomes.merged_folder import MergedFolder
 from evomerge.genomes.recipe import Recipe, pack_recipes
 from evomerge.tracking.late_tests import held_out_counts, study_trials
 from evomerge.tracking.plots import ARTIFACT_DIR_NAME, attach_plots, plot_coverage, plot_progress
@@ -61,6 +62,7 @@ def finish_run(config: SearchConfig, out_dir: Path, study: optuna.Study, state: 
     except Exception as exc:  # recording a total must never cost the user the search's results
         print(f"warning: could not record the totals in the study: {exc}", file=sys.stderr)
     if best is not None:
+        best = as_element_recipe(best, config)
         write_best(out_dir, best, config)
         if isinstance(best["genome"], (Recipe, ColumnGenome, LayerwiseGenome)):  # merged checkpoints: leave a loadable model
             from evomerge.export import export_best
@@ -77,6 +79,22 @@ def finish_run(config: SearchConfig, out_dir: Path, study: optuna.Study, state: 
 
 def _rounded(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
+
+
+def as_element_recipe(best: dict[str, Any], config: SearchConfig) -> dict[str, Any]:
+    """A best member that is a merged folder (a static fisher/regmean baseline) as the recipe
+    "all of one more basis element", that folder: best.safetensors and export already carry
+    basis elements, so nothing new is stored."""
+    genome = best["genome"]
+    if not isinstance(genome, MergedFolder):
+        return best
+    from evomerge.engine.basis_spec import seeds_layout
+
+    assert isinstance(config.seeds, list)  # merged folders exist over checkpoint seeds only
+    elements = list(best.get("elements") or [])
+    index = len(config.seeds) + len(elements)
+    size = int(seeds_layout(list(config.seeds), config.allow_pickle).size)
+    return {**best, "genome": Recipe.seed(index, index + 1, size), "elements": elements + [genome]}
 
 
 def write_best(out_dir: Path, best: dict[str, Any], config: SearchConfig) -> None:

@@ -23,6 +23,7 @@ from evomerge.config import MISSING, SearchConfig, config_from_dict, field_defau
 from evomerge.engine import memory_plan, raysession
 from evomerge.engine.actors import RemotePopulation, start_workers
 from evomerge.engine.basis_spec import preflight_task
+from evomerge.engine.data_merges import prepare_data_merges
 from evomerge.engine.seed_cache import prepare_seeds
 from evomerge.engine.late_tests import TestRecord
 from evomerge.engine.population import EvalRecord
@@ -163,6 +164,8 @@ def _execute(config: SearchConfig, options: SearchOptions, restore: _Restore | N
         preflight_task(config)  # a model whose names or shapes differ from the seeds' stops here
         # One pass over the seeds (finite check, prefix Gram), or none when the run folder has it.
         gram, checked = prepare_seeds(config, out_dir)
+        # fisher/regmean specs merged once into the run folder; the actors' config names the folders
+        actors_config = prepare_data_merges(config, out_dir)
     except BaseException:
         if started_ray:
             ray.shutdown()
@@ -172,8 +175,8 @@ def _execute(config: SearchConfig, options: SearchOptions, restore: _Restore | N
     storage = open_storage(url)
     if restore is None:
         refuse_existing_study(storage, study_name)  # before any actor starts
-    workers = start_workers(config, seeds_checked=checked)
-    population = RemotePopulation.remote(config.model_dump(mode="json"), workers, gram, checked)
+    workers = start_workers(actors_config, seeds_checked=checked)
+    population = RemotePopulation.remote(actors_config.model_dump(mode="json"), workers, gram, checked)
     try:
         # The study has one objective per group of the task's datapoints (None: one objective).
         groups = ray.get(population.groups.remote())

@@ -21,6 +21,7 @@ from evomerge.engine.basis_spec import build_basis, genome_kind, task_context
 from evomerge.engine.timeouts import Alarm, EvaluationTimeout
 from evomerge.genomes.columns import ColumnGenome
 from evomerge.genomes.layerwise import LayerwiseGenome
+from evomerge.genomes.merged_folder import MergedFolder
 from evomerge.genomes.offspring import Lineage, ParentCache, StaleParents, realise
 from evomerge.genomes.recipe import Recipe
 from evomerge.strategies.base import Evaluation
@@ -129,7 +130,7 @@ class FitnessWorker:
 
     def materialise(self, genome: Any) -> np.ndarray:
         genome = realise(genome)  # a child not bred yet (e.g. restored from a snapshot)
-        if isinstance(genome, (Recipe, ColumnGenome, LayerwiseGenome)):
+        if isinstance(genome, (Recipe, ColumnGenome, LayerwiseGenome, MergedFolder)):
             if self.basis is None:
                 raise ValueError("received a merge genome but this search has no seeds")
             bound = self._candidate_buffer()

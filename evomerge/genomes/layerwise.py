@@ -62,6 +62,7 @@ class _MethodsWhere:
 
 BASE_METHODS = _MethodsWhere(lambda m: m.needs_base or m.pairwise, "needs a base seed")
 SPARSE_METHODS = _MethodsWhere(lambda m: "density" in m.model_params.model_fields, "takes per-model densities")
+DATA_METHODS = _MethodsWhere(lambda m: m.data_kind is not None, "reads each model's data (fisher, regmean)")
 WEIGHTED_METHODS = _MethodsWhere(lambda m: m.data_kind is None
                                  and bool({"weight", "density"} & set(m.model_params.model_fields)),
                                  "takes per-model weights or densities (and no data)")

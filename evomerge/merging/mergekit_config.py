@@ -197,6 +197,13 @@ def _check_parameters(config: MergeConfig, method: MergeMethod, errors: list[str
         key = field.alias or name
         if field.is_required() and key not in config.parameters:
             errors.append(f"field `parameters.{key}`: required by {method.name} but missing; add it")
+    if method.weight_required and "weight" not in config.parameters:
+        skip_base = method.uses_base and config.base_model is not None  # the base's entry takes no weight
+        for i, entry in enumerate(config.models):
+            if "weight" not in entry.parameters and not (skip_base and entry.model == config.base_model):
+                errors.append(f"field `models.{i}.parameters.weight`: required by {method.name} for model "
+                              f"{entry.model!r} but missing (mergekit refuses it too: \"Missing required "
+                              "parameter weight\"); give each model a weight, or one global `parameters.weight`")
 
 
 def _existing(raw: str, base_dir: Path | None) -> Optional[Path]:

@@ -90,6 +90,10 @@ class MergeMethod:
     max_tensors: Optional[int] = None
     random: bool = False  # draws random masks from its `seed` parameter
     data_kind: Optional[str] = None  # "fisher" / "gram": statistics of each model on its own `data:`
+    # mergekit gives `weight` no default here ("Missing required parameter weight"): a merge YAML
+    # must set it per model or globally. Callers that build per-model parameters (genomes,
+    # merge specs) always pass one, so the 1.0 default of WeightParams only serves them.
+    weight_required: bool = False
 
     @property
     def uses_base(self) -> bool:
@@ -215,14 +219,14 @@ def _dare_ties(base: Optional[Tensor], tensors: Sequence[Tensor], per_model: Seq
 
 
 LINEAR = register(MergeMethod("linear", _linear, WeightParams, LinearParams, needs_base=False,
-                              doc="model soup: Σ w_i θ_i (/ Σ w_i)"))
+                              weight_required=True, doc="model soup: Σ w_i θ_i (/ Σ w_i)"))
 SLERP = register(MergeMethod("slerp", _slerp, NoModelParams, SlerpParams, needs_base=False, pairwise=True,
                              doc="spherical interpolation from base_model (t=0) to the other model"))
 TASK_ARITHMETIC = register(MergeMethod("task_arithmetic", _task_arithmetic, WeightParams, TaskArithmeticParams,
-                                       needs_base=True, doc="θ_base + λ Σ w_i (θ_i − θ_base)"))
-TIES = register(MergeMethod("ties", _ties, SparseParams, TiesParams, needs_base=True,
+                                       needs_base=True, weight_required=True, doc="θ_base + λ Σ w_i (θ_i − θ_base)"))
+TIES = register(MergeMethod("ties", _ties, SparseParams, TiesParams, needs_base=True, weight_required=True,
                             doc="trim to top-density magnitudes, elect signs, disjoint mean"))
 DARE_LINEAR = register(MergeMethod("dare_linear", _dare_linear, SparseParams, DareParams, needs_base=True,
-                                   doc="random drop (1 − density) + rescale, then task arithmetic"))
+                                   weight_required=True, doc="random drop (1 − density) + rescale, then task arithmetic"))
 DARE_TIES = register(MergeMethod("dare_ties", _dare_ties, SparseParams, DareParams, needs_base=True,
-                                 doc="random drop (1 − density) + rescale, then TIES sign election"))
+                                 weight_required=True, doc="random drop (1 − density) + rescale, then TIES sign election"))

@@ -209,11 +209,11 @@ MODEL_STOCK = register(MergeMethod(
     "model_stock", _model_stock, NoModelParams, ModelStockParams, needs_base=True, min_tensors=2,
     doc="base + t (mean − base), t from the mean angle between task vectors"))
 NUSLERP = register(MergeMethod(
-    "nuslerp", _nuslerp, WeightParams, NuSlerpParams, needs_base=False, base_optional=True,
+    "nuslerp", _nuslerp, WeightParams, NuSlerpParams, needs_base=False, base_optional=True, weight_required=True,
     min_tensors=2, max_tensors=2, doc="slerp of two models (task vectors with a base) at w2 / (w1 + w2)"))
 MULTISLERP = register(MergeMethod(
     "multislerp", _multislerp, WeightParams, MultiSlerpParams, needs_base=False, base_optional=True,
-    doc="weighted barycentre of any number of models on the hypersphere"))
+    weight_required=True, doc="weighted barycentre of any number of models on the hypersphere"))
 KARCHER = register(MergeMethod(
     "karcher", _karcher, NoModelParams, KarcherParams, needs_base=False, base_is_model=True,
     doc="Riemannian (Karcher) mean of the models' directions times their mean norm"))

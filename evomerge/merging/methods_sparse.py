@@ -202,16 +202,17 @@ def _sce(base: Optional[Tensor], tensors: Sequence[Tensor], per_model: Sequence[
 
 BREADCRUMBS = register(MergeMethod(
     "breadcrumbs", _breadcrumbs, BreadcrumbsModelParams, BreadcrumbsParams, needs_base=True,
+    weight_required=True,
     doc="drop the largest (gamma) and smallest magnitudes down to density, then task arithmetic"))
 BREADCRUMBS_TIES = register(MergeMethod(
     "breadcrumbs_ties", _breadcrumbs_ties, BreadcrumbsModelParams, BreadcrumbsTiesParams, needs_base=True,
-    doc="breadcrumbs sparsification, then TIES sign election"))
+    weight_required=True, doc="breadcrumbs sparsification, then TIES sign election"))
 DELLA = register(MergeMethod(
     "della", _della, DellaModelParams, DellaParams, needs_base=True, random=True,
-    doc="magnitude-ranked random keep (density ± epsilon), L1 rescale, TIES sign election"))
+    weight_required=True, doc="magnitude-ranked random keep (density ± epsilon), L1 rescale, TIES sign election"))
 DELLA_LINEAR = register(MergeMethod(
     "della_linear", _della_linear, DellaModelParams, DellaLinearParams, needs_base=True, random=True,
-    doc="magnitude-ranked random keep (density ± epsilon), L1 rescale, task arithmetic"))
+    weight_required=True, doc="magnitude-ranked random keep (density ± epsilon), L1 rescale, task arithmetic"))
 SCE = register(MergeMethod(
     "sce", _sce, NoModelParams, SceParams, needs_base=True,
     doc="select high-variance entries, weight models by task-vector energy, erase sign conflicts"))

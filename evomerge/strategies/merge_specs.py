@@ -4,6 +4,8 @@ The static strategy's `merges` and M2N2's `seed_with` both take a list of these.
 one-group `LayerwiseGenome` (whole-model merge of the seeds, tensor by tensor, exactly what
 `evomerge merge` computes for the same numbers). linear and task_arithmetic become recipes, exact
 and free to materialise; every other method is materialised from the seeds where it is needed.
+fisher and regmean need each seed's data: the driver merges them into a folder first
+(evomerge/engine/data_merges.py sets `merged`), and the member reads that folder.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
-from evomerge.genomes.layerwise import LINEAR_METHODS, LayerwiseGenome
+from evomerge.genomes.layerwise import DATA_METHODS, LINEAR_METHODS, LayerwiseGenome
+from evomerge.genomes.merged_folder import spec_folder
 
 
 class MergeSpec(BaseModel):
@@ -28,6 +31,10 @@ class MergeSpec(BaseModel):
     densities: Optional[list[float]] = Field(None, description="one per seed, for methods with a density")
     parameters: dict[str, Any] = Field(default_factory=dict,
                                        description="the method's other parameters; `weight`/`density` here apply to every seed")
+    data: Optional[list[str]] = Field(None, description="fisher/regmean: one prompt/answer JSONL per seed; default "
+                                      "the LM fitness task's `data` (see evomerge/engine/data_merges.py)")
+    merged: Optional[str] = Field(None, description="set by the search, not by users: the folder the driver "
+                                  "merged a data-based spec into (RUN_DIR/merges/KEY)")
 
     @field_validator("method")
     @classmethod
@@ -36,9 +43,6 @@ class MergeSpec(BaseModel):
 
         if value not in MERGE_METHODS:
             raise ValueError(f"unknown merge method {value!r}; allowed: {', '.join(MERGE_METHODS.names())}")
-        if MERGE_METHODS.get(value).data_kind is not None:
-            raise ValueError(f"{value} needs each model's data, which a search does not have here; run "
-                             f"`evomerge merge` with `data:` and give the merged folder as a seed")
         return value
 
     @model_validator(mode="after")
@@ -53,7 +57,18 @@ class MergeSpec(BaseModel):
                              f"{', '.join(allowed) or '(none)'}")
         if self.densities is not None and "density" not in method.model_params.model_fields:
             raise ValueError(f"densities: {self.method} takes no density; drop them or pick ties, dare_ties, ...")
+        if method.data_kind is None and (self.data is not None or self.merged is not None):
+            raise ValueError(f"data: {self.method} reads no data (only fisher and regmean do); drop it")
         return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        """`data`/`merged` only when set, so configs (and run folders) without them read as before."""
+        out = handler(self)
+        for key in ("data", "merged"):
+            if out.get(key) is None:
+                out.pop(key, None)
+        return out
 
     def label(self) -> str:
         """Short, stable text for tables: `ties(density=0.5)`, `linear`."""
@@ -128,9 +143,12 @@ def _fold_linear(name: str, weights: np.ndarray, base: int | None,
 
 def spec_member(spec: MergeSpec, space: Any, layout: Any = None) -> Any:
     """What a strategy hands out for a spec: a recipe (linear methods, over checkpoints), the
-    layer-wise genome itself (workers materialise it), or the merged vector (in-memory seeds,
-    merged tensor by tensor along `layout`, the task's, when there is one)."""
+    layer-wise genome itself (workers materialise it), the driver's merged folder (fisher,
+    regmean), or the merged vector (in-memory seeds, merged tensor by tensor along `layout`, the
+    task's, when there is one)."""
     genome = spec_genome(spec, space.num_seeds, space.size)
+    if genome.method in DATA_METHODS:
+        return spec_folder(spec, space)
     if space.kind == "recipe":
         return genome.to_recipe() if genome.is_linear else genome
     return genome.materialise(dense_basis(space.seeds, layout)).numpy().astype(np.float32)
