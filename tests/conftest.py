@@ -56,3 +56,23 @@ def digits_config(name: str = "t", **overrides):
             node = node.setdefault(part, {})
         node[parts[-1]] = value
     return config_from_dict(data)
+
+
+def save_tiny_llamas(root: Path, num_layers: int, seeds: tuple[int, ...] = (0, 1)) -> list[Path]:
+    """Random tiny Llama folders (fixture tokenizer, untied head), one per torch seed: models a
+    data-based merge can run on in a second."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from evomerge.fixtures.tiny_lm import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=num_layers,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    out = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        LlamaForCausalLM(cfg).save_pretrained(root / f"m{seed}")
+        tokenizer.save_pretrained(root / f"m{seed}")
+        out.append(root / f"m{seed}")
+    return out

@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import save_tiny_llamas
 from evomerge.config import config_from_dict
 from evomerge.engine import data_merges
 from evomerge.errors import ConfigError
@@ -30,21 +31,7 @@ REGMEAN = {"method": "regmean", "parameters": {"num_examples": 4, "alpha": 0.8}}
 
 @pytest.fixture(scope="module")
 def seeds(tmp_path_factory) -> list[str]:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from evomerge.fixtures.tiny_lm import make_tokenizer
-
-    root = tmp_path_factory.mktemp("data_merges")
-    tokenizer = make_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
-    out = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        LlamaForCausalLM(cfg).save_pretrained(root / f"m{seed}")
-        tokenizer.save_pretrained(root / f"m{seed}")
-        out.append(str(root / f"m{seed}"))
-    return out
+    return [str(p) for p in save_tiny_llamas(tmp_path_factory.mktemp("data_merges"), num_layers=2)]
 
 
 def _config(seeds: list[str], strategy: dict, **extra):

@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import save_tiny_llamas
 from evomerge.errors import ConfigError
 from evomerge.merging import MERGE_METHODS
 from evomerge.merging.mergekit_config import plan_from_dict
@@ -91,21 +92,7 @@ def test_fisher_diagonal_by_hand():
 
 @pytest.fixture(scope="module")
 def lm_folders(tmp_path_factory) -> list[Path]:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from evomerge.fixtures.tiny_lm import make_tokenizer
-
-    root = tmp_path_factory.mktemp("lm")
-    tokenizer = make_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
-    out = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        LlamaForCausalLM(cfg).save_pretrained(root / f"m{seed}")
-        tokenizer.save_pretrained(root / f"m{seed}")
-        out.append(root / f"m{seed}")
-    return out
+    return save_tiny_llamas(tmp_path_factory.mktemp("lm"), num_layers=1)
 
 
 @pytest.mark.parametrize("method", ["fisher", "regmean"])
