@@ -76,3 +76,31 @@ def save_tiny_llamas(root: Path, num_layers: int, seeds: tuple[int, ...] = (0, 1
         tokenizer.save_pretrained(root / f"m{seed}")
         out.append(root / f"m{seed}")
     return out
+
+
+# Engine tests that each take 20 s or more of wall time on 2 cores and whose behaviour another
+# default test covers too (the other dispatch mode, a shorter kill, the same path on another
+# storage). They are `slow` so that CI's `make test` stays within its time budget; `make
+# test-slow` runs them. Measured with `pytest --durations=40` on a 2-core machine.
+SLOW_ENGINE_TESTS = {
+    "tests/test_timeouts.py::test_a_worker_stuck_out_of_the_alarms_reach_is_restarted[sync]",
+    "tests/test_faults.py::test_child_that_keeps_killing_its_worker_is_marked_failed",
+    "tests/test_resume.py::test_ctrl_c_snapshots_and_exits_130",
+    "tests/test_engine.py::test_sync_mode_is_reproducible",
+    "tests/test_tiny_lm_search.py::test_dam_guided_search_over_checkpoints_adds_a_basis_element",
+    "tests/test_compare.py::test_compare_writes_all_three_files",
+    "tests/test_seed_cache.py::test_a_resumed_search_reads_the_cached_gram_and_checks_nothing_again",
+    "tests/test_engine.py::test_a_dam_search_ends_when_its_trained_merge_is_back[sync]",
+    "tests/test_multi_objective.py::test_resume_continues_the_multi_objective_study[sqlite]",
+    "tests/test_offspring.py::test_a_search_is_the_same_whoever_breeds",
+    "tests/test_engine.py::test_run_folder_is_not_silently_overwritten",
+    "tests/test_test_every.py::test_resuming_a_run_written_before_test_every_needs_no_force",
+    "tests/test_lm_eval_task.py::test_unknown_task_and_unbounded_metric_are_refused",
+}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if item.nodeid in SLOW_ENGINE_TESTS:
+            item.add_marker(pytest.mark.slow)
