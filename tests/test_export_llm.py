@@ -85,8 +85,8 @@ def _expected(seed_paths: list[Path], recipe: Recipe, out_dtype: torch.dtype | N
         seg = int(np.searchsorted(recipe.breaks, spec.offset, side="right")) - 1
         assert recipe.breaks[seg + 1] >= spec.end  # the split is on a tensor boundary
         c0, c1 = (float(c) for c in recipe.coeffs[seg])
-        acc = a[name].to(torch.float32) * c0
-        acc.add_(b[name].to(torch.float32), alpha=c1)
+        # each product rounded to float32, then summed: the materialising arithmetic
+        acc = a[name].to(torch.float32) * c0 + b[name].to(torch.float32) * c1
         out[name] = acc.to(out_dtype or a[name].dtype)
     return out
 

@@ -28,7 +28,9 @@ def build_basis(config: SearchConfig, task: FitnessTask, check_finite: bool = Tr
         return Basis.from_arrays(task.make_seeds())
     if not config.seeds:
         return None
-    return checkpoint_basis(config.seeds, allow_pickle=config.allow_pickle, check_finite=check_finite)
+    basis = checkpoint_basis(config.seeds, allow_pickle=config.allow_pickle, check_finite=check_finite)
+    basis.kernel = str((config.fitness.options or {}).get("kernel") or "auto")
+    return basis
 
 
 def checkpoint_basis(paths: list[str], allow_pickle: bool = False, check_finite: bool = True) -> Basis:

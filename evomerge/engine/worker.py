@@ -20,6 +20,7 @@ from evomerge.engine.population import finite_scores
 from evomerge.engine.basis_spec import build_basis, genome_kind, task_context
 from evomerge.engine.timeouts import Alarm, EvaluationTimeout
 from evomerge.genomes.columns import ColumnGenome
+from evomerge.genomes.fused_combine import wants_fused
 from evomerge.genomes.layerwise import LayerwiseGenome
 from evomerge.genomes.merged_folder import MergedFolder
 from evomerge.genomes.offspring import Lineage, ParentCache, StaleParents, realise
@@ -41,6 +42,10 @@ class FitnessWorker:
         self.task.attach(task_context(config, self.basis, "worker"))
         self._seeds_on = config.fitness.options.get("seeds_on", "auto")
         self._buffer: torch.Tensor | None = None
+        if self.basis is not None and wants_fused(self.basis.kernel, self.basis.size):
+            # The compile (seconds; about 20 the first time on a machine) belongs to the start,
+            # not to the first child's timed evaluation.
+            self.basis.prepare_kernel(self._candidate_buffer())
         self.parents = ParentCache()  # archive members sent to this worker, to breed children from
         self.timeout = config.workers.timeout_seconds
 

@@ -13,12 +13,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from evomerge.genomes.fused_combine import wants_fused
 from evomerge.genomes.recipe import PrefixGram, Recipe, default_grid
 
-CHUNK = 1 << 20  # elements per fused step: large enough that per-op overhead vanishes (measured)
+CHUNK = 1 << 18  # float32 scratch elements per eager step: two 128K halves stay in cache (measured best)
 # On a GPU each step is a few kernel launches; 16M elements (64 MB of float32 scratch) keep
 # launches to a few hundred per 7B merge, where 1M-element steps would cost thousands.
 DEVICE_CHUNK = 1 << 24
+FUSED_CHUNK = 1 << 22  # the compiled kernel needs no scratch: larger steps, fewer guarded calls
 
 
 @dataclass
@@ -41,6 +43,10 @@ class Basis:
         self.pieces = pieces
         self.size = size
         self.num_seeds = num_seeds
+        # auto | fused | eager: whether materialising uses the compiled one-pass kernel; it writes
+        # the eager bits either way (fused_combine.py). Searches set `fitness.options.kernel`
+        # (default auto) in build_basis; a basis made otherwise (export, tests) stays eager.
+        self.kernel = "eager"
         self.extra: list[torch.Tensor] = []  # flat vectors of the added elements, in the seeds' dtype
         self._starts = np.array([p.start for p in pieces], dtype=np.int64)
 
@@ -147,6 +153,16 @@ class Basis:
             increments[i] = block @ block.T
         return torch.cumsum(increments, dim=0).cpu().numpy()
 
+    def prepare_kernel(self, out: torch.Tensor) -> bool:
+        """Compile and check the fused kernel for rows over all the seeds now (a worker's start),
+        not inside its first timed evaluation; whether it will be used."""
+        if not wants_fused(self.kernel, self.size) or not self.pieces:
+            return False
+        from evomerge.genomes.fused_combine import fused_kernel
+
+        piece = max(self.pieces, key=lambda p: p.stop - p.start)
+        return fused_kernel([v.dtype for v in piece.views], out.dtype, out.device, _eager) is not None
+
     def materialise(self, recipe: Recipe, out: torch.Tensor | None = None) -> torch.Tensor:
         """Weights of `recipe` in `out` (default: a new float32 vector; any floating dtype and device)."""
         if out is None:
@@ -174,8 +190,12 @@ class Basis:
             raise ValueError(f"recipe uses {coeffs.shape[1]} basis elements but this basis has "
                              f"{self.num_elements}; the added elements were not sent here")
         step = DEVICE_CHUNK if out.device.type == "cuda" else CHUNK
-        scratch = None if out.dtype == torch.float32 else torch.empty(min(step, max(stop - start, 1)),
-                                                                        dtype=torch.float32, device=out.device)
+        fused = wants_fused(self.kernel, self.size)
+        if fused:
+            step = FUSED_CHUNK
+        # float32 room for two half-steps (the sum and the next product); no larger than the span
+        scratch = None if fused else torch.empty(max(min(step, stop - start), 2), dtype=torch.float32,
+                                                 device=out.device)
         i = max(int(np.searchsorted(self._starts, start, side="right")) - 1, 0)
         while i < len(self.pieces) and self.pieces[i].start < stop:
             piece = self.pieces[i]
@@ -186,46 +206,70 @@ class Basis:
             while position < hi_p:
                 end = min(int(breaks[seg + 1]), hi_p)
                 lo, hi = position - piece.start, end - piece.start
-                _combine(out[position - start:end - start], [v[lo:hi] for v in views], coeffs[seg], scratch, step)
+                _combine(out[position - start:end - start], [v[lo:hi] for v in views], coeffs[seg], scratch, step,
+                         fused)
                 position, seg = end, seg + 1
             i += 1
         return out
 
 
-def _combine(out: torch.Tensor, sources: list[torch.Tensor], row: np.ndarray,
-             scratch: torch.Tensor | None = None, step: int = CHUNK) -> None:
-    """out = sum_k row[k] * sources[k], a chunk at a time, accumulated in float32.
+def _combine(out: torch.Tensor, sources: list[torch.Tensor], row: Sequence[float],
+             scratch: torch.Tensor | None = None, step: int = CHUNK, fused: bool = False) -> None:
+    """out = sum_k row[k] * sources[k], a chunk at a time, in float32.
 
-    `out` may be bf16/fp16 (the seeds' dtype: then each chunk is summed in `scratch`, float32, and
-    rounded once) and may live on another device than the sources (host seeds streamed to a GPU
-    buffer chunk by chunk). A lone coefficient of exactly 1 copies bits, so a seed materialises
-    to itself.
+    Each product is rounded to float32 and the products are summed in source order, then
+    rounded once to `out`'s dtype: the arithmetic the fused kernel (`fused_combine`) compiles,
+    so both write the same bits. `out` may be bf16/fp16 (the seeds' dtype) and may live on
+    another device than the sources (host seeds streamed to a GPU buffer chunk by chunk).
+    `scratch` is float32 room for the sum and one product: with it, chunks are half its size. A lone coefficient of exactly 1 copies bits, so a
+    seed materialises to itself.
     """
     active = [(src, float(c)) for src, c in zip(sources, row) if c != 0.0]
     n = out.numel()
-    exact = out.dtype == torch.float32
     device = out.device
     if len(active) == 1 and active[0][1] == 1.0 and active[0][0].dtype == out.dtype:
         out.copy_(active[0][0], non_blocking=True)
         return
+    if not active:
+        out.zero_()
+        return
+    kernel = None
+    if fused:
+        from evomerge.genomes.fused_combine import fused_kernel
+
+        kernel = fused_kernel([src.dtype for src, _ in active], out.dtype, device, _eager)
+    if kernel is not None:
+        coeffs = torch.tensor([c for _, c in active], dtype=torch.float32, device=device)
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            kernel(out[lo:hi], coeffs, *(src[lo:hi].to(device, non_blocking=True) for src, _ in active))
+        return
+    if scratch is not None:
+        step = min(step, scratch.numel() // 2)
     for lo in range(0, n, step):
         hi = min(n, lo + step)
-        chunk = out[lo:hi]
-        if not active:
-            chunk.zero_()
-            continue
-        acc = chunk if exact else _scratch(scratch, hi - lo, device)
-        first, c0 = active[0]
-        src = first[lo:hi].to(device, non_blocking=True)
-        if src.dtype == torch.float32:
-            torch.mul(src, c0, out=acc)
-        else:  # upcast before multiplying, so bf16/fp16 seeds are combined in float32
-            acc.copy_(src)
-            acc.mul_(c0)
-        for other, c in active[1:]:
-            acc.add_(other[lo:hi].to(device, non_blocking=True), alpha=c)
+        room = _scratch(scratch, 2 * (hi - lo), device)
+        acc, term = room[:hi - lo], room[hi - lo:]
+        exact = out.dtype == torch.float32
+        if exact:
+            acc = out[lo:hi]
+        for j, (src, c) in enumerate(active):
+            part = src[lo:hi].to(device, non_blocking=True)
+            target = acc if j == 0 else term
+            if part.dtype == torch.float32:
+                torch.mul(part, c, out=target)
+            else:  # upcast before multiplying, so bf16/fp16 seeds are combined in float32
+                target.copy_(part)
+                target.mul_(c)
+            if j:
+                acc.add_(term)
         if not exact:
-            chunk.copy_(acc)
+            out[lo:hi].copy_(acc)
+
+
+def _eager(out: torch.Tensor, sources: list[torch.Tensor], row: Sequence[float]) -> None:
+    """The eager combine in one call: what the fused kernel is checked against."""
+    _combine(out, sources, row, step=max(out.numel(), 1))
 
 
 def _scratch(scratch: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
