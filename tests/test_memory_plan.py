@@ -93,6 +93,71 @@ def test_host_refusal_names_the_options(tmp_path):
     assert "fitness.options.dtype" not in str(err.value)
 
 
+SEED_WITH = [{"method": "ties", "parameters": {"density": 0.5}},  # joins the basis
+             {"method": "linear", "weights": [1, 3]},  # a recipe: holds nothing
+             {"method": "task_arithmetic", "parameters": {"lambda": 0.5}},  # a recipe too
+             {"method": "fisher"}]  # the driver's merged folder, read into a basis element
+
+
+def test_seed_with_elements_are_counted_in_the_population_and_every_worker(tmp_path):
+    """2 of the 4 merges join the basis: exactly 2 bf16 elements (2 x 3,000,000 bytes) more in the
+    population actor and in each worker, none in the driver, whatever the run dtype."""
+    base = plan_memory(lm_config(tmp_path, {"dtype": "float32"}), sizes(), allowance_bytes=0)
+    config = lm_config(tmp_path, {"dtype": "float32"}, strategy={"name": "m2n2", "options": {"seed_with": SEED_WITH}})
+    plan = plan_memory(config, sizes(), allowance_bytes=0)
+    assert plan.num_seed_elements == 2 and plan.num_elements == 0 and plan.element_bytes == F_BF16
+    assert plan.driver.host == base.driver.host == 0
+    assert plan.population.host == base.population.host + 2 * F_BF16 == 6_000_000
+    assert plan.worker.host == base.worker.host + 2 * F_BF16 == F_F32 + 2 * F_BF16 == 12_000_000
+    assert plan.host_total == base.host_total + 3 * 2 * F_BF16 == 30_000_000  # population + 2 workers
+    table = plan.table()
+    assert "0 guide element(s), 2 seed_with element(s)" in table
+    assert table.count("2 seed_with elements 1.00F") == 3  # the population and both workers (F is float32)
+
+
+def test_seed_with_elements_beside_guide_elements_on_gpu_workers_stay_on_the_host(tmp_path):
+    guide = {"from": "cmaes", "every": 5, "max_elements": 3}
+    options = {"guide": guide, "seed_with": SEED_WITH[:1]}
+    config = lm_config(tmp_path, {"dtype": "auto", "seeds_on": "device"}, workers={"num_gpus": 1},
+                       strategy={"name": "m2n2", "options": options})
+    plan = plan_memory(config, sizes(), gpu_bytes=10**12, allowance_bytes=0)
+    assert (plan.num_elements, plan.num_seed_elements) == (3, 1)
+    assert plan.worker.device == 3 * F_BF16  # buffer + 2 seeds; no element on the device
+    assert plan.worker.host == (3 + 1) * F_BF16 == 12_000_000
+    assert plan.population.host == 4 * F_BF16
+
+
+def test_seed_with_over_dense_genomes_or_linear_only_adds_no_element(tmp_path):
+    linear = {"name": "m2n2", "options": {"seed_with": SEED_WITH[1:3]}}
+    assert plan_memory(lm_config(tmp_path, strategy=linear), sizes()).num_seed_elements == 0
+    dense = lm_config(tmp_path, strategy={"name": "m2n2", "options": {"seed_with": SEED_WITH}},
+                      genome={"kind": "dense"})
+    assert plan_memory(dense, sizes()).num_seed_elements == 0  # members are vectors (noted), not elements
+
+
+def test_refusal_names_seed_with_when_its_elements_matter(tmp_path):
+    config = lm_config(tmp_path, {"dtype": "auto"}, strategy={"name": "m2n2", "options": {"seed_with": SEED_WITH}})
+    plan = plan_memory(config, sizes(), allowance_bytes=0)
+    with pytest.raises(ConfigError) as err:
+        check(plan, free_host_bytes=plan.host_total - 1, gpu_bytes=None)
+    message = str(err.value)
+    assert "`strategy.options.seed_with` (2 non-linear merges now; each joins the basis as an element of " \
+           "3.0 MB" in message, message
+    assert "workers.count" in message and "guide.max_elements" not in message
+    # without non-linear merges it is not named
+    plain = plan_memory(lm_config(tmp_path, {"dtype": "auto"}), sizes(), allowance_bytes=0)
+    with pytest.raises(ConfigError) as err:
+        check(plain, free_host_bytes=1000, gpu_bytes=None)
+    assert "seed_with" not in str(err.value)
+    # elements sit on the host, so a GPU that is too small is not told to drop them
+    config = lm_config(tmp_path, {"dtype": "auto", "seeds_on": "device"}, workers={"num_gpus": 1},
+                       strategy={"name": "m2n2", "options": {"seed_with": SEED_WITH}})
+    plan = plan_memory(config, sizes(), gpu_bytes=1_000_000, allowance_bytes=0)
+    with pytest.raises(ConfigError) as err:
+        check(plan, free_host_bytes=10**12, gpu_bytes=1_000_000)
+    assert "seed_with" not in str(err.value) and "seeds_on: host" in str(err.value)
+
+
 def test_gpu_plan_seeds_on_device_when_they_fit(tmp_path):
     config = lm_config(tmp_path, {"dtype": "auto"}, workers={"num_gpus": 0.5})
     # device per worker: buffer F + 2 seeds 2F (+ allowance 0) = 9 MB; two workers share a GPU

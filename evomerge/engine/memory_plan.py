@@ -13,16 +13,19 @@ Where the model bytes live (evomerge/engine/worker.py, actors.py, genomes/spaces
 * driver: no model bytes during the search (it records trials; the export of the best member
   runs after the workers are gone).
 * population actor: no model bytes for M2N2 over recipes (the LM task it builds to learn sizes
-  is a weightless skeleton until bound); one buffer per guide element (RecipeSpace.add_element
-  materialises each); for DAM (standalone or as guide) the task's bound model F and one merge in
+  is a weightless skeleton until bound); one buffer per guide element and one per non-linear
+  `strategy.options.seed_with` merge (RecipeSpace.add_element materialises each into
+  Basis.new_buffer: host, seeds' dtype; linear/task_arithmetic merges are recipes and hold
+  nothing, merge_specs.joins_basis); for DAM (standalone or as guide) the task's bound model F and one merge in
   the run dtype (kept for backward); the seeds stay views in their own dtype and each group's
   float32 sum is transient (columns.combine_trainable). DAM trains there, on the actor's CPU.
-* worker on CPU: the merge buffer F (the task's bound buffer), one buffer per guide element (each
-  worker rebuilds them) and ACTIVATION_ALLOWANCE for scoring activations.
+* worker on CPU: the merge buffer F (the task's bound buffer), one buffer per guide and seed_with
+  element (each worker rebuilds them, FitnessWorker.sync_elements) and ACTIVATION_ALLOWANCE for
+  scoring activations.
 * worker on GPU: on the device the buffer F, activations, and with `seeds_on: device` the K seeds;
   with `seeds_on: host` the seeds are copied to pinned host memory (per worker, not shareable page
   cache). `auto` picks the device when everything fits on one GPU (the worker itself decides on
-  its GPU's free memory at start). Guide elements stay on the host.
+  its GPU's free memory at start). Guide and seed_with elements stay on the host.
 * seeds: memory-mapped safetensors are page cache, shared by every process on a node; counted
   once per node and shown on their own line, not in any process (the check does not require
   them to fit: pages that do not fit are read again from disk). Pickle seeds (allow_pickle) are
@@ -101,8 +104,8 @@ class MemoryPlan:
     sizes: ModelSizes
     run_dtype: str
     model_bytes: int  # F
-    element_bytes: int  # one guide element, in the seeds' dtype (host) or the run dtype (device)
-    num_elements: int
+    element_bytes: int  # one added basis element (guide or seed_with), in the seeds' dtype, on the host
+    num_elements: int  # the guide's (guide.max_elements)
     workers: int
     on_gpu: bool
     seeds_on: str | None  # "device" / "host" on GPU workers; None on CPU
@@ -113,6 +116,7 @@ class MemoryPlan:
     page_cache_bytes: int  # the seeds, once per node
     dtype_option: bool  # the task has a `dtype` option to suggest
     dam: bool = False  # DAM (strategy or guide) trains in the population actor
+    num_seed_elements: int = 0  # non-linear strategy.options.seed_with merges: basis elements from the start
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -147,7 +151,7 @@ class MemoryPlan:
         lines = [
             f"memory plan: {s.num_seeds} seeds of {s.numel:,} parameters ({s.seeds_dtype}), run dtype "
             f"{self.run_dtype}: F = {_size(f)}; {self.workers} worker(s) on {where}; "
-            f"{self.num_elements} guide element(s)",
+            f"{self.num_elements} guide element(s), {self.num_seed_elements} seed_with element(s)",
             f"  {'process':<20}{'host':>10} {'(xF)':>9} {'device':>10} {'(xF)':>9}  holds",
         ]
         rows = [self.driver, self.population]
@@ -185,6 +189,31 @@ def _guide_elements(config: Any) -> tuple[int, str | None]:
     return int(guide.get("max_elements", 4)), guide.get("from")
 
 
+def _seed_with_elements(config: Any, num_seeds: int) -> int:
+    """How many `strategy.options.seed_with` merges join the basis (merge_specs.joins_basis). A
+    spec the strategy will refuse is counted as one: it refuses with its own message."""
+    specs = (config.strategy.options or {}).get("seed_with") or []
+    if not specs or config.genome.kind == "dense" or not isinstance(config.seeds, list) or not config.seeds:
+        return 0
+    from evomerge.strategies.merge_specs import joins_basis
+
+    count = 0
+    for spec in specs:
+        try:
+            count += joins_basis(spec, num_seeds)
+        except ValueError:
+            count += 1
+    return count
+
+
+def _elements(parts: list[Part], guide: int, seed_with: int, element_bytes: int) -> None:
+    """The added basis elements a process holds, on the host in the seeds' dtype (Basis.new_buffer)."""
+    if guide:
+        parts.append(Part(f"{guide} guide elements", host=guide * element_bytes))
+    if seed_with:
+        parts.append(Part(f"{seed_with} seed_with elements", host=seed_with * element_bytes))
+
+
 def _workers_per_gpu(num_gpus: float, count: int) -> int:
     if num_gpus <= 0:
         return count  # a device named without Ray GPUs: they all land on the one visible GPU
@@ -205,6 +234,7 @@ def plan_memory(config: Any, sizes: ModelSizes, *, gpu_bytes: int | None = None,
     f32 = n * 4
     seed_dtype_bytes = n * DTYPE_BYTES.get(sizes.seeds_dtype, 4)
     num_elements, guide_from = _guide_elements(config)
+    num_seed_elements = _seed_with_elements(config, k)
     notes: list[str] = []
 
     spec = config.workers
@@ -216,8 +246,7 @@ def plan_memory(config: Any, sizes: ModelSizes, *, gpu_bytes: int | None = None,
 
     # population actor
     pop = ProcessMemory("population actor")
-    if num_elements:
-        pop.parts.append(Part(f"{num_elements} guide elements", host=num_elements * seed_dtype_bytes))
+    _elements(pop.parts, num_elements, num_seed_elements, seed_dtype_bytes)
     if config.strategy.name == "dam" or guide_from == "dam":
         # DAM trains against the task's model (its bound buffer, F) with one merge in the run dtype.
         pop.parts.append(Part("DAM: task model + merge", host=2 * f))
@@ -233,8 +262,7 @@ def plan_memory(config: Any, sizes: ModelSizes, *, gpu_bytes: int | None = None,
     seeds_on = None
     if not on_gpu:
         worker.parts.append(Part("merge buffer", host=f))
-        if num_elements:
-            worker.parts.append(Part(f"{num_elements} guide elements", host=num_elements * seed_dtype_bytes))
+        _elements(worker.parts, num_elements, num_seed_elements, seed_dtype_bytes)
         worker.parts.append(Part("activations", host=allowance_bytes))
     else:
         # The worker's rule (FitnessWorker._place_seeds): resident when the K seeds fit beside the buffer.
@@ -253,8 +281,7 @@ def plan_memory(config: Any, sizes: ModelSizes, *, gpu_bytes: int | None = None,
             worker.parts.append(Part(f"{k} seeds", device=seeds_bytes))
         else:
             worker.parts.append(Part(f"{k} seeds, pinned", host=seeds_bytes))
-        if num_elements:  # Basis.new_buffer: elements stay on the host, in the seeds' dtype
-            worker.parts.append(Part(f"{num_elements} guide elements", host=num_elements * seed_dtype_bytes))
+        _elements(worker.parts, num_elements, num_seed_elements, seed_dtype_bytes)  # host, as on CPU
     if unmapped_seeds:
         worker.parts.append(Part("pickle seeds, loaded", host=unmapped_seeds))
 
@@ -267,7 +294,8 @@ def plan_memory(config: Any, sizes: ModelSizes, *, gpu_bytes: int | None = None,
         element_bytes=seed_dtype_bytes, num_elements=num_elements, workers=spec.count, on_gpu=on_gpu,
         seeds_on=seeds_on, workers_per_gpu=per_gpu, num_gpus=spec.num_gpus, local=local,
         processes=[driver, pop, worker], page_cache_bytes=k * sizes.seed_bytes if sizes.mapped else 0,
-        dtype_option=dtype_option, dam=config.strategy.name == "dam" or guide_from == "dam", notes=notes)
+        dtype_option=dtype_option, dam=config.strategy.name == "dam" or guide_from == "dam",
+        num_seed_elements=num_seed_elements, notes=notes)
 
 
 def _size(b: float) -> str:
@@ -289,9 +317,14 @@ def check(plan: MemoryPlan, free_host_bytes: int | None, gpu_bytes: int | None) 
     cheaper = []
     if plan.dtype_option and plan.run_dtype == "float32":
         cheaper.append("`fitness.options.dtype` (float32 now; bfloat16 halves every model copy)")
+    elements = []  # added basis elements live on the host: no help on a GPU
     if plan.num_elements:
-        cheaper.append(f"`strategy.options.guide.max_elements` ({plan.num_elements} now; each element is "
+        elements.append(f"`strategy.options.guide.max_elements` ({plan.num_elements} now; each element is "
                        f"{_gb(plan.element_bytes)} in every worker and the population actor)")
+    if plan.num_seed_elements:
+        elements.append(f"`strategy.options.seed_with` ({plan.num_seed_elements} non-linear merges now; each "
+                       f"joins the basis as an element of {_gb(plan.element_bytes)} in every worker and the "
+                       "population actor; linear and task_arithmetic merges are recipes and hold none)")
     if plan.dam:
         cheaper.append(f"the DAM strategy or guide (it trains in the population actor, which then holds "
                        f"{_gb(2 * plan.model_bytes)}: the task's model and a merge; `strategy: m2n2` or a "
@@ -307,7 +340,7 @@ def check(plan: MemoryPlan, free_host_bytes: int | None, gpu_bytes: int | None) 
             if plan.on_gpu and plan.seeds_on == "host":
                 options.append("`fitness.options.seeds_on: device` (the seeds are pinned in host memory "
                                "by every worker now)")
-            options += cheaper
+            options += elements + cheaper
             raise ConfigError(
                 f"memory plan: the search needs {_gb(need)} of host memory ({what}) but this node has "
                 f"{_gb(free_host_bytes)} available; change {', '.join(options)}; {off}")

@@ -141,6 +141,14 @@ def _fold_linear(name: str, weights: np.ndarray, base: int | None,
     return out, settings
 
 
+def joins_basis(spec: MergeSpec | dict[str, Any], num_seeds: int) -> bool:
+    """Whether `spec`, as an M2N2 `seed_with` member over checkpoint seeds, becomes a basis element
+    (a model-sized buffer in the population actor and every worker): every method but an exact
+    linear one (linear, task_arithmetic: a recipe, nothing held). The memory plan counts these."""
+    spec = spec if isinstance(spec, MergeSpec) else MergeSpec.model_validate(spec)
+    return not spec_genome(spec, num_seeds, 1).is_linear
+
+
 def spec_member(spec: MergeSpec, space: Any, layout: Any = None) -> Any:
     """What a strategy hands out for a spec: a recipe (linear methods, over checkpoints), the
     layer-wise genome itself (workers materialise it), the driver's merged folder (fisher,
