@@ -219,7 +219,10 @@ def test_resume_after_a_kill_sends_the_missing_tests_again(ray_session, tmp_path
     log = tmp_path / "calls.log"
     run_dir = tmp_path / "run"
     config = _config(log, budget=120, sync=True, snapshots={"every": 40})
-    straight = run_search(config, SearchOptions(out_dir=run_dir, progress=False))
+    # One sync round per stretch (advance_seconds=0), so that the journal holds each round's
+    # tests right after its trials whatever the machine's speed; with the default 0.25 s a fast
+    # machine records many rounds in one stretch, every test after all their trials.
+    straight = run_search(config, SearchOptions(out_dir=run_dir, progress=False, advance_seconds=0))
     full = measured_tests(_study(straight))
     # The crash: the search got to trial 62 (mid-round, before that round's tests were recorded),
     # its newest snapshot is the last one written before that.

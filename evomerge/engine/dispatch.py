@@ -131,15 +131,19 @@ class Dispatcher:
         self.retry.extend(sorted(candidates, key=lambda c: c.member_id))
 
     def advance(self, max_seconds: float) -> list[EvalRecord]:
+        """At least one step (a sync round, or one async wait), then more until `max_seconds`
+        are up: a stretch of 0 seconds is one round, not a driver spinning on empty stretches."""
         deadline = time.monotonic() + max_seconds
         records: list[EvalRecord] = []
-        while not self.over and time.monotonic() < deadline:
+        while not self.over:
             if self.sync and self.population.pending_tests:  # left by a resume
                 self._sync_tests()
             elif self.sync:
                 records.extend(self._sync_round())
             else:
                 records.extend(self._async_step(deadline))
+            if time.monotonic() >= deadline:
+                break
         return records
 
     @property
