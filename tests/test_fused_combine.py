@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 
 import numpy as np
 import pytest
@@ -137,3 +138,48 @@ def test_the_compiled_kernel_writes_the_eager_bits_in_float32_and_float16():
         basis.kernel = "fused"
         got = basis.materialise(recipe, out=torch.empty(basis.size, dtype=dtype))
         assert torch.equal(got, want), dtype
+
+
+def test_auto_runs_eagerly_while_the_kernel_compiles_then_uses_it(monkeypatch):
+    """`kernel: auto` never waits for the compiler: the first merges are eager (the same bits), and
+    the kernel is used once its thread is done. The compiler is held until the test lets it go."""
+    release, used = threading.Event(), []
+
+    def held_compiler(fn, **kwargs):
+        assert release.wait(60)
+
+        def run(out, coeffs, *sources):
+            used.append(len(sources))
+            fn(out, coeffs, *sources)
+        return run
+
+    monkeypatch.setattr(torch, "compile", held_compiler)
+    monkeypatch.setattr(fused_combine, "FUSED_MIN_SIZE", 1)
+    basis = _bf16_basis(3)
+    recipe = _recipe(basis.size)
+    want = basis.materialise(recipe, out=torch.empty(basis.size, dtype=torch.bfloat16))  # eager
+    basis.kernel = "auto"
+    assert not basis.prepare_kernel(want)  # started, not ready
+    got = basis.materialise(recipe, out=torch.empty(basis.size, dtype=torch.bfloat16))
+    assert torch.equal(got, want) and used == [] and not fused_combine.wait_for_kernels(timeout=0.01)
+    release.set()
+    assert fused_combine.wait_for_kernels(timeout=60)
+    got = basis.materialise(recipe, out=torch.empty(basis.size, dtype=torch.bfloat16))
+    assert torch.equal(got, want)
+    assert sorted(set(used)) == [2, 3]  # the recipe's rows of 2 and 3 active seeds ran compiled
+
+
+def test_a_kernel_compiled_on_a_thread_runs_beside_eager_work():
+    """A real torch.compile on its thread while this thread materialises eagerly."""
+    basis = _bf16_basis(2, seed=3)
+    recipe = Recipe(np.array([0, 1500, basis.size]), np.array([[0.3, 0.7], [-0.5, 1.25]]))
+    want = basis.materialise(recipe, out=torch.empty(basis.size, dtype=torch.bfloat16))
+    kernel = fused_kernel([torch.bfloat16] * 2, torch.bfloat16, torch.device("cpu"), _eager_ref, wait=False)
+    for _ in range(20):  # eager merges meanwhile, on this thread (basis.kernel is still eager)
+        eager = basis.materialise_span(recipe, 0, basis.size, torch.empty(basis.size, dtype=torch.bfloat16))
+        assert torch.equal(eager, want)
+    assert fused_combine.wait_for_kernels(timeout=300)
+    assert kernel is None and fused_combine._kernels[((torch.bfloat16,) * 2, torch.bfloat16, "cpu", None)] is not None
+    basis.kernel = "fused"
+    got = basis.materialise(recipe, out=torch.empty(basis.size, dtype=torch.bfloat16))
+    assert torch.equal(got, want)

@@ -43,8 +43,8 @@ class FitnessWorker:
         self._seeds_on = config.fitness.options.get("seeds_on", "auto")
         self._buffer: torch.Tensor | None = None
         if self.basis is not None and wants_fused(self.basis.kernel, self.basis.size):
-            # The compile (seconds; about 20 the first time on a machine) belongs to the start,
-            # not to the first child's timed evaluation.
+            # The compile (seconds; about 20 the first time on a machine) starts with the worker, on
+            # a thread: until it is ready the eager combine writes the same bits (fused_combine.py).
             self.basis.prepare_kernel(self._candidate_buffer())
         self.parents = ParentCache()  # archive members sent to this worker, to breed children from
         self.timeout = config.workers.timeout_seconds

@@ -154,14 +154,15 @@ class Basis:
         return torch.cumsum(increments, dim=0).cpu().numpy()
 
     def prepare_kernel(self, out: torch.Tensor) -> bool:
-        """Compile and check the fused kernel for rows over all the seeds now (a worker's start),
-        not inside its first timed evaluation; whether it will be used."""
+        """Start compiling the fused kernel for rows over all the seeds now (a worker's start), not
+        inside its first timed evaluation; under `kernel: fused` wait for it. Whether it is ready."""
         if not wants_fused(self.kernel, self.size) or not self.pieces:
             return False
         from evomerge.genomes.fused_combine import fused_kernel
 
         piece = max(self.pieces, key=lambda p: p.stop - p.start)
-        return fused_kernel([v.dtype for v in piece.views], out.dtype, out.device, _eager) is not None
+        return fused_kernel([v.dtype for v in piece.views], out.dtype, out.device, _eager,
+                            wait=self.kernel == "fused") is not None
 
     def materialise(self, recipe: Recipe, out: torch.Tensor | None = None) -> torch.Tensor:
         """Weights of `recipe` in `out` (default: a new float32 vector; any floating dtype and device)."""
@@ -207,22 +208,24 @@ class Basis:
                 end = min(int(breaks[seg + 1]), hi_p)
                 lo, hi = position - piece.start, end - piece.start
                 _combine(out[position - start:end - start], [v[lo:hi] for v in views], coeffs[seg], scratch, step,
-                         fused)
+                         fused, wait=self.kernel == "fused")
                 position, seg = end, seg + 1
             i += 1
         return out
 
 
 def _combine(out: torch.Tensor, sources: list[torch.Tensor], row: Sequence[float],
-             scratch: torch.Tensor | None = None, step: int = CHUNK, fused: bool = False) -> None:
+             scratch: torch.Tensor | None = None, step: int = CHUNK, fused: bool = False,
+             wait: bool = True) -> None:
     """out = sum_k row[k] * sources[k], a chunk at a time, in float32.
 
     Each product is rounded to float32 and the products are summed in source order, then
     rounded once to `out`'s dtype: the arithmetic the fused kernel (`fused_combine`) compiles,
     so both write the same bits. `out` may be bf16/fp16 (the seeds' dtype) and may live on
     another device than the sources (host seeds streamed to a GPU buffer chunk by chunk).
-    `scratch` is float32 room for the sum and one product: with it, chunks are half its size. A lone coefficient of exactly 1 copies bits, so a
-    seed materialises to itself.
+    `scratch` is float32 room for the sum and one product: with it, chunks are half its size. A
+    lone coefficient of exactly 1 copies bits, so a seed materialises to itself. `fused`: use the
+    compiled kernel; `wait`: for it to compile, rather than running eagerly until it is ready.
     """
     active = [(src, float(c)) for src, c in zip(sources, row) if c != 0.0]
     n = out.numel()
@@ -237,7 +240,7 @@ def _combine(out: torch.Tensor, sources: list[torch.Tensor], row: Sequence[float
     if fused:
         from evomerge.genomes.fused_combine import fused_kernel
 
-        kernel = fused_kernel([src.dtype for src, _ in active], out.dtype, device, _eager)
+        kernel = fused_kernel([src.dtype for src, _ in active], out.dtype, device, _eager, wait=wait)
     if kernel is not None:
         coeffs = torch.tensor([c for _, c in active], dtype=torch.float32, device=device)
         for lo in range(0, n, step):

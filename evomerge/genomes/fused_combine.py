@@ -12,7 +12,10 @@ and costs about 20 s the first time on a machine (3 s from the on-disk cache lat
 * each (number of sources, dtypes, device) it compiles for is first checked against the eager
   combine on a probe vector; where it fails to compile or writes one bit differently it is not
   used, with one warning, and the eager combine runs instead. So the kernel never changes a
-  search's numbers: the scores, replays and exports are the same with it or without it.
+  search's numbers: the scores, replays and exports are the same with it or without it;
+* under `kernel: auto` it compiles on a thread, and the eager combine runs until it is ready:
+  a worker scores its first children while the compiler works (on a GPU node the compiler uses
+  the CPU the evaluation leaves idle). `kernel: fused` waits for it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ PROBE_SIZE = 4099  # odd: the compiled loop's vector body and its scalar tail ar
 
 _lock = threading.Lock()
 _kernels: dict[tuple, Callable[..., None] | None] = {}
+_compiling: dict[tuple, threading.Thread] = {}  # kernels being compiled and checked on a thread
 
 
 def _fused(out: torch.Tensor, coeffs: torch.Tensor, *sources: torch.Tensor) -> None:
@@ -50,15 +54,48 @@ def wants_fused(kernel: str, size: int) -> bool:
 
 
 def fused_kernel(source_dtypes: Sequence[torch.dtype], out_dtype: torch.dtype, device: torch.device,
-                 eager: Callable[[torch.Tensor, list[torch.Tensor], Sequence[float]], None]
-                 ) -> Callable[..., None] | None:
+                 eager: Callable[[torch.Tensor, list[torch.Tensor], Sequence[float]], None],
+                 wait: bool = True) -> Callable[..., None] | None:
     """The compiled kernel for these sources and output, checked against `eager`; None where the
-    eager combine must run (no compiler, or other bits). Compiled and checked once per process."""
+    eager combine must run (no compiler, or other bits). Compiled and checked once per process,
+    on a thread: `wait=False` returns None until that thread is done, instead of waiting."""
     key = (tuple(source_dtypes), out_dtype, device.type, device.index)
     with _lock:
-        if key not in _kernels:
-            _kernels[key] = _checked(source_dtypes, out_dtype, device, eager)
-        return _kernels[key]
+        if key in _kernels:
+            return _kernels[key]
+        thread = _compiling.get(key)
+        if thread is None:
+            thread = threading.Thread(target=_compile, args=(key, tuple(source_dtypes), out_dtype, device, eager),
+                                      name="fused-kernel-compile", daemon=True)
+            _compiling[key] = thread
+            thread.start()
+    if not wait:
+        return None
+    thread.join()
+    with _lock:
+        return _kernels.get(key)
+
+
+def _compile(key: tuple, source_dtypes: Sequence[torch.dtype], out_dtype: torch.dtype, device: torch.device,
+             eager: Callable[[torch.Tensor, list[torch.Tensor], Sequence[float]], None]) -> None:
+    try:
+        kernel = _checked(source_dtypes, out_dtype, device, eager)
+    except Exception as exc:  # the probe itself failed: the eager combine runs, as for no compiler
+        log.warning("materialise: checking the fused kernel failed (%s); using the eager combine",
+                    str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+        kernel = None
+    with _lock:
+        _kernels[key] = kernel
+        _compiling.pop(key, None)
+
+
+def wait_for_kernels(timeout: float | None = None) -> bool:
+    """Wait for the kernels compiling on threads; whether none is still compiling (benchmarks, tests)."""
+    with _lock:
+        threads = list(_compiling.values())
+    for thread in threads:
+        thread.join(timeout)
+    return not any(thread.is_alive() for thread in threads)
 
 
 def _checked(source_dtypes: Sequence[torch.dtype], out_dtype: torch.dtype, device: torch.device,
@@ -87,5 +124,6 @@ def _checked(source_dtypes: Sequence[torch.dtype], out_dtype: torch.dtype, devic
 
 def reset() -> None:
     """Forget compiled kernels (tests)."""
+    wait_for_kernels()
     with _lock:
         _kernels.clear()
