@@ -93,8 +93,10 @@ def _one_run(config_path: Path, base: SearchConfig, name: str, seed: int, budget
         limit = f"{budget} evaluations" if budget_datapoints is None else f"{budget_datapoints} datapoint-evaluations"
         print(f"== {name}, seed {seed}: up to {limit}", file=sys.stderr)
     start = time.perf_counter()
+    # one folder of data-based merges for every run: a fisher spec in M2N2's seed_with and the
+    # static baselines (the same spec) is merged once, not once per strategy and seed
     summary = run_search(config, SearchOptions(out_dir=out_dir / "runs" / f"{name}-seed{seed}", address=address,
-                                               progress=progress, overwrite=True))
+                                               progress=progress, overwrite=True, merges_dir=out_dir / "merges"))
     wall = time.perf_counter() - start  # the whole run, set-up included: what the user waits for
     best = summary.get("best") or {}
     trials = study_trials(optuna.load_study(study_name=study, storage=open_storage(storage)))  # late tests merged

@@ -252,3 +252,33 @@ def test_a_merged_folder_as_best_member_is_written_and_exported_as_that_model(se
     export_best(run, run / "best")
     basis = checkpoint_basis(seeds)
     assert torch.equal(_flat(run / "best", basis), _flat(merged, basis))
+
+
+def test_runs_sharing_a_merges_folder_merge_each_spec_once(seeds, tmp_path, count_merges, monkeypatch):
+    """`evomerge compare` gives every run one merges folder: M2N2's seed_with and the static
+    baselines name the same fisher spec, which is merged once for both (and every seed)."""
+    from evomerge import compare
+    from evomerge.engine.local import run_local
+
+    shared = tmp_path / "merges"
+    static = _config(seeds, {"name": "static", "options": {"merges": [FISHER], "slerp_points": [], "linear": False}})
+    run_local(static, run_dir=tmp_path / "a", merges_dir=shared)
+    run_local(static.model_copy(update={"seed": 1}), run_dir=tmp_path / "b", merges_dir=shared)
+    assert [p.parent for p in count_merges] == [shared.resolve()]
+    assert not (tmp_path / "a" / "merges").exists() and not (tmp_path / "b" / "merges").exists()
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_run_search(config, options):
+        seen.append(options.merges_dir)
+        raise Stop
+
+    monkeypatch.setattr(compare, "run_search", fake_run_search)
+    path = tmp_path / "search.yml"
+    path.write_text(yaml.safe_dump(static.model_dump(mode="json")))
+    with pytest.raises(Stop):
+        compare._one_run(path, static, "static", 0, 4, tmp_path / "cmp", str(tmp_path / "cmp.journal"), None, False)
+    assert seen == [tmp_path / "cmp" / "merges"]

@@ -48,9 +48,11 @@ def data_specs(config: SearchConfig) -> list[tuple[str, int, dict[str, Any]]]:
             if isinstance(raw, dict) and raw.get("method") in DATA_METHODS]
 
 
-def prepare_data_merges(config: SearchConfig, run_dir: Path | None) -> SearchConfig:
+def prepare_data_merges(config: SearchConfig, run_dir: Path | None, merges_dir: Path | None = None) -> SearchConfig:
     """The config the actors get: `config` itself when it names no data-based merge, else a copy
-    whose data-based specs name their merged folders (computed here unless already finished)."""
+    whose data-based specs name their merged folders (computed here unless already finished).
+    `merges_dir` (default RUN_DIR/merges) may be shared by several runs: `evomerge compare`
+    merges each spec once for all its strategies and seeds, as the key says when one is reusable."""
     found = data_specs(config)
     if not found:
         return config
@@ -60,7 +62,7 @@ def prepare_data_merges(config: SearchConfig, run_dir: Path | None) -> SearchCon
         raise ConfigError(f"{where}: {raw['method']} merges checkpoints with each seed's own LM "
                           "examples; it needs `seeds:` to list checkpoint folders (in-memory seeds have no "
                           "tensor names and no LM data); use a method without data, or checkpoint seeds")
-    if run_dir is None:
+    if run_dir is None and merges_dir is None:
         raise ConfigError(f"{where}: a data-based merge is written to the run folder before the search; "
                           "pass run_dir= to run_local (evomerge search uses its --out folder)")
     from evomerge.engine.seed_cache import seed_fingerprint
@@ -68,13 +70,14 @@ def prepare_data_merges(config: SearchConfig, run_dir: Path | None) -> SearchCon
     fingerprint = seed_fingerprint(list(config.seeds), config.allow_pickle)
     options = copy.deepcopy(config.strategy.options)
     for field, j, raw in found:
-        folder = merged_folder(config, raw, f"strategy.options.{field}.{j}", Path(run_dir), fingerprint)
+        root = Path(merges_dir) if merges_dir is not None else Path(run_dir) / MERGES_DIR
+        folder = merged_folder(config, raw, f"strategy.options.{field}.{j}", root, fingerprint)
         options[field][j] = {**raw, "merged": str(folder)}
     strategy = config.strategy.model_copy(update={"options": options})
     return config.model_copy(update={"strategy": strategy})
 
 
-def merged_folder(config: SearchConfig, raw: dict[str, Any], where: str, run_dir: Path, fingerprint: str) -> Path:
+def merged_folder(config: SearchConfig, raw: dict[str, Any], where: str, root: Path, fingerprint: str) -> Path:
     """The finished folder of one data-based spec: reused when its marker matches, else merged."""
     from evomerge.strategies.merge_specs import MergeSpec
 
@@ -88,7 +91,7 @@ def merged_folder(config: SearchConfig, raw: dict[str, Any], where: str, run_dir
     data = spec_data(spec, config, where)
     plan = spec_plan(spec, list(config.seeds), data, where)
     key = merge_key(fingerprint, spec, data)
-    folder = (run_dir / MERGES_DIR / key).resolve()
+    folder = (root / key).resolve()
     marker = folder / MARKER
     label = spec.label()
     if _marker_key(marker) == key:
@@ -97,7 +100,7 @@ def merged_folder(config: SearchConfig, raw: dict[str, Any], where: str, run_dir
     if folder.exists():  # a crash left it half-written, or it is not ours: merged again
         shutil.rmtree(folder)
     print(f"{where}: {label}: each seed's {plan.method.data_kind} statistics on its own data, then the merge, "
-          f"into {folder} (once per run folder)", file=sys.stderr)
+          f"into {folder} (once; reused while seeds, spec and data are unchanged)", file=sys.stderr)
     merge_plan(plan, folder, allow_pickle=config.allow_pickle)
     record = {"key": key, "label": label, "seeds": list(config.seeds), "data": [str(p) for p in data]}
     _write_atomic(marker, (json.dumps(record, indent=2) + "\n").encode())

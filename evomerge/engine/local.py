@@ -22,14 +22,14 @@ from evomerge.strategies.base import Candidate
 
 def run_local(config: SearchConfig, on_record: Callable[[EvalRecord], None] | None = None,
               in_flight: int = 1, on_test: Callable[[TestRecord], None] | None = None,
-              run_dir: Path | None = None) -> Population:
+              run_dir: Path | None = None, merges_dir: Path | None = None) -> Population:
     """`on_test`: each late held-out test (`fitness.test_every: archive`), run inline right
     after the tell that asked for it, so the search stays exactly the serial one. `run_dir`:
     where data-based merges (fisher/regmean in `merges`/`seed_with`) are written once and
-    reused; only such a search needs it."""
+    reused; only such a search needs it (or `merges_dir`, their folder, default RUN_DIR/merges)."""
     if in_flight < 1:
         raise ValueError(f"in_flight must be >= 1 (1 is the serial search), got {in_flight}")
-    config = prepare_data_merges(config, run_dir)
+    config = prepare_data_merges(config, run_dir, merges_dir)
     population = build_population(config)
     worker = FitnessWorker(config.model_dump(mode="json"), 0)
     queue: deque[Candidate] = deque()

@@ -49,6 +49,8 @@ class SearchOptions:
     # Ctrl-C waits for at most two: 0.25 s keeps that within the old single 0.5 s stretch.
     advance_seconds: float = 0.25
     handle_signals: bool = False  # the CLI turns this on; library callers keep their own handlers
+    # Where fisher/regmean merges are written (default OUT_DIR/merges); `evomerge compare` shares one.
+    merges_dir: Path | None = None
 
 
 @dataclass
@@ -165,7 +167,7 @@ def _execute(config: SearchConfig, options: SearchOptions, restore: _Restore | N
         # One pass over the seeds (finite check, prefix Gram), or none when the run folder has it.
         gram, checked = prepare_seeds(config, out_dir)
         # fisher/regmean specs merged once into the run folder; the actors' config names the folders
-        actors_config = prepare_data_merges(config, out_dir)
+        actors_config = prepare_data_merges(config, out_dir, options.merges_dir)
     except BaseException:
         if started_ray:
             ray.shutdown()
