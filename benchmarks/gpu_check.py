@@ -4,7 +4,8 @@ Makes a synthetic Llama pair of the requested size (default 7B-shaped, bf16) str
 memory — base noise plus a small delta per expert, no files — then measures, in one run:
 
 - materialising a two-segment recipe into the bound buffer, against a device-to-device copy of
-  the same F bytes (target: at least 0.5x the copy's speed);
+  the same F bytes (target: at least 0.5x the copy's speed), with the eager combine and with the
+  compiled one-pass kernel (Triton on a GPU; `--kernel`), whose bits must equal the eager ones;
 - peak device memory as a multiple of F (target: at most K + 1.3 with K seeds resident);
 - seconds to score 64 prompts by answer likelihood, and by greedy generation.
 
@@ -83,7 +84,32 @@ def make_seeds(layout, k: int, device: torch.device, dtype: torch.dtype) -> list
     return seeds
 
 
-def run(params: str, k: int, device: torch.device, batch_size: int) -> dict:
+def time_kernels(basis: Basis, recipe: Recipe, flat: torch.Tensor, device: torch.device, kernels: str) -> dict:
+    """Seconds to materialise with each kernel asked for (`both`: eager and fused), and whether the
+    fused kernel compiled and wrote the eager bits; materialise_s is the faster usable one."""
+    out: dict = {"materialise_eager_s": None, "materialise_fused_s": None, "fused_available": None,
+                 "fused_bits_equal": None, "fused_compile_s": None}
+    if kernels in ("both", "eager"):
+        basis.kernel = "eager"
+        out["materialise_eager_s"] = timed(lambda: basis.materialise(recipe, out=flat), device)
+    if kernels in ("both", "fused"):
+        want = basis.materialise(recipe, out=torch.empty_like(flat)) if kernels == "both" else None
+        basis.kernel = "fused"
+        start = time.perf_counter()
+        out["fused_available"] = basis.prepare_kernel(flat)  # compiles and checks it on a probe (waits)
+        out["fused_compile_s"] = time.perf_counter() - start
+        if out["fused_available"]:
+            out["materialise_fused_s"] = timed(lambda: basis.materialise(recipe, out=flat), device)
+            if want is not None:
+                out["fused_bits_equal"] = bool(torch.equal(flat, want))
+                del want
+    times = [t for t in (out["materialise_eager_s"], out["materialise_fused_s"]) if t is not None]
+    out["materialise_s"] = min(times)
+    basis.kernel = "eager" if out["materialise_s"] == out["materialise_eager_s"] else "fused"
+    return out
+
+
+def run(params: str, k: int, device: torch.device, batch_size: int, kernels: str = "both") -> dict:
     dtype = torch.bfloat16
     shape = plan_shape(params)
     specs = [(name, dims, "BF16") for name, dims, is_buffer in tensor_specs(shape) if not is_buffer]
@@ -113,7 +139,8 @@ def run(params: str, k: int, device: torch.device, batch_size: int) -> dict:
 
     recipe = Recipe(torch.tensor([0, layout.size // 2, layout.size]).numpy(),
                     torch.tensor([[0.3, 0.7], [0.6, 0.4]], dtype=torch.float64).numpy())
-    materialise = timed(lambda: basis.materialise(recipe, out=flat), device)
+    materialised = time_kernels(basis, recipe, flat, device, kernels)
+    materialise = materialised["materialise_s"]
     copy = timed(lambda: flat.copy_(seeds[0]), device)
     basis.materialise(recipe, out=flat)
     likelihood = timed(lambda: answer_likelihood_scores(model, tokenizer, PROMPTS, batch_size=batch_size),
@@ -130,7 +157,7 @@ def run(params: str, k: int, device: torch.device, batch_size: int) -> dict:
         "device": str(device), "gpu": torch.cuda.get_device_name(device) if gpu else None,
         "params": layout.size, "layers": shape.layers, "F_bytes": f_bytes, "seeds": k,
         "make_seeds_s": make_seconds, "skeleton_and_bind_s": bind_seconds,
-        "materialise_s": materialise, "copy_s": copy, "materialise_vs_copy": copy / materialise,
+        **materialised, "copy_s": copy, "materialise_vs_copy": copy / materialise,
         "peak_device_bytes": peak, "peak_device_F": None if peak is None else peak / f_bytes,
         "peak_target_F": k + 1.3,
         "likelihood_64_s": likelihood, "generate_64_s": generation, "prefix_gram_s": gram_seconds,
@@ -144,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=2, help="K: seeds resident on the device (default 2)")
     parser.add_argument("--device", default="auto", help="auto (cuda when present), cuda, cuda:N or cpu")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--kernel", choices=("both", "eager", "fused"), default="both",
+                        help="materialising kernels to time (default both: eager and the compiled one)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if args.device == "auto":
@@ -153,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu" and args.params == "7B":
         print("no GPU here: a 7B check needs one; run with --params 3M for a smoke test", file=sys.stderr)
         return 2
-    result = run(args.params, args.seeds, device, args.batch_size)
+    result = run(args.params, args.seeds, device, args.batch_size, args.kernel)
     for key, value in result.items():
         text = f"{value:.4g}" if isinstance(value, float) else str(value)
         print(f"{key:>22}  {text}")

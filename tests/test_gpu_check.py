@@ -30,4 +30,8 @@ def test_gpu_check_runs_without_ray_optuna_or_pydantic(tmp_path):
     result = json.loads(out.read_text())
     assert result["device"] == "cpu" and result["seeds"] == 2 and result["layers"] > 10
     assert result["materialise_s"] > 0 and result["copy_s"] > 0 and result["logprobs_finite"]
+    assert result["materialise_eager_s"] > 0  # and the compiled kernel, where this machine compiles it
+    assert result["fused_available"] is not None and result["fused_compile_s"] >= 0
+    if result["fused_available"]:
+        assert result["fused_bits_equal"] is True and result["materialise_fused_s"] > 0
     assert "materialise_vs_copy" in proc.stdout
