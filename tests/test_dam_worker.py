@@ -97,4 +97,79 @@ def test_resumed_search_with_dam_on_a_worker_ends_as_the_straight_one(ray_sessio
     _, _, a = load_latest_snapshot(tmp_path / "a")
     _, _, b = load_latest_snapshot(out)
     for key in ("coeffs", "curve", "adam/exp_avg_sq"):
-        np.testing.assert_array_equal(a[f"population/strategy/{key}"], b[f"population/strategy/{key}"], err_msg=key)
+        found = [k for k in a if k.endswith(f"strategy/{key}")]
+        assert len(found) == 1, sorted(a)
+        np.testing.assert_array_equal(a[found[0]], b[found[0]], err_msg=key)
+    assert next(v for k, v in a.items() if k.endswith("strategy/curve")).shape == (4,)  # all four steps
+
+
+class _Trainer:
+    """A stand-in worker for WorkerTrainer's retries: `mode` dies (the process exits), raises, or
+    trains (adds n to the step and marks the coefficients with its name)."""
+
+    def __init__(self, mode: str, name: int) -> None:
+        self.mode, self.name = mode, name
+
+    def dam_train(self, settings, num_seeds, fingerprint, meta, arrays, steps):
+        import os
+
+        if self.mode == "die":
+            os._exit(1)
+        if self.mode == "nan":
+            raise FloatingPointError("dam: the loss became nan at step 0; lower strategy.options.lr")
+        arrays = dict(arrays, coeffs=arrays["coeffs"] + self.name)
+        return {**meta, "step": meta["step"] + steps, "adam_step": meta["adam_step"] + steps}, arrays
+
+
+def _worker_trainer(modes, live=None):
+    import ray
+
+    from evomerge.genomes.columns import ColumnLayout
+    from evomerge.strategies.dam_trainer import TrainOptions, WorkerTrainer
+
+    actor = ray.remote(_Trainer).options(num_cpus=0, max_restarts=0)
+    workers = [actor.remote(mode, i) for i, mode in enumerate(modes)]
+    layout = ColumnLayout.from_tensors([("w", (2, 3))], lambda name, shape: 1)
+    return WorkerTrainer(workers, live, 2, layout, TrainOptions()), workers
+
+
+def test_a_worker_that_dies_mid_chunk_costs_one_retry_on_the_next_live_worker(ray_session):
+    from evomerge.strategies.dam_trainer import TrainingState
+
+    trainer, _ = _worker_trainer(["die", "dead", "train"], live=lambda: [0, 2])  # 1: the dispatcher gave up on it
+    state = TrainingState.start(2, 3, batch_seed=5)
+    out = trainer.train(state, 2)
+    assert (out.step, out.adam_step, out.batch_seed) == (2, 2.0, 5)
+    np.testing.assert_array_equal(out.coeffs, state.coeffs + 2)  # worker 2 trained it
+    assert trainer.index == 2 and trainer.calls == 2
+    assert trainer.train(out, 1).step == 3 and trainer.calls == 3  # and keeps training there
+
+
+def test_two_deaths_fail_with_the_reason_and_a_trainer_error_is_raised_as_itself(ray_session):
+    from evomerge.strategies.dam_trainer import TrainingState
+
+    trainer, _ = _worker_trainer(["die", "die"])
+    with pytest.raises(RuntimeError, match="DAM training died on two fitness workers.*train_on: population"):
+        trainer.train(TrainingState.start(2, 3, batch_seed=0), 1)
+    trainer, _ = _worker_trainer(["nan"])
+    with pytest.raises(FloatingPointError, match="lower strategy.options.lr"):
+        trainer.train(TrainingState.start(2, 3, batch_seed=0), 1)
+
+
+def test_train_on_worker_without_workers_or_over_dense_genomes_is_refused():
+    from evomerge.strategies.base import Problem
+    from evomerge.strategies.dam import DAM
+    from fitness.digits import DigitsTask
+
+    task = DigitsTask({"train_size": 100})
+    seeds = [np.zeros(task.dimension, dtype=np.float32), np.ones(task.dimension, dtype=np.float32)]
+    problem = Problem(dimension=task.dimension, num_datapoints=task.num_datapoints, initial=seeds)
+    problem.task = task
+    with pytest.raises(ValueError, match="train_on: worker trains over the workers' checkpoint seeds"):
+        DAM({"train_on": "worker"}, problem, seed=0)
+    assert DAM({}, problem, seed=0).train_on == "population"  # auto: digits stays in-process
+    from evomerge.genomes.columns import ColumnLayout
+    from evomerge.strategies.dam_trainer import TrainOptions, WorkerTrainer
+
+    with pytest.raises(ValueError, match="this run has none .*train_on: population"):
+        WorkerTrainer([], None, 2, ColumnLayout.from_tensors([("w", (2,))], lambda n, s: None), TrainOptions())

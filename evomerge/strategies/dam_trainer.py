@@ -252,7 +252,9 @@ class WorkerTrainer:
                 out_meta, out_arrays = ray.get(ref)
             except WORKER_ERRORS as exc:
                 if attempt:
-                    raise RuntimeError(f"DAM training died on two fitness workers (last: worker {index}, {exc}); "
+                    first = (str(exc).strip().splitlines() or [""])[0]  # Ray's text goes on for a page
+                    raise RuntimeError(f"DAM training died on two fitness workers (last: worker {index}, "
+                                       f"{type(exc).__name__}: {first}); "
                                        "check the worker logs and memory, or set strategy.options.train_on: "
                                        "population") from exc
                 index = self._next_live(index)
