@@ -101,10 +101,11 @@ class DamOptions(TrainOptions):
 def _train_on(options: DamOptions, problem: Problem) -> str:
     """`auto`: a fitness worker where there are Ray workers and checkpoint seeds (an LM, whose
     model the population actor must not build), else the population (digits, in-process runs)."""
-    checkpoints = problem.space.kind != "dense"
+    recipes = problem.space.kind != "dense"  # the workers hold a basis (of any seeds) only then
     if options.train_on == "auto":
-        return "worker" if problem.workers and checkpoints else "population"
-    if options.train_on == "worker" and not checkpoints:
+        files = getattr(problem.basis, "checkpoints", None)  # task-made seeds (digits) have none
+        return "worker" if problem.workers and recipes and files else "population"
+    if options.train_on == "worker" and not recipes:
         raise ValueError("strategy.options.train_on: worker trains over the workers' checkpoint seeds; this search "
                          "has dense genomes (no checkpoint basis on the workers); set train_on: population")
     return options.train_on
