@@ -13,7 +13,8 @@ thread gives back depends on the cores that are free for the training:
 - 2 workers are also run and printed. There the thread competes with the workers for the 2 cores.
 
 Each pair alternates inline and thread runs of `populations/tiny-lm-skills.yaml` (its guide made
-to train `--steps` steps), and the ratio is taken of the summed steady rates. Needs the models:
+to train `--steps` steps, in the population actor: `train_on: population`, since on a worker a
+chunk always runs inline), and the ratio is taken of the summed steady rates. Needs the models:
 `evomerge fixtures tiny-lm models/tiny-lm`.
 """
 
@@ -33,7 +34,8 @@ TARGET = 1.2
 
 def guided(background: bool, workers: int, budget: int, steps: int):
     guide = {"from": "dam", "every": 50, "share": 0.25,
-             "options": {"steps": steps, "eval_every": 10, "background": background}}
+             "options": {"steps": steps, "eval_every": 10, "background": background,
+                         "train_on": "population"}}  # the thread is the population actor's (on a worker: inline)
     return load_population("tiny-lm-skills", {
         "budget.evaluations": budget, "workers.count": workers, "snapshots.every": 100_000,
         "strategy.options": {"archive_size": 20, "mutation_sigma": 0.0, "guide": guide}})

@@ -59,16 +59,20 @@ def build_skeleton(folder: str | Path, dtype: torch.dtype, trust_remote_code: bo
     return model
 
 
-def check_binding(folder: str | Path, layout: Layout, trust_remote_code: bool = False) -> BindingPlan:
-    """`plan_binding` against a model built entirely on the meta device: names and shapes are
-    checked with no bytes allocated (not a skeleton: nothing here can be bound or run)."""
+def meta_model(folder: str | Path, trust_remote_code: bool = False) -> nn.Module:
+    """The model of `folder` built entirely on the meta device, with no bytes allocated (not a
+    skeleton: nothing here can be bound or run); for reading names, shapes and module types."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    return plan_binding(model, layout, str(folder))
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def check_binding(folder: str | Path, layout: Layout, trust_remote_code: bool = False) -> BindingPlan:
+    """`plan_binding` against the meta-device model: names and shapes checked, nothing allocated."""
+    return plan_binding(meta_model(folder, trust_remote_code), layout, str(folder))
 
 
 def _load_generation_config(model: nn.Module, folder: str | Path) -> None:

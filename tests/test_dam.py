@@ -157,7 +157,7 @@ def test_cosine_penalty_by_hand():
 def test_coefficients_are_exactly_one_over_k_at_start(digits):
     task, seeds = digits
     dam = DAM({}, _problem(task, seeds), seed=0)
-    assert dam.coeffs.dtype == torch.float32
+    assert dam.coeffs.dtype == np.float32
     assert bool((dam.coeffs == 0.5).all()) and dam.genome().equals(ColumnGenome.uniform(dam.layout, 2))
     first = _drive(dam, 0, 3)
     assert [c.parents for c in first] == [(), (), (0, 1)] and first[2].params == {"step": 0}
@@ -181,7 +181,7 @@ def test_loss_decreases_and_dam_beats_the_plain_average(digits):
     assert dam_train > avg_train + 0.03, (avg_train, dam_train)
     assert task.test_score(final) > task.test_score(average)
     # the evaluated genome is exactly the model DAM trained
-    merged = dam.merged_weights(dam.coeffs.detach())
+    merged = dam.trainer.merged_weights(torch.from_numpy(dam.coeffs))
     flat = np.concatenate([merged[g.name].numpy().ravel() for g in dam.layout.groups])
     np.testing.assert_array_equal(flat, final)
     # after training, asks keep offering the final merge rather than stalling
@@ -397,11 +397,13 @@ def test_dam_on_bf16_llama_seeds_trains_in_bf16(tmp_path):
                       space=RecipeSpace(basis.prefix_gram(max_boundaries=8)))
     problem.task, problem.basis = task, basis
     dam = DAM({"steps": 2, "eval_every": 1, "batch_size": None, "lr": 0.01}, problem, seed=0)
-    assert task.dtype == torch.bfloat16 and dam.model.weight_dtype == torch.bfloat16
-    assert all(w.dtype == torch.bfloat16 for weights in dam.seed_weights for w in weights.values())
-    merged = dam.merged_weights(dam.coeffs)
+    trainer = dam.trainer
+    assert task.dtype == torch.bfloat16 and trainer.model.weight_dtype == torch.bfloat16
+    assert all(w.dtype == torch.bfloat16 for weights in trainer.seed_weights for w in weights.values())
+    coeffs = torch.from_numpy(dam.coeffs).requires_grad_(True)
+    merged = trainer.merged_weights(coeffs)
     assert all(t.dtype == torch.bfloat16 for t in merged.values())
-    loss = dam.loss(dam.coeffs, 0)
+    loss = trainer.loss(coeffs, 0, dam.state.batch_seed)
     assert torch.isfinite(loss)
     loss.backward()
-    assert dam.coeffs.grad is not None and torch.isfinite(dam.coeffs.grad).all() and dam.coeffs.grad.abs().sum() > 0
+    assert coeffs.grad is not None and torch.isfinite(coeffs.grad).all() and coeffs.grad.abs().sum() > 0

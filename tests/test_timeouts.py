@@ -68,6 +68,18 @@ def test_hang_watch_by_hand():
     assert watch.verdict("b") == (True, False) and watch.verdict("d") == (False, True)
 
 
+def test_hang_watch_spares_a_call_that_is_back_but_not_yet_taken():
+    """The population actor busy elsewhere (DAM training inline on a worker) for longer than a
+    limit: a call that finished meanwhile is overdue on the clock, but it is not stuck."""
+    watch = HangWatch(2, timeout=1.0, grace_seconds=1.0)
+    watch.started(0, "back", 1)
+    watch.started(1, "stuck", 1)
+    watch.head_since[0] = watch.head_since[1] = time.monotonic() - 5.0  # both 3 s past their 2 s
+    assert watch.overdue(done=lambda ref: ref == "back") == [1]
+    assert watch.overdue() == [0]  # without the question, the call that is back would be killed
+    assert watch.verdict("stuck") == (True, False)
+
+
 def _hang_config(name, tmp_path, task, every, **overrides):
     log = tmp_path / "hangs.txt"
     options = {"train_size": 300, "log": str(log), "every": every}

@@ -60,7 +60,8 @@ def test_dam_guided_search_over_checkpoints_adds_a_basis_element(ray_session, ti
     options = {"model": info["models"]["base"], "data": [info["data"]["add_train"], info["data"]["rev_train"]],
                "test_data": [info["data"]["add_test"], info["data"]["rev_test"]], "limit": 16,
                "max_new_tokens": 6, "batch_size": 32}
-    guide = {"from": "dam", "every": 6, "share": 0.3, "options": {"steps": 4, "eval_every": 2, "batch_size": 8}}
+    guide = {"from": "dam", "every": 6, "share": 0.3,  # auto's choice on Ray over checkpoints, spelled out
+             "options": {"steps": 4, "eval_every": 2, "batch_size": 8, "train_on": "worker"}}
     config = config_from_dict({
         "name": "tiny-dam", "seed": 0, "seeds": [info["models"]["expert_add"], info["models"]["expert_rev"]],
         "fitness": {"task": "lm_exact_match", "options": options},

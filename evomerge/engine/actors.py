@@ -78,6 +78,10 @@ class PopulationActor:
         config = SearchConfig.model_validate(config_json)
         problem = build_problem(config, gram, seeds_checked)
         problem.background = not config.sync  # see Problem.background
+        # DAM (train_on: worker) trains on a fitness worker: the handles, and the dispatcher's
+        # view of which are live (it is built below; the strategy asks only once it trains).
+        problem.workers = list(workers)
+        problem.live_workers = lambda: self.dispatcher.live_workers
         self.population = build_population(config, problem)
         # Workers breed dense children from their lineage: see evomerge/genomes/offspring.py.
         self.population.strategy.problem.space.defer_breeding = config.workers.breed_on_workers

@@ -280,8 +280,12 @@ class Dispatcher:
                 self._collect_tests(ref)
 
     def _stop_hung(self) -> None:
-        """Kill every worker whose oldest call has outlived its limit; Ray restarts it."""
-        for worker_index in self.hangs.overdue():
+        """Kill every worker whose oldest call has outlived its limit; Ray restarts it.
+
+        A call that is back but not yet taken is not stuck: it outlived its limit on our clock
+        only because this actor was busy elsewhere (DAM training inline on a worker, say), so
+        it is left to be collected and its worker is spared."""
+        for worker_index in self.hangs.overdue(done=lambda ref: bool(ray.wait([ref], timeout=0)[0])):
             ray.kill(self.workers[worker_index], no_restart=False)
 
     def _fill(self) -> None:

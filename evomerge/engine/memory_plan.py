@@ -16,9 +16,18 @@ Where the model bytes live (evomerge/engine/worker.py, actors.py, genomes/spaces
   is a weightless skeleton until bound); one buffer per guide element and one per non-linear
   `strategy.options.seed_with` merge (RecipeSpace.add_element materialises each into
   Basis.new_buffer: host, seeds' dtype; linear/task_arithmetic merges are recipes and hold
-  nothing, merge_specs.joins_basis); for DAM (standalone or as guide) the task's bound model F and one merge in
-  the run dtype (kept for backward); the seeds stay views in their own dtype and each group's
-  float32 sum is transient (columns.combine_trainable). DAM trains there, on the actor's CPU.
+  nothing, merge_specs.joins_basis); for DAM (standalone or as guide) with
+  `strategy.options.train_on: population` the task's bound model F and one merge in the run
+  dtype (kept for backward); the seeds stay views in their own dtype and each group's float32
+  sum is transient (columns.combine_trainable). DAM then trains there, on the actor's CPU.
+  With `train_on: worker` (auto's choice over checkpoint seeds) it holds no model bytes for DAM:
+  the column layout comes from a meta-device model.
+* the worker that trains DAM (`train_on: worker`; one at a time, worker 0 unless it died): its
+  bound model is the task's own (no extra copy), plus the merged weights kept for autograd, +F in
+  the run dtype, on its device (host on a CPU worker). The seeds' views must be on that device:
+  a GPU worker with its seeds in pinned host memory (`seeds_on: host`, or auto finding they do
+  not fit) is refused. The row is shown on worker 0 and counted once in the totals (and on the
+  busiest GPU).
 * worker on CPU: the merge buffer F (the task's bound buffer), one buffer per guide and seed_with
   element (each worker rebuilds them, FitnessWorker.sync_elements) and ACTIVATION_ALLOWANCE for
   scoring activations.
@@ -115,7 +124,10 @@ class MemoryPlan:
     processes: list[ProcessMemory]
     page_cache_bytes: int  # the seeds, once per node
     dtype_option: bool  # the task has a `dtype` option to suggest
-    dam: bool = False  # DAM (strategy or guide) trains in the population actor
+    dam: str | None = None  # where DAM (strategy or guide) trains: "population", "worker", or None (no DAM)
+    dam_training: Part | None = None  # the training worker's extra (train_on: worker), counted once
+    dam_option: str = "strategy.options.train_on"  # its name (a DAM guide's: strategy.options.guide.options.train_on)
+    seeds_on_option: str = "auto"  # fitness.options.seeds_on as given
     num_seed_elements: int = 0  # non-linear strategy.options.seed_with merges: basis elements from the start
     notes: list[str] = field(default_factory=list)
 
@@ -134,11 +146,16 @@ class MemoryPlan:
     @property
     def host_total(self) -> int:
         """Host bytes of every process together (each worker counted)."""
-        return self.driver.host + self.population.host + self.workers * self.worker.host
+        extra = self.dam_training.host if self.dam_training is not None else 0
+        return self.driver.host + self.population.host + self.workers * self.worker.host + extra
 
     @property
     def device_per_gpu(self) -> int:
-        return self.workers_per_gpu * self.worker.device if self.on_gpu else 0
+        """The busiest GPU: its workers, one of them training DAM (train_on: worker)."""
+        if not self.on_gpu:
+            return 0
+        extra = self.dam_training.device if self.dam_training is not None else 0
+        return self.workers_per_gpu * self.worker.device + extra
 
     def table(self) -> str:
         f = self.model_bytes
@@ -155,14 +172,15 @@ class MemoryPlan:
             f"  {'process':<20}{'host':>10} {'(xF)':>9} {'device':>10} {'(xF)':>9}  holds",
         ]
         rows = [self.driver, self.population]
-        rows += [ProcessMemory(f"worker {i}", self.worker.parts, self.worker.note)
+        trains = [self.dam_training] if self.dam_training is not None else []
+        rows += [ProcessMemory(f"worker {i}", self.worker.parts + (trains if i == 0 else []), self.worker.note)
                  for i in range(min(self.workers, 8))]
         for proc in rows:
             holds = ", ".join(f"{p.what} {(p.host + p.device) / f if f else 0:.2f}F" for p in proc.parts
                               if p.host or p.device) or proc.note or "no model bytes"
             lines.append(f"  {proc.name:<20}{cell(proc.host)} {cell(proc.device)}  {holds}")
         if self.workers > 8:
-            lines.append(f"  ... {self.workers - 8} more workers, each as above")
+            lines.append(f"  ... {self.workers - 8} more workers, each as worker 1")
         total_name = "total, this node" if self.local else "total, all nodes"
         lines.append(f"  {total_name:<20}{cell(self.host_total)} "
                      f"{cell(self.device_per_gpu) if self.on_gpu else cell(0)}  "
@@ -187,6 +205,24 @@ def _guide_elements(config: Any) -> tuple[int, str | None]:
     if not guide or not isinstance(config.seeds, list) or not config.seeds:
         return 0, None
     return int(guide.get("max_elements", 4)), guide.get("from")
+
+
+def _dam_trains_on(config: Any) -> tuple[str | None, str]:
+    """Where DAM (the strategy, or M2N2's guide) trains: `strategy.options.train_on`, or the
+    guide's `options.train_on`; auto is the worker over checkpoint seeds (the plan's only case)
+    unless the genomes are dense (DAM's `_train_on`). None without DAM; and the option's name."""
+    options = config.strategy.options or {}
+    field_name = "strategy.options.train_on"
+    if config.strategy.name == "dam":
+        wanted = options.get("train_on", "auto")
+    elif (options.get("guide") or {}).get("from") == "dam":
+        wanted = ((options["guide"].get("options") or {}).get("train_on", "auto"))
+        field_name = "strategy.options.guide.options.train_on"
+    else:
+        return None, field_name
+    if wanted == "auto":
+        return ("population" if config.genome.kind == "dense" else "worker"), field_name
+    return str(wanted), field_name
 
 
 def _seed_with_elements(config: Any, num_seeds: int) -> int:
@@ -233,7 +269,7 @@ def plan_memory(config: Any, sizes: ModelSizes, *, gpu_bytes: int | None = None,
     f = n * DTYPE_BYTES[run_dtype]
     f32 = n * 4
     seed_dtype_bytes = n * DTYPE_BYTES.get(sizes.seeds_dtype, 4)
-    num_elements, guide_from = _guide_elements(config)
+    num_elements, _ = _guide_elements(config)
     num_seed_elements = _seed_with_elements(config, k)
     notes: list[str] = []
 
@@ -247,7 +283,8 @@ def plan_memory(config: Any, sizes: ModelSizes, *, gpu_bytes: int | None = None,
     # population actor
     pop = ProcessMemory("population actor")
     _elements(pop.parts, num_elements, num_seed_elements, seed_dtype_bytes)
-    if config.strategy.name == "dam" or guide_from == "dam":
+    dam, dam_option = _dam_trains_on(config)
+    if dam == "population":
         # DAM trains against the task's model (its bound buffer, F) with one merge in the run dtype.
         pop.parts.append(Part("DAM: task model + merge", host=2 * f))
     if dense:
@@ -259,7 +296,7 @@ def plan_memory(config: Any, sizes: ModelSizes, *, gpu_bytes: int | None = None,
 
     # one worker
     worker = ProcessMemory("worker")
-    seeds_on = None
+    seeds_on, wanted = None, str(options.get("seeds_on") or "auto")
     if not on_gpu:
         worker.parts.append(Part("merge buffer", host=f))
         _elements(worker.parts, num_elements, num_seed_elements, seed_dtype_bytes)
@@ -267,7 +304,6 @@ def plan_memory(config: Any, sizes: ModelSizes, *, gpu_bytes: int | None = None,
     else:
         # The worker's rule (FitnessWorker._place_seeds): resident when the K seeds fit beside the buffer.
         seeds_bytes = k * sizes.seed_bytes
-        wanted = str(options.get("seeds_on") or "auto")
         if wanted == "auto":
             fits = gpu_bytes is None or per_gpu * (f + allowance_bytes + seeds_bytes) <= gpu_bytes
             seeds_on = "device" if fits else "host"
@@ -284,6 +320,11 @@ def plan_memory(config: Any, sizes: ModelSizes, *, gpu_bytes: int | None = None,
         _elements(worker.parts, num_elements, num_seed_elements, seed_dtype_bytes)  # host, as on CPU
     if unmapped_seeds:
         worker.parts.append(Part("pickle seeds, loaded", host=unmapped_seeds))
+    # DAM on a worker: the merged weights autograd keeps, beside the worker's own bound model.
+    dam_training = None
+    if dam == "worker":
+        dam_training = Part("DAM training: merge for autograd", device=f) if on_gpu else \
+            Part("DAM training: merge for autograd", host=f)
 
     driver = ProcessMemory("driver", note="no model bytes (export runs after the workers stop)")
     if not local:
@@ -294,7 +335,8 @@ def plan_memory(config: Any, sizes: ModelSizes, *, gpu_bytes: int | None = None,
         element_bytes=seed_dtype_bytes, num_elements=num_elements, workers=spec.count, on_gpu=on_gpu,
         seeds_on=seeds_on, workers_per_gpu=per_gpu, num_gpus=spec.num_gpus, local=local,
         processes=[driver, pop, worker], page_cache_bytes=k * sizes.seed_bytes if sizes.mapped else 0,
-        dtype_option=dtype_option, dam=config.strategy.name == "dam" or guide_from == "dam",
+        dtype_option=dtype_option, dam=dam, dam_training=dam_training, dam_option=dam_option,
+        seeds_on_option=wanted,
         num_seed_elements=num_seed_elements, notes=notes)
 
 
@@ -325,13 +367,29 @@ def check(plan: MemoryPlan, free_host_bytes: int | None, gpu_bytes: int | None) 
         elements.append(f"`strategy.options.seed_with` ({plan.num_seed_elements} non-linear merges now; each "
                        f"joins the basis as an element of {_gb(plan.element_bytes)} in every worker and the "
                        "population actor; linear and task_arithmetic merges are recipes and hold none)")
-    if plan.dam:
+    if plan.dam == "population":
         cheaper.append(f"the DAM strategy or guide (it trains in the population actor, which then holds "
-                       f"{_gb(2 * plan.model_bytes)}: the task's model and a merge; `strategy: m2n2` or a "
-                       "`guide.from: cmaes` hold none)")
+                       f"{_gb(2 * plan.model_bytes)}: the task's model and a merge; "
+                       f"`{plan.dam_option}: worker` trains on a fitness worker instead, where it "
+                       "adds one merge; `strategy: m2n2` or a `guide.from: cmaes` hold none)")
+    if plan.dam == "worker":
+        cheaper.append(f"`{plan.dam_option}: population` (DAM now trains on a worker, adding "
+                       f"{_gb(plan.model_bytes)} there; in the population actor it holds "
+                       f"{_gb(2 * plan.model_bytes)} of host memory)")
     off = "or set `workers.memory_check: false` to start anyway"
+    if plan.dam == "worker" and plan.on_gpu and plan.seeds_on == "host":
+        why = ("`fitness.options.seeds_on` is host" if plan.seeds_on_option == "host" else
+               "`fitness.options.seeds_on: auto` keeps them in host memory here: they do not fit on the GPU "
+               "beside the buffer")
+        raise ConfigError(
+            f"memory plan: DAM trains on a GPU worker (`{plan.dam_option}` is worker, set or auto's "
+            f"choice over checkpoint seeds) against the seeds' views on that GPU, but the seeds would be in pinned host "
+            f"memory ({why}); set `fitness.options.seeds_on: device` (the {plan.sizes.num_seeds} seeds resident "
+            f"need {_gb(plan.sizes.num_seeds * plan.sizes.seed_bytes)} per GPU), or "
+            f"`{plan.dam_option}: population` (trains in the population actor on its CPU)")
     if free_host_bytes is not None:
-        need = plan.host_total if plan.local else max(p.host for p in plan.processes)
+        trainer = plan.worker.host + (plan.dam_training.host if plan.dam_training is not None else 0)
+        need = plan.host_total if plan.local else max(trainer, *(p.host for p in plan.processes))
         if need > free_host_bytes:
             what = (f"{plan.workers} workers × {_gb(plan.worker.host)} + population actor "
                     f"{_gb(plan.population.host)}" if plan.local else

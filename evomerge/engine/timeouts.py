@@ -16,7 +16,7 @@ import threading
 import time
 from collections import deque
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, Callable
 
 
 class EvaluationTimeout(BaseException):
@@ -108,13 +108,16 @@ class HangWatch:
         waits = [w for w in (self._overdue_in(worker, now) for worker in self.head_since) if w is not None]
         return min(waits) if waits else None
 
-    def overdue(self) -> list[int]:
-        """Workers whose oldest call has outlived its limit, each marked killed: its caller kills it."""
+    def overdue(self, done: Callable[[Any], bool] | None = None) -> list[int]:
+        """Workers whose oldest call has outlived its limit, each marked killed: its caller kills it.
+
+        `done(ref)`: whether a call is in fact back (not yet taken); such a call is not stuck."""
         if self.timeout is None:
             return []
         now = time.monotonic()
         lefts = {worker: self._overdue_in(worker, now) for worker in self.head_since}
-        stuck = [worker for worker, left in lefts.items() if left is not None and left < 0]
+        stuck = [worker for worker, left in lefts.items() if left is not None and left < 0
+                 and not (done is not None and done(self.calls[worker][0][0]))]
         for worker in stuck:
             self._killed(worker)
         return stuck

@@ -48,6 +48,7 @@ class FitnessWorker:
             self.basis.prepare_kernel(self._candidate_buffer())
         self.parents = ParentCache()  # archive members sent to this worker, to breed children from
         self.timeout = config.workers.timeout_seconds
+        self._dam_trainers: dict[str, Any] = {}  # DAM's trainer over this worker's task, by its options
 
     def pid(self) -> int:
         return os.getpid()
@@ -164,6 +165,46 @@ class FitnessWorker:
         free, _ = torch.cuda.mem_get_info(device)
         where = resolve_seeds_on(self._seeds_on, device, fits_on_device=need < free)
         self.basis.place(device if where == "device" else None)
+
+    def dam_train(self, settings: dict[str, Any], num_seeds: int, fingerprint: str, meta: dict[str, Any],
+                  arrays: dict[str, np.ndarray], steps: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """`steps` of DAM's Adam from the training state (meta, arrays: TrainingState.to_wire) over
+        this worker's own bound model and seeds, on its device; the next state, same format.
+
+        An actor runs one call at a time, so this never overlaps an evaluation (training swaps the
+        bound model's parameters for merged ones; evaluations find them as they were)."""
+        from evomerge.strategies.dam_trainer import TrainingState
+
+        trainer = self._dam_trainer(settings, num_seeds)
+        if trainer.layout.fingerprint() != fingerprint:
+            raise ValueError("DAM's column layout on this worker differs from the population's; the worker's "
+                             "fitness task must bind the same architecture as the seeds")
+        return trainer.train(TrainingState.from_wire(meta, arrays), steps).to_wire()
+
+    def _dam_trainer(self, settings: dict[str, Any], num_seeds: int) -> Any:
+        import json
+
+        from evomerge.strategies.dam_models import dam_model_for
+        from evomerge.strategies.dam_trainer import DamTrainer, TrainOptions
+
+        key = json.dumps([settings, num_seeds], sort_keys=True)
+        if key in self._dam_trainers:
+            return self._dam_trainers[key]
+        if self.basis is None:
+            raise ValueError("strategy.options.train_on: worker needs checkpoint seeds on the workers; this search "
+                             "has none; set strategy.options.train_on: population")
+        buffer = self._candidate_buffer()  # builds the bound model and places the seeds (a GPU: resident or pinned)
+        seeds_device = self.basis.pieces[0].views[0].device
+        if buffer.device.type != "cpu" and seeds_device != buffer.device:
+            raise ValueError("strategy.options.train_on: worker trains on this worker's GPU against the seeds "
+                             "there, but its seeds are in host memory (fitness.options.seeds_on is host, or auto "
+                             "found they do not fit beside the buffer); set fitness.options.seeds_on: device "
+                             "(with the GPU memory for it: see the memory plan) or strategy.options.train_on: "
+                             "population")
+        trainer = DamTrainer(dam_model_for(self.task, num_seeds), self.basis, num_seeds,
+                             TrainOptions.model_validate(settings))
+        self._dam_trainers[key] = trainer
+        return trainer
 
     def evaluate_one(self, member_id: int, genome: Any, test_above: float | None = None,
                      job: tuple[Any, ...] | None = None) -> Evaluation:

@@ -318,6 +318,10 @@ class ColumnSpace:
     def copy(self, genome: ColumnGenome) -> ColumnGenome:
         return genome  # column genomes are never modified in place
 
+    def realise(self, genome: Any) -> Any:
+        """Column genomes are whole as asked (none is bred later): the best goes out as it is."""
+        return genome
+
     def pack(self, genomes: list[Any], prefix: str) -> dict[str, np.ndarray]:
         return pack_columns(list(genomes), prefix, self.layout)
 

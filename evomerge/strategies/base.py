@@ -35,6 +35,10 @@ class Problem:
     # The task's groups (skills) as (name, number of datapoints), contiguous in datapoint order;
     # None: one objective. Strategies select on all datapoints either way.
     groups: list[tuple[str, int]] | None = None
+    # On Ray: the fitness workers' actor handles, and which of them the dispatcher still counts
+    # live (indices). DAM's `train_on: worker` trains there; None in-process (run_local, tests).
+    workers: list[Any] | None = field(default=None, repr=False, compare=False)
+    live_workers: Any = field(default=None, repr=False, compare=False)  # Callable[[], list[int]]
 
     def __post_init__(self) -> None:
         if self.space is None:
