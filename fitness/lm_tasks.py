@@ -17,6 +17,7 @@ raising: a wild merge is a bad candidate, not a failed evaluation.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -239,6 +240,11 @@ class BoundLMTask(FitnessTask):
         from fitness.lm_binding import bind, build_skeleton, move_buffers, plan_binding
 
         device, dtype = self.device, self.dtype
+        if device.type == "cpu":
+            from evomerge.devices import cpu_lacks_native, slow_cpu_dtype_advice
+
+            if cpu_lacks_native(dtype):  # said once per worker, in its log (the plan says it at start too)
+                logging.getLogger(__name__).warning("fitness worker: %s", slow_cpu_dtype_advice(dtype))
         model = build_skeleton(self.source, dtype, self.options.trust_remote_code)
         plan = plan_binding(model, self.layout, str(self.source))
         flat = torch.zeros(self.layout.size, dtype=dtype, device=device)

@@ -331,3 +331,21 @@ def test_a_search_that_cannot_fit_stops_before_any_worker(ray_session, tiny, tmp
     assert started == []  # no worker was asked for
     assert not (out / "optuna.journal").exists()  # nor a study opened, so no trials
     assert ray_session.is_initialized()  # a session the search did not start is left alone
+
+
+@pytest.mark.parametrize("lacks", [True, False])
+def test_a_cpu_without_native_bf16_is_named_in_the_plan_with_the_fix(tmp_path, monkeypatch, lacks):
+    from evomerge import devices
+
+    monkeypatch.setattr(devices, "cpu_lacks_native", lambda dtype: lacks)
+    bf16 = plan_memory(lm_config(tmp_path, {"dtype": "auto"}), sizes(), allowance_bytes=100)
+    said = [n for n in bf16.notes if "no native bfloat16" in n]
+    assert len(said) == int(lacks)
+    if lacks:
+        assert "fitness.options.dtype: float32" in said[0] and "workers.num_gpus" in said[0]
+        assert "note: this CPU has no native bfloat16" in bf16.table()
+    f32 = plan_memory(lm_config(tmp_path, {"dtype": "float32"}), sizes(), allowance_bytes=100)
+    assert not [n for n in f32.notes if "native" in n]  # float32 runs at full speed anyway
+    gpu = plan_memory(lm_config(tmp_path, {"dtype": "auto"}, workers={"num_gpus": 1}), sizes(),
+                      gpu_bytes=10**10, allowance_bytes=100)
+    assert not [n for n in gpu.notes if "native" in n]  # the workers compute on their GPUs

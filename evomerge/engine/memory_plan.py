@@ -326,6 +326,11 @@ def plan_memory(config: Any, sizes: ModelSizes, *, gpu_bytes: int | None = None,
         dam_training = Part("DAM training: merge for autograd", device=f) if on_gpu else \
             Part("DAM training: merge for autograd", host=f)
 
+    if not on_gpu and local and run_dtype in ("bfloat16", "float16"):
+        from evomerge.devices import DTYPES, cpu_lacks_native, slow_cpu_dtype_advice
+
+        if cpu_lacks_native(DTYPES[run_dtype]):
+            notes.append(slow_cpu_dtype_advice(DTYPES[run_dtype]))
     driver = ProcessMemory("driver", note="no model bytes (export runs after the workers stop)")
     if not local:
         notes.append("Ray cluster: processes spread over nodes; host memory checked per process "
