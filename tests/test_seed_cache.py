@@ -122,6 +122,48 @@ def test_a_resumed_search_reads_the_cached_gram_and_checks_nothing_again(ray_ses
     assert more["best"]["member_id"] == straight["best"]["member_id"]
 
 
+def test_workers_start_during_the_seed_check_and_die_with_a_failed_one(ray_session, tiny, tmp_path, monkeypatch):
+    """The workers start while the driver checks the seeds (no data merges to wait for); a seed
+    that fails the check stops the search with its error and kills the workers already started."""
+    import ray
+
+    from evomerge.engine import search as search_module
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny["models"]["expert_rev"], bad)
+    weights = next(bad.glob("*.safetensors"))
+    tensors = load_file(str(weights))
+    name = sorted(tensors)[-1]
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] = float("inf")
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    started = []
+    real_start, real_check = search_module.start_workers, search_module.prepare_seeds
+    order = []
+
+    def start(config, seeds_checked=False):
+        order.append(("workers", seeds_checked))
+        started.extend(real_start(config, seeds_checked))
+        return started
+
+    def check(config, run_dir):
+        order.append(("check", None))
+        return real_check(config, run_dir)
+
+    monkeypatch.setattr(search_module, "start_workers", start)
+    monkeypatch.setattr(search_module, "prepare_seeds", check)
+    spec = {"name": "bad", "seed": 0, "seeds": [tiny["models"]["expert_add"], str(bad)],
+            "fitness": {"task": "lm_exact_match", "options": {"data": [tiny["data"]["add_train"]], "limit": 4}},
+            "strategy": {"name": "m2n2", "options": {}}, "budget": {"evaluations": 4},
+            "workers": {"count": 2, "batch": 1}, "sync": True}
+    with pytest.raises(CheckpointError, match="not finite"):
+        run_search(config_from_dict(spec), SearchOptions(out_dir=tmp_path / "run", progress=False))
+    assert order == [("workers", True), ("check", None)] and len(started) == 2
+    for worker in started:
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(worker.pid.remote(), timeout=60)
+
+
 def _bf16_pieces_basis():
     from evomerge.genomes.basis import Basis, Piece
 

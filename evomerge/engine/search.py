@@ -23,8 +23,8 @@ from evomerge.config import MISSING, SearchConfig, config_from_dict, field_defau
 from evomerge.engine import memory_plan, raysession
 from evomerge.engine.actors import RemotePopulation, start_workers
 from evomerge.engine.basis_spec import preflight_task
-from evomerge.engine.data_merges import prepare_data_merges
-from evomerge.engine.seed_cache import prepare_seeds
+from evomerge.engine.data_merges import data_specs, prepare_data_merges
+from evomerge.engine.seed_cache import prepare_seeds, will_check_seeds
 from evomerge.engine.late_tests import TestRecord
 from evomerge.engine.population import EvalRecord
 from evomerge.engine.replay import entries_from_trials, max_member_id, warning_text
@@ -161,23 +161,32 @@ def _plugin_options_model(name: str, section: dict[str, Any]) -> type[BaseModel]
 def _execute(config: SearchConfig, options: SearchOptions, restore: _Restore | None) -> dict[str, Any]:
     out_dir = Path(options.out_dir)
     started_ray = raysession.connect(config, options.address)
+    url = storage_url(config.optuna.storage, out_dir)
+    study_name = config.optuna.study_name or config.name
+    workers: list[Any] = []
     try:  # before any worker starts: a search that cannot fit stops here, naming the option
         memory_plan.check_before_start(config, local=_single_node())
         preflight_task(config)  # a model whose names or shapes differ from the seeds' stops here
+        storage = open_storage(url)
+        if restore is None:
+            refuse_existing_study(storage, study_name)  # before any actor starts
+        if not data_specs(config):
+            # The workers start (a process, imports, the skeleton; on a GPU, the seeds to the device)
+            # while the driver checks the seeds: they are told the check is done, and nothing reaches
+            # them before it is (no population yet); a failed check kills them below.
+            workers = start_workers(config, seeds_checked=will_check_seeds(config))
         # One pass over the seeds (finite check, prefix Gram), or none when the run folder has it.
         gram, checked = prepare_seeds(config, out_dir)
         # fisher/regmean specs merged once into the run folder; the actors' config names the folders
         actors_config = prepare_data_merges(config, out_dir, options.merges_dir)
+        if not workers:
+            workers = start_workers(actors_config, seeds_checked=checked)
     except BaseException:
+        for actor in workers:
+            ray.kill(actor)
         if started_ray:
             ray.shutdown()
         raise
-    url = storage_url(config.optuna.storage, out_dir)
-    study_name = config.optuna.study_name or config.name
-    storage = open_storage(url)
-    if restore is None:
-        refuse_existing_study(storage, study_name)  # before any actor starts
-    workers = start_workers(actors_config, seeds_checked=checked)
     population = RemotePopulation.remote(actors_config.model_dump(mode="json"), workers, gram, checked)
     try:
         # The study has one objective per group of the task's datapoints (None: one objective).

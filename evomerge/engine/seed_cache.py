@@ -123,6 +123,11 @@ def cached_prefix_gram(basis: Any, paths: list[str], max_boundaries: int, run_di
     return gram, True
 
 
+def will_check_seeds(config: Any) -> bool:
+    """What `prepare_seeds` returns as `checked`, known before it runs (workers start meanwhile)."""
+    return isinstance(config.seeds, list) and bool(config.seeds)
+
+
 def prepare_seeds(config: Any, run_dir: Path) -> tuple[PrefixGram | None, bool]:
     """The driver's one pass over checkpoint seeds: (the prefix Gram for recipe genomes, checked).
 
@@ -130,7 +135,7 @@ def prepare_seeds(config: Any, run_dir: Path) -> tuple[PrefixGram | None, bool]:
     """
     from evomerge.engine.basis_spec import checkpoint_basis, genome_kind
 
-    if not isinstance(config.seeds, list) or not config.seeds:
+    if not will_check_seeds(config):
         return None, False
     paths = list(config.seeds)
     fingerprint = seed_fingerprint(paths, config.allow_pickle)  # headers read once for both records
