@@ -173,7 +173,10 @@ def split_evaluation(config: dict, repeats: int) -> dict:
     from evomerge.engine.worker import FitnessWorker
     from evomerge.genomes.recipe import Recipe
 
+    from evomerge.genomes.fused_combine import wait_for_kernels
+
     worker = FitnessWorker(config, 0, seeds_checked=True)
+    wait_for_kernels()  # the steady state: the fused kernel (kernel: auto) compiles on a thread at start
     basis = worker.basis
     times: dict[str, list[float]] = {"materialise": [], "train": [], "test": []}
     for r in range(repeats):
