@@ -221,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", type=Path, help="where the synthetic pair lives (default models/synthetic-SIZE)")
     parser.add_argument("--budget", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dam", action="store_true",
+                        help="run DAM (2 Adam steps, trained on the worker: train_on auto) instead of M2N2: the "
+                             "population actor must stay at its import floor, the worker gains about one F")
     args = parser.parse_args(argv)
     models = args.models or REPO_ROOT / "models" / f"synthetic-{args.params.lower()}"
     made = make_checkpoints(models, args.params)
@@ -228,6 +231,14 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     train, test = write_data(work)
     config = search_config(made, train, test, args.budget)
+    if args.dam:  # one data file per seed: DAM distils each seed on its own
+        rows = train.read_text().splitlines(keepends=True)
+        halves = [work / "train_a.jsonl", work / "train_b.jsonl"]
+        for path, part in zip(halves, (rows[::2], rows[1::2])):
+            path.write_text("".join(part))
+        config["fitness"]["options"]["data"] = [str(p) for p in halves]
+        config["strategy"] = {"name": "dam", "options": {"steps": 2, "eval_every": 1, "batch_size": 4}}
+        config["budget"]["evaluations"] = 5  # the two seeds, the uniform merge, after each step
 
     from evomerge.config import config_from_dict
     from evomerge.engine.basis_spec import seeds_layout
@@ -241,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     exported, dtype = export_size(work / "run" / "best")
 
     print(f"\nsynthetic {args.params} bf16 pair: {layout.size:,} parameters, F = {f_bytes / 2**30:.2f} GiB; "
-          f"one worker, {search['evaluations']} evaluations, 2 cores")
+          f"one worker, {search['evaluations']} evaluations of {'DAM' if args.dam else 'M2N2'}, 2 cores")
     print(f"{'measure':<42}{'value':>14}  target")
     rows = [
         ("launch to first score (s)", f"{search['first_score_s']:.1f}", f"<= {BEFORE_FIRST_SCORE_S / 3:.0f}"),
