@@ -68,8 +68,9 @@ def test_without_a_dtype_option_the_buffer_is_float32(tmp_path):
     assert plan.num_elements == 3
     # worker: float32 buffer + 3 bf16 elements
     assert plan.worker.host == F_F32 + 3 * F_BF16 == 15_000_000
-    # population: 3 elements + DAM's bound model and its merge in the run dtype (no float32 seed copies)
-    assert plan.population.host == 3 * F_BF16 + 2 * F_F32 == 21_000_000
+    # population: 3 elements + DAM's bound model, its merge and the merge's gradients in the run
+    # dtype (no float32 seed copies)
+    assert plan.population.host == 3 * F_BF16 + 3 * F_F32 == 27_000_000
     assert plan.dam == "population" and plan.dam_training is None
     with pytest.raises(ConfigError, match="DAM strategy or guide"):
         check(plan, free_host_bytes=plan.host_total - 1, gpu_bytes=None)
@@ -80,19 +81,20 @@ def _dam(train_on: str | None = None) -> dict:
 
 
 def test_dam_on_a_cpu_worker_adds_one_merge_there_and_none_in_the_population(tmp_path):
-    """auto over checkpoint seeds = the worker: the population loses its 2F, worker 0 gains F."""
+    """auto over checkpoint seeds = the worker: the population loses its 3F, worker 0 gains 2F
+    (the merge kept for backward and its gradients)."""
     config = lm_config(tmp_path, {"dtype": "auto"}, strategy=_dam())
     plan = plan_memory(config, sizes(), allowance_bytes=100)
     assert plan.dam == "worker" and plan.population.host == 0
     assert plan.worker.host == F_BF16 + 100  # every worker: buffer + activations
-    assert plan.dam_training.host == F_BF16 and plan.dam_training.device == 0
-    assert plan.host_total == 2 * (F_BF16 + 100) + F_BF16 == 9_000_200  # the trainer's merge, once
+    assert plan.dam_training.host == 2 * F_BF16 and plan.dam_training.device == 0
+    assert plan.host_total == 2 * (F_BF16 + 100) + 2 * F_BF16 == 12_000_200  # the trainer's, once
     rows = {line.split()[0] + line.split()[1]: line for line in plan.table().splitlines()[2:6]}
     assert "DAM training" in rows["worker0"] and "DAM training" not in rows["worker1"]
     population = plan_memory(lm_config(tmp_path, {"dtype": "auto"}, strategy=_dam("population")), sizes(),
                              allowance_bytes=100)
-    assert population.population.host == 2 * F_BF16 and population.dam_training is None
-    assert population.host_total == 2 * (F_BF16 + 100) + 2 * F_BF16
+    assert population.population.host == 3 * F_BF16 and population.dam_training is None
+    assert population.host_total == 2 * (F_BF16 + 100) + 3 * F_BF16
     with pytest.raises(ConfigError) as err:
         check(plan, free_host_bytes=plan.host_total - 1, gpu_bytes=None)
     assert "`strategy.options.train_on: population`" in str(err.value), str(err.value)
@@ -106,13 +108,13 @@ def test_dam_on_a_cpu_worker_adds_one_merge_there_and_none_in_the_population(tmp
 def test_dam_on_a_gpu_worker_is_counted_on_its_gpu_and_refused_when_it_does_not_fit(tmp_path):
     config = lm_config(tmp_path, {"dtype": "auto", "seeds_on": "device"}, workers={"num_gpus": 0.5},
                        strategy=_dam("worker"))
-    # per worker: buffer F + 2 seeds 2F = 9 MB; two share a GPU; the trainer adds F = 3 MB on one
-    plan = plan_memory(config, sizes(), gpu_bytes=21_000_000, allowance_bytes=0)
-    assert plan.dam_training.device == F_BF16 and plan.dam_training.host == 0
-    assert plan.device_per_gpu == 2 * 9_000_000 + F_BF16 == 21_000_000 and plan.population.host == 0
-    check(plan, free_host_bytes=10**12, gpu_bytes=21_000_000)
+    # per worker: buffer F + 2 seeds 2F = 9 MB; two share a GPU; the trainer adds 2F = 6 MB on one
+    plan = plan_memory(config, sizes(), gpu_bytes=24_000_000, allowance_bytes=0)
+    assert plan.dam_training.device == 2 * F_BF16 and plan.dam_training.host == 0
+    assert plan.device_per_gpu == 2 * 9_000_000 + 2 * F_BF16 == 24_000_000 and plan.population.host == 0
+    check(plan, free_host_bytes=10**12, gpu_bytes=24_000_000)
     with pytest.raises(ConfigError) as err:
-        check(plan, free_host_bytes=10**12, gpu_bytes=20_999_999)
+        check(plan, free_host_bytes=10**12, gpu_bytes=23_999_999)
     message = str(err.value)
     assert "`strategy.options.train_on: population`" in message and "workers.num_gpus" in message, message
 

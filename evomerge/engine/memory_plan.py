@@ -17,14 +17,17 @@ Where the model bytes live (evomerge/engine/worker.py, actors.py, genomes/spaces
   `strategy.options.seed_with` merge (RecipeSpace.add_element materialises each into
   Basis.new_buffer: host, seeds' dtype; linear/task_arithmetic merges are recipes and hold
   nothing, merge_specs.joins_basis); for DAM (standalone or as guide) with
-  `strategy.options.train_on: population` the task's bound model F and one merge in the run
-  dtype (kept for backward); the seeds stay views in their own dtype and each group's float32
+  `strategy.options.train_on: population` the task's bound model F, one merge in the run
+  dtype (kept for backward) and its gradients (DAM_TRAINING_F = 2F for both); the seeds stay
+  views in their own dtype and each group's float32
   sum is transient (columns.combine_trainable). DAM then trains there, on the actor's CPU.
   With `train_on: worker` (auto's choice over checkpoint seeds) it holds no model bytes for DAM:
   the column layout comes from a meta-device model.
 * the worker that trains DAM (`train_on: worker`; one at a time, worker 0 unless it died): its
-  bound model is the task's own (no extra copy), plus the merged weights kept for autograd, +F in
-  the run dtype, on its device (host on a CPU worker). The seeds' views must be on that device:
+  bound model is the task's own (no extra copy), plus the merged weights kept for autograd and
+  their gradients in backward, +2F in the run dtype (DAM_TRAINING_F), on its device (host on a CPU
+  worker). Measured: +2.5F at 100M parameters (a 128k-vocabulary embedding is most of it), so
+  2F is the floor of what a real model needs, not a bound. The seeds' views must be on that device:
   a GPU worker with its seeds in pinned host memory (`seeds_on: host`, or auto finding they do
   not fit) is refused. The row is shown on worker 0 and counted once in the totals (and on the
   busiest GPU).
@@ -54,6 +57,7 @@ from evomerge.errors import ConfigError
 
 GB = 1e9
 ACTIVATION_ALLOWANCE = 256 * 1024 * 1024  # bytes per worker for scoring activations (stated, not measured)
+DAM_TRAINING_F = 2  # DAM's merged weights kept for backward, and their gradients: in F
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 _SAFETENSORS_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 
@@ -286,7 +290,7 @@ def plan_memory(config: Any, sizes: ModelSizes, *, gpu_bytes: int | None = None,
     dam, dam_option = _dam_trains_on(config)
     if dam == "population":
         # DAM trains against the task's model (its bound buffer, F) with one merge in the run dtype.
-        pop.parts.append(Part("DAM: task model + merge", host=2 * f))
+        pop.parts.append(Part("DAM: task model + merge + gradients", host=(1 + DAM_TRAINING_F) * f))
     if dense:
         pop.parts.append(Part("seeds as dense float32 members", host=k * f32))
         notes.append("dense genomes over checkpoint seeds: every archive member is a float32 model "
@@ -323,8 +327,9 @@ def plan_memory(config: Any, sizes: ModelSizes, *, gpu_bytes: int | None = None,
     # DAM on a worker: the merged weights autograd keeps, beside the worker's own bound model.
     dam_training = None
     if dam == "worker":
-        dam_training = Part("DAM training: merge for autograd", device=f) if on_gpu else \
-            Part("DAM training: merge for autograd", host=f)
+        extra = DAM_TRAINING_F * f
+        dam_training = Part("DAM training: merge + gradients", device=extra) if on_gpu else \
+            Part("DAM training: merge + gradients", host=extra)
 
     if not on_gpu and local and run_dtype in ("bfloat16", "float16"):
         from evomerge.devices import DTYPES, cpu_lacks_native, slow_cpu_dtype_advice
