@@ -379,13 +379,14 @@ def check(plan: MemoryPlan, free_host_bytes: int | None, gpu_bytes: int | None) 
                        "population actor; linear and task_arithmetic merges are recipes and hold none)")
     if plan.dam == "population":
         cheaper.append(f"the DAM strategy or guide (it trains in the population actor, which then holds "
-                       f"{_gb(2 * plan.model_bytes)}: the task's model and a merge; "
-                       f"`{plan.dam_option}: worker` trains on a fitness worker instead, where it "
-                       "adds one merge; `strategy: m2n2` or a `guide.from: cmaes` hold none)")
+                       f"{_gb((1 + DAM_TRAINING_F) * plan.model_bytes)}: the task's model, a merge and "
+                       f"its gradients; `{plan.dam_option}: worker` trains on a fitness worker instead, "
+                       "where it adds the merge and its gradients; `strategy: m2n2` or a "
+                       "`guide.from: cmaes` hold none)")
     if plan.dam == "worker":
         cheaper.append(f"`{plan.dam_option}: population` (DAM now trains on a worker, adding "
-                       f"{_gb(plan.model_bytes)} there; in the population actor it holds "
-                       f"{_gb(2 * plan.model_bytes)} of host memory)")
+                       f"{_gb(DAM_TRAINING_F * plan.model_bytes)} there; in the population actor it holds "
+                       f"{_gb((1 + DAM_TRAINING_F) * plan.model_bytes)} of host memory)")
     off = "or set `workers.memory_check: false` to start anyway"
     if plan.dam == "worker" and plan.on_gpu and plan.seeds_on == "host":
         why = ("`fitness.options.seeds_on` is host" if plan.seeds_on_option == "host" else
