@@ -213,7 +213,10 @@ def sync_run(ray_session, tmp_path_factory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("sync")
     config = _config("sync", root / "evaluations.log", 300, 50, sync=True)
     out = root / "run"
-    summary = run_search(config_from_dict(config), SearchOptions(out_dir=out, progress=False))
+    # One sync round (8 children) per stretch, so the snapshots fall at the first round after each
+    # 50 whatever the machine's speed: with 0.25 s stretches a fast machine took the last one at
+    # 298 or 299, leaving the tests below no trials after it to corrupt.
+    summary = run_search(config_from_dict(config), SearchOptions(out_dir=out, progress=False, advance_seconds=0))
     return out, summary
 
 
