@@ -194,9 +194,11 @@ def test_tiny_lm_recipe_search_replays_recipes_after_a_kill(ray_session, tmp_pat
     config = {"name": "tiny", "seed": 0, "seeds": [info["models"]["expert_add"], info["models"]["expert_rev"]],
               "fitness": {"task": "counting_lm_tasks:CountingExactMatch", "options": options},
               "strategy": {"name": "m2n2", "options": {"mutation_sigma": 0.0}},
-              "budget": {"evaluations": 60}, "workers": {"count": 2, "batch": 1},
+              "budget": {"evaluations": 120}, "workers": {"count": 2, "batch": 1},
               "snapshots": {"every": 20}, "ray": {"num_cpus": 2, "object_store_memory_mb": 100}}
-    summary, before, step = _kill_and_resume(ray_session, tmp_path, _after_snapshot_by(8, every=20), budget=60,
+    # 120 evaluations: room after the first snapshot for the kill point, whatever a stretch holds
+    # (with 60, a machine whose stretches ran 20 trials each ended the search before it)
+    summary, before, step = _kill_and_resume(ray_session, tmp_path, _after_snapshot_by(8, every=20), budget=120,
                                              config=config)
     assert summary["recovery"]["replayed"] >= 8
     attrs = [view[4] for view in before if view[0] >= step]  # the trials told back
