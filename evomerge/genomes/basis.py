@@ -247,8 +247,11 @@ def _combine(out: torch.Tensor, sources: list[torch.Tensor], row: Sequence[float
             hi = min(n, lo + step)
             kernel(out[lo:hi], coeffs, *(src[lo:hi].to(device, non_blocking=True) for src, _ in active))
         return
-    if scratch is not None:
-        step = min(step, scratch.numel() // 2)
+    if scratch is None:  # a fused call whose kernel is not ready (compiling) or not usable: eager,
+        # in cache-sized halves allocated once, not FUSED_CHUNK-sized ones allocated per step
+        cap = DEVICE_CHUNK if device.type == "cuda" else CHUNK
+        scratch = torch.empty(max(min(cap, 2 * n), 2), dtype=torch.float32, device=device)
+    step = min(step, scratch.numel() // 2)
     for lo in range(0, n, step):
         hi = min(n, lo + step)
         room = _scratch(scratch, 2 * (hi - lo), device)
